@@ -1,0 +1,1 @@
+"""Edge-client side of fedpeft: local PEFT training and the Flower ClientApp."""

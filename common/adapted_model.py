@@ -1,0 +1,65 @@
+"""A frozen base model wrapped by one PEFT method, with its delta contract.
+
+Server and clients both hold one of these. Federated rounds only ever move the delta
+in and out (`get_delta` / `set_delta`); the base weights are loaded once and never
+change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpeft.common.deltas import DeltaSpec, apply_delta, extract_delta
+from fedpeft.common.methods import MethodConfig, PeftMethod, get_method
+from fedpeft.common.models import load_base_model, load_tokenizer
+from fedpeft.common.quantization import Quantize
+
+
+@dataclass
+class AdaptedModel:
+    """Base model + PEFT method + tokenizer, and the exact delta the method trains."""
+
+    model_dir: Path
+    quantize: Quantize
+    method: PeftMethod
+    config: MethodConfig
+    model: nn.Module
+    tokenizer: Any
+    delta_names: list[str]
+    spec: DeltaSpec
+    load_seconds: float
+
+    @classmethod
+    def load(cls, model_dir: Path, quantize: Quantize, method_name: str, config: MethodConfig,
+             seed: int = 0) -> AdaptedModel:
+        """Load the base model and wrap it; `seed` fixes the adapter's initialization."""
+        start = time.perf_counter()
+        method = get_method(method_name)
+        base = load_base_model(model_dir, quantize)
+        torch.manual_seed(seed)
+        model = method.build(base, config)
+        names = method.delta_names(model)
+        return cls(model_dir=Path(model_dir), quantize=quantize, method=method, config=config, model=model,
+                   tokenizer=load_tokenizer(model_dir), delta_names=names, spec=DeltaSpec.of_model(model, names),
+                   load_seconds=time.perf_counter() - start)
+
+    def get_delta(self) -> OrderedDict[str, torch.Tensor]:
+        return extract_delta(self.model, self.delta_names)
+
+    def set_delta(self, delta: Mapping[str, torch.Tensor], source: str = "delta") -> None:
+        apply_delta(self.model, delta, self.spec, source)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.delta_names]
+
+    def save_adapter(self, out_dir: Path) -> None:
+        self.method.save_adapter(self.model, out_dir)

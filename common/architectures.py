@@ -1,0 +1,55 @@
+"""Where things are inside each supported transformer family, keyed by `model_type`.
+
+Methods that insert modules of their own (bottleneck adapters today; offsite and split
+topologies later) look positions up here instead of branching on model classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedpeft.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Dotted paths relative to the model (blocks) and to one block (sublayers)."""
+
+    blocks: str
+    """The ModuleList of transformer blocks."""
+    attention_output: str
+    """The projection that ends the attention sublayer, before the residual add."""
+    ffn_output: str
+    """The projection that ends the feed-forward sublayer, before the residual add."""
+
+
+_LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj")
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "phi3": ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj"),
+    "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj"),
+}
+
+
+def architecture_of(model: nn.Module) -> ArchitectureSpec:
+    """The spec for `model.config.model_type`; unsupported types name the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]  # type: ignore[index]
+    except KeyError:
+        raise ConfigError(f"model type {model_type!r} has no architecture entry; supported: {sorted(ARCHITECTURES)}") from None
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of `model`, in order."""
+    blocks = model.get_submodule(architecture_of(model).blocks)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"{architecture_of(model).blocks} of {type(model).__name__} is not a ModuleList")
+    return blocks

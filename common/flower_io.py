@@ -1,0 +1,56 @@
+"""The one boundary between fedpeft deltas/configs and Flower's message records."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedpeft.common.errors import ConfigError, DeltaError
+
+
+def delta_to_arrayrecord(delta: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Pack a delta as a Flower ArrayRecord (numpy .npy bytes per tensor, no pickle)."""
+    return ArrayRecord(OrderedDict((name, Array(t.detach().cpu().numpy())) for name, t in delta.items()))
+
+
+def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None) -> OrderedDict[str, torch.Tensor]:
+    """Unpack an ArrayRecord into a delta; undecodable or oversized arrays raise DeltaError."""
+    size = record_bytes(record)
+    if max_bytes is not None and size > max_bytes:
+        raise DeltaError(f"delta of {size} bytes exceeds the limit of {max_bytes} bytes")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, array in record.items():
+        try:
+            ndarray = array.numpy()
+        except Exception as exc:
+            raise DeltaError(f"{name}: cannot decode array ({exc})") from exc
+        if not isinstance(ndarray, np.ndarray) or ndarray.dtype == object:
+            raise DeltaError(f"{name}: not a numeric array")
+        out[name] = torch.from_numpy(np.ascontiguousarray(ndarray))
+    return out
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Payload bytes of an ArrayRecord (what crosses the wire for its tensors)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def json_to_config(key: str, value: Any) -> ConfigRecord:
+    """Wrap a JSON-serializable object in a ConfigRecord under `key`."""
+    return ConfigRecord({key: json.dumps(value, sort_keys=True)})
+
+
+def config_json(config: ConfigRecord, key: str) -> Any:
+    """Read back a JSON object stored by `json_to_config`."""
+    if key not in config:
+        raise ConfigError(f"message config has no {key!r} entry")
+    try:
+        return json.loads(str(config[key]))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"message config entry {key!r} is not valid JSON: {exc}") from exc

@@ -1,0 +1,7 @@
+"""PEFT method registry. Importing this package registers every built-in method."""
+
+from fedpeft.common.methods import bottleneck, lora, prefix  # noqa: F401  (registration)
+from fedpeft.common.methods.base import MethodConfig, PeftMethod
+from fedpeft.common.methods.registry import available_methods, get_method, make_config, register
+
+__all__ = ["MethodConfig", "PeftMethod", "available_methods", "get_method", "make_config", "register"]

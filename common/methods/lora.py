@@ -1,0 +1,60 @@
+"""LoRA (low-rank adapters on linear layers), with DoRA as an option; via HF peft."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from fedpeft.common.methods.base import MethodConfig, require
+from fedpeft.common.methods.peft_backed import PeftLibraryMethod
+from fedpeft.common.methods.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraMethodConfig(MethodConfig):
+    """Options of LoRA / DoRA."""
+
+    r: int = 8
+    """Rank of the update B·A."""
+    alpha: int = 16
+    """Scaling numerator: the update is (alpha / r)·B·A."""
+    dropout: float = 0.05
+    """Dropout on the adapter input during training."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module-name suffixes to adapt, or "all-linear" for every linear layer but the head."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): also train a per-output-channel magnitude."""
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        require(self.r >= 1, owner, "r", f"rank must be >= 1, got {self.r}")
+        require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha}")
+        require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(len(self.target_modules) > 0, owner, "target_modules", "name at least one module")
+        require(
+            "all-linear" not in self.target_modules or len(self.target_modules) == 1,
+            owner, "target_modules", "'all-linear' cannot be combined with module names",
+        )
+
+
+@register
+class LoraMethod(PeftLibraryMethod):
+    """Low-rank adaptation (Hu et al. 2021); DoRA (Liu et al. 2024) with use_dora=true."""
+
+    name: ClassVar[str] = "lora"
+    config_cls: ClassVar[type[MethodConfig]] = LoraMethodConfig
+
+    def peft_config(self, config: MethodConfig):
+        from peft import LoraConfig
+
+        assert isinstance(config, LoraMethodConfig)
+        targets = "all-linear" if config.target_modules == ("all-linear",) else list(config.target_modules)
+        return LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            use_dora=config.use_dora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )

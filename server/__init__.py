@@ -1,0 +1,1 @@
+"""Cloud-coordinator side of fedpeft: aggregation strategy, run records and the ServerApp."""

@@ -1,0 +1,140 @@
+"""The Flower ServerApp: holds the frozen base model, runs FedAvg rounds over PEFT
+deltas, evaluates the global adapter centrally, and exports the result."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.evaluation import evaluate
+from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.methods import MethodConfig
+from fedpeft.common.models import model_fingerprint
+from fedpeft.common.plan import PLAN_KEY, FederationPlan
+from fedpeft.common.quantization import Quantize
+from fedpeft.server.export import export_adapter
+from fedpeft.server.recorder import RunRecorder
+from fedpeft.server.strategy import PeftFedAvg
+
+log = logging.getLogger("fedpeft.server")
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """Everything the coordinator needs for one federated run."""
+
+    run_name: str
+    base_model: str
+    model_dir: str
+    quantize: Quantize
+    method: str
+    method_config: MethodConfig
+    task: TaskSpec
+    train: dict[str, Any]
+    eval_rows: Sequence[Record]
+    out_dir: str
+    num_rounds: int
+    num_clients: int
+    clients_per_round: int
+    seed: int
+    eval_batch_size: int = 16
+    max_delta_bytes: int = 256 * 1024 * 1024
+    round_timeout: float = 3600.0
+
+
+def run_federation(grid: Grid, setup: ServerSetup) -> Path:
+    """Run all rounds on `grid`; returns the exported final adapter dir."""
+    random.seed(setup.seed)  # Flower samples nodes with the `random` module
+    out_dir = Path(setup.out_dir)
+    adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed)
+    log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
+             setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
+    plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
+                          method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
+                          train=dict(setup.train), seed=setup.seed)
+    recorder = RunRecorder(out_dir)
+    strategy = PeftFedAvg(
+        spec=adapted.spec,
+        max_delta_bytes=setup.max_delta_bytes,
+        fraction_train=setup.clients_per_round / setup.num_clients,
+        fraction_evaluate=0.0,
+        min_train_nodes=setup.clients_per_round,
+        min_available_nodes=setup.num_clients,
+    )
+    max_length = int(setup.train.get("max_length", 128))
+    started = time.perf_counter()
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        delta = delta_from_arrayrecord(arrays)
+        adapted.set_delta(delta, source=f"global delta of round {server_round}")
+        recorder.save_checkpoint(server_round, delta)
+        t0 = time.perf_counter()
+        result = evaluate(adapted.model, adapted.tokenizer, setup.task, setup.eval_rows, max_length,
+                          setup.eval_batch_size)
+        traffic = strategy.traffic.get(server_round)
+        row: dict[str, Any] = {
+            "round": server_round,
+            "eval_loss": result.loss,
+            "eval_examples": result.num_examples,
+            "eval_seconds": time.perf_counter() - t0,
+            "bytes_up": traffic.bytes_up if traffic else 0,
+            "bytes_down": traffic.bytes_down if traffic else 0,
+            "seconds": traffic.seconds if traffic else 0.0,
+            "elapsed": time.perf_counter() - started,
+            "clients_sampled": traffic.sent if traffic else 0,
+            "clients_accepted": traffic.accepted if traffic else 0,
+            "clients_rejected": len(traffic.rejected) if traffic else 0,
+            "clients_failed": traffic.failed if traffic else 0,
+        }
+        if result.accuracy is not None:
+            row["eval_accuracy"] = result.accuracy
+        if traffic and traffic.train_metrics:
+            row["train_loss"] = traffic.train_metrics.get("train-loss")
+            row["client_swap_seconds"] = traffic.train_metrics.get("swap-seconds")
+            row["client_train_seconds"] = traffic.train_metrics.get("train-seconds")
+        recorder.record(row)
+        acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
+        log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB | %.1f s", server_round, setup.num_rounds,
+                 result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, row["seconds"])
+        metrics: dict[str, float] = {"eval-loss": result.loss}
+        if result.accuracy is not None:
+            metrics["eval-accuracy"] = result.accuracy
+        return MetricRecord(metrics)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=delta_to_arrayrecord(adapted.get_delta()),
+        num_rounds=setup.num_rounds,
+        timeout=setup.round_timeout,
+        train_config=ConfigRecord({PLAN_KEY: plan.to_json()}),
+        evaluate_fn=evaluate_global,
+    )
+    if len(result.arrays) > 0:
+        adapted.set_delta(delta_from_arrayrecord(result.arrays), source="final global delta")
+    final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
+                               {"rounds": setup.num_rounds, "clients": setup.num_clients, "task": setup.task.to_dict()})
+    log.info("server: final adapter written to %s", final_dir)
+    return final_dir
+
+
+def build_server_app(setup: ServerSetup) -> ServerApp:
+    """A ServerApp that runs `run_federation` with `setup`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(setup.seed)
+        run_federation(grid, setup)
+
+    return app

@@ -1,0 +1,1 @@
+"""Flower Simulation Engine runs of fedpeft (`peft-sim`) and their reports."""

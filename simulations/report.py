@@ -1,0 +1,73 @@
+"""Human-facing results of a run: the before/after table and the metrics plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def before_after_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: held-out metrics before training (round 0) and after the last round."""
+    first, last = rows[0], rows[-1]
+    lines = ["| metric | before (round 0) | after (round %d) | change |" % last["round"], "|---|---|---|---|"]
+    lines.append(f"| eval loss | {first['eval_loss']:.4f} | {last['eval_loss']:.4f} | {last['eval_loss'] - first['eval_loss']:+.4f} |")
+    if "eval_accuracy" in first:
+        lines.append(f"| eval accuracy | {first['eval_accuracy']:.3f} | {last['eval_accuracy']:.3f} | "
+                     f"{last['eval_accuracy'] - first['eval_accuracy']:+.3f} |")
+    up = sum(r.get("bytes_up", 0) for r in rows)
+    down = sum(r.get("bytes_down", 0) for r in rows)
+    lines.append(f"| bytes up / down (all rounds) | | {up / 1e6:.2f} MB / {down / 1e6:.2f} MB | |")
+    return "\n".join(lines)
+
+
+def rounds_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per round, for logs and closing notes."""
+    has_acc = "eval_accuracy" in rows[0]
+    head = "| round | eval loss |" + (" eval acc |" if has_acc else "") + " train loss | up MB | down MB | round s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        train = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
+        acc = f" {r['eval_accuracy']:.3f} |" if has_acc else ""
+        lines.append(f"| {r['round']} | {r['eval_loss']:.4f} |{acc} {train} | {r['bytes_up'] / 1e6:.2f} | "
+                     f"{r['bytes_down'] / 1e6:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Eval loss (and accuracy) per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    has_acc = "eval_accuracy" in rows[0]
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="held-out")
+    train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), marker="x", linestyle="--", label="client train (mean)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_acc:
+        ax = axes[0][1]
+        ax.plot(rounds, [r["eval_accuracy"] for r in rows], marker="o", color="tab:green")
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

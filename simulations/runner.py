@@ -1,0 +1,131 @@
+"""Run one federated PEFT fine-tuning simulation on Flower's Simulation Engine (Ray).
+
+Top to bottom: resolve the model, load and partition the data, write each client's
+partition, start Flower with our ServerApp and ClientApp, then report.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.client.app import ClientSetup, build_client_app
+from fedpeft.client.training import TrainConfig
+from fedpeft.common.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, read_records
+from fedpeft.common.logs import apply_offline_env, setup_logging
+from fedpeft.common.methods import make_config
+from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.partition import PartitionSpec, partition_records
+from fedpeft.server.app import ServerSetup, build_server_app
+from fedpeft.server.recorder import write_json_atomic
+from fedpeft.simulations.client_data import PartitionFiles, write_partitions
+from fedpeft.simulations.config import SimulationConfig
+from fedpeft.simulations.report import before_after_table, plot_metrics, read_metrics, rounds_table
+
+log = logging.getLogger("fedpeft.sim")
+HELD_OUT_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out_dir / "final"
+
+
+def load_task_data(config: SimulationConfig) -> tuple[TaskSpec, list[Record], list[Record]]:
+    """Task spec, training rows and held-out rows for `config`."""
+    rng = random.Random(config.seed)
+    if config.data is None:
+        train, held_out = builtin_splits(config.builtin_train_rows, max(config.eval_limit, 200), config.seed)
+        task = builtin_task()
+        if config.labels or config.template:
+            task = TaskSpec(kind="classification", template=config.template or task.template,
+                            verbalizer=parse_verbalizer(config.labels) if config.labels else task.verbalizer)
+    else:
+        train = read_records(Path(config.data))
+        task = infer_task(train, kind=config.task, template=config.template, labels=config.labels,
+                          label_column=config.label_column)
+        if config.eval_data:
+            held_out = read_records(Path(config.eval_data))
+        else:  # no separate file: hold out a seeded share of the data on the server
+            rng.shuffle(train)
+            cut = max(1, int(len(train) * HELD_OUT_FRACTION))
+            held_out, train = train[:cut], train[cut:]
+            log.info("no --eval-data: holding out %d of %d rows for evaluation", cut, cut + len(train))
+    if config.train_limit and len(train) > config.train_limit:
+        train = rng.sample(train, config.train_limit)
+    if config.eval_limit and len(held_out) > config.eval_limit:
+        held_out = rng.sample(held_out, config.eval_limit)
+    task.check_rows(train, config.data or "built-in training data")
+    task.check_rows(held_out, config.eval_data or config.data or "built-in held-out data")
+    return task, train, held_out
+
+
+def describe_partitions(partitions: list[list[Record]], task: TaskSpec) -> list[dict[str, Any]]:
+    out = []
+    for i, rows in enumerate(partitions):
+        entry: dict[str, Any] = {"client": i, "examples": len(rows)}
+        if task.kind == "classification":
+            entry["labels"] = dict(sorted(Counter(str(r[task.label_column]) for r in rows).items()))
+        out.append(entry)
+    return out
+
+
+def run_simulation(config: SimulationConfig) -> SimulationResult:
+    """Run the whole simulation described by `config`; returns the run dir and metrics."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    config.validate()
+    apply_offline_env()
+    setup_logging()
+    out_dir = config.out_dir().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "config.json", config.to_dict())
+
+    model_dir = resolve_model_dir(config.model)
+    task, train_rows, eval_rows = load_task_data(config)
+    partition = PartitionSpec.parse(config.partition)
+    partitions = partition_records(train_rows, config.clients, partition, task.label_column, config.seed)
+    write_partitions(partitions, out_dir / "partitions")
+    clients = describe_partitions(partitions, task)
+    write_json_atomic(out_dir / "clients.json", clients)
+    log.info("model %s (%s) | method %s | %d clients (%s) | %d rounds | %d train / %d held-out rows",
+             config.model, config.quantize, config.method, config.clients, partition, config.rounds,
+             len(train_rows), len(eval_rows))
+    for entry in clients:
+        log.info("  client %d: %d examples %s", entry["client"], entry["examples"], entry.get("labels", ""))
+
+    train = TrainConfig(local_steps=config.local_steps, local_epochs=config.local_epochs,
+                        learning_rate=config.learning_rate, batch_size=config.batch_size,
+                        max_length=config.max_length, log_every=config.log_every)
+    server = ServerSetup(
+        run_name=out_dir.name, base_model=config.model, model_dir=str(model_dir), quantize=config.quantize,  # type: ignore[arg-type]
+        method=config.method, method_config=make_config(config.method, config.method_options), task=task,
+        train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
+        num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
+    )
+    client = ClientSetup(model_dir=str(model_dir), quantize=config.quantize, data=PartitionFiles(str(out_dir / "partitions")),
+                         torch_threads=max(1, int(config.cpus_per_client)))
+    backend_config = {
+        "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False},
+    }
+    flower_run_simulation(server_app=build_server_app(server), client_app=build_client_app(client),
+                          num_supernodes=config.clients, backend_config=backend_config)
+
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    if len(rows) != config.rounds + 1:
+        raise RuntimeError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
+    plot_metrics(rows, out_dir / "metrics.png", title=f"{config.method} on {config.model} ({config.clients} clients, {partition})")
+    summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n"
+    (out_dir / "summary.md").write_text(summary)
+    return SimulationResult(out_dir=out_dir, rows=rows)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny random Llama built locally (no hub), offline environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.common.logs import apply_offline_env
+
+apply_offline_env()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture()
+def flower_task_identity():
+    """Flower messages need a task identity; a run sets it, unit tests set a dummy one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    return TaskIdentity
