@@ -92,8 +92,10 @@ def build_client_app(setup: ClientSetup) -> ClientApp:
         partition = context.node_config.get("partition-id", context.node_id)
         rows = setup.data(context)
         label = f"client {partition} round {server_round}"
+        task = plan.task_spec()
+        task.check_rows(rows, f"client {partition} local data")
         train_config = TrainConfig(**plan.train)
-        stats = train_local(adapted, plan.task_spec(), rows, train_config,
+        stats = train_local(adapted, task, rows, train_config,
                             seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition), label=label)
         reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
         sent = record_bytes(reply_arrays)

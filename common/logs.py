@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 OFFLINE_ENV = {
     # Nothing may be downloaded from a hub at run time: models and data are local.
@@ -19,6 +20,8 @@ OFFLINE_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Library deprecation chatter (torch.jit, transformers v6) in every worker process.
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
 
 
@@ -26,6 +29,8 @@ def apply_offline_env() -> None:
     """Set the environment for offline, quiet library use (inherited by worker processes)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

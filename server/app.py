@@ -101,8 +101,12 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
             row["eval_accuracy"] = result.accuracy
         if traffic and traffic.train_metrics:
             row["train_loss"] = traffic.train_metrics.get("train-loss")
-            row["client_swap_seconds"] = traffic.train_metrics.get("swap-seconds")
-            row["client_train_seconds"] = traffic.train_metrics.get("train-seconds")
+        if traffic and traffic.client_metrics:
+            per_client = traffic.client_metrics
+            row["client_swap_seconds"] = sum(c.get("swap-seconds", 0.0) for c in per_client) / len(per_client)
+            row["client_train_seconds"] = sum(c.get("train-seconds", 0.0) for c in per_client) / len(per_client)
+            row["client_model_loads"] = sum(1 for c in per_client if c.get("load-seconds", 0.0) > 0)
+            row["client_load_seconds_max"] = max(c.get("load-seconds", 0.0) for c in per_client)
         recorder.record(row)
         acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
         log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB | %.1f s", server_round, setup.num_rounds,

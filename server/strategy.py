@@ -41,6 +41,7 @@ class RoundTraffic:
     failed: int = 0
     seconds: float = 0.0
     train_metrics: dict[str, float] = field(default_factory=dict)
+    client_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
 class PeftFedAvg(FedAvg):
@@ -89,6 +90,8 @@ class PeftFedAvg(FedAvg):
             if problem is None:
                 usable.append(msg)
                 traffic.accepted += 1
+                metrics_record = next(iter(msg.content.metric_records.values()))
+                traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)})
             else:
                 traffic.rejected.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log.error("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id, problem)

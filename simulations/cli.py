@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from fedpeft.simulations.runner import run_simulation
-        from fedpeft.simulations.report import before_after_table, rounds_table
+        from fedpeft.simulations.report import before_after_table, overhead_line, rounds_table
 
         result = run_simulation(config_from_args(args))
     except FedPeftError as exc:
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(before_after_table(result.rows))
     print()
+    print(overhead_line(result.rows))
     print(f"run dir: {result.out_dir}  (metrics.jsonl, metrics.png, final/)")
     return 0
 

@@ -45,6 +45,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     has_acc = "eval_accuracy" in rows[0]
@@ -65,9 +66,25 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
+    for axis in axes[0]:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def overhead_line(rows: Sequence[dict[str, Any]]) -> str:
+    """How much a virtual client costs a worker that already holds the base model."""
+    trained = [r for r in rows if r.get("client_swap_seconds") is not None]
+    if not trained:
+        return ""
+    swap = sum(r["client_swap_seconds"] for r in trained) / len(trained)
+    train = sum(r["client_train_seconds"] for r in trained) / len(trained)
+    loads = sum(r.get("client_model_loads", 0) for r in trained)
+    load_max = max(r.get("client_load_seconds_max", 0.0) for r in trained)
+    clients = sum(r["clients_accepted"] for r in trained)
+    return (f"per-client overhead: {swap:.3f} s to swap the delta in (vs {train:.1f} s local training); "
+            f"base model loaded {loads}x for {clients} client-rounds (max {load_max:.1f} s per load)")

