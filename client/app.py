@@ -23,11 +23,10 @@ from fedpeft.client.training import TrainConfig, train_local
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.evaluation import evaluate
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.logs import setup_logging
 from fedpeft.common.models import model_fingerprint
-from fedpeft.common.plan import PLAN_KEY, FederationPlan
+from fedpeft.common.plan import PLAN_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY, FederationPlan
 from fedpeft.common.quantization import validate_quantize
 
 log = logging.getLogger("fedpeft.client")
@@ -95,14 +94,15 @@ def build_client_app(setup: ClientSetup) -> ClientApp:
         task = plan.task_spec()
         task.check_rows(rows, f"client {partition} local data")
         train_config = TrainConfig(**plan.train)
-        stats = train_local(adapted, task, rows, train_config,
-                            seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition), label=label)
+        proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx
+        stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
+                            seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))
         reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
         sent = record_bytes(reply_arrays)
         log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
                  stats.first_loss, stats.last_loss, sent / 1e6)
         metrics = MetricRecord({
-            "num-examples": len(rows),
+            WEIGHT_KEY: len(rows),
             "train-loss": stats.mean_loss,
             "train-loss-last": stats.last_loss,
             "train-seconds": stats.seconds,
@@ -110,17 +110,6 @@ def build_client_app(setup: ClientSetup) -> ClientApp:
             "swap-seconds": swap_s,
             "bytes-up": sent,
         })
-        return Message(RecordDict({"arrays": reply_arrays, "metrics": metrics}), reply_to=msg)
-
-    @app.evaluate()
-    def evaluate_local(msg: Message, context: Context) -> Message:
-        plan, adapted, _, _ = _receive(setup, msg)
-        rows = setup.data(context)
-        train_config = TrainConfig(**plan.train)
-        result = evaluate(adapted.model, adapted.tokenizer, plan.task_spec(), rows, train_config.max_length)
-        metrics = {"num-examples": len(rows), "eval-loss": result.loss}
-        if result.accuracy is not None:
-            metrics["eval-accuracy"] = result.accuracy
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: metrics}), reply_to=msg)
 
     return app

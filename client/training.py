@@ -68,13 +68,21 @@ class TrainStats:
 
 
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
-                seed: int, label: str = "client") -> TrainStats:
-    """Train `adapted`'s delta on `rows` in place; returns loss statistics."""
+                seed: int, label: str = "client", proximal_mu: float = 0.0) -> TrainStats:
+    """Train `adapted`'s delta on `rows` in place; returns loss statistics.
+
+    With `proximal_mu > 0` (FedProx) the loss gets (mu/2)·||w - w_global||² over the
+    delta's tensors, w_global being their values when training starts.
+    """
     if not rows:
         raise DataError(f"{label}: no local training data")
+    if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
+        raise ConfigError(f"{label}: proximal-mu must be a finite number >= 0, got {proximal_mu}")
     encoded = [encode_for_training(task, adapted.tokenizer, r, config.max_length) for r in rows]
     params = adapted.trainable_parameters()
+    anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker
     generator = torch.Generator().manual_seed(seed)
     steps = config.steps_for(len(encoded))
     order: list[int] = []
@@ -89,6 +97,8 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
         batch_idx, order = order[:config.batch_size], order[config.batch_size:]
         batch = collate([encoded[i] for i in batch_idx], adapted.tokenizer.pad_token_id)
         loss = _loss(model, batch, device)
+        if anchors:
+            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
         if not torch.isfinite(loss):
             raise DataError(f"{label}: training loss became {loss.item()} at step {step}; lower the learning rate")
         loss.backward()

@@ -63,3 +63,26 @@ class AdaptedModel:
 
     def save_adapter(self, out_dir: Path) -> None:
         self.method.save_adapter(self.model, out_dir)
+
+
+def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig) -> int:
+    """Build the method on a weightless (meta-device) copy of the architecture.
+
+    Catches options the model cannot take (e.g. target modules it lacks) in well under
+    a second, before any process is started; returns the delta's parameter count.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedpeft.common.errors import ConfigError
+
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+    except Exception as exc:
+        raise ConfigError(f"cannot read the architecture in {model_dir}: {exc}") from exc
+    for param in skeleton.parameters():
+        param.requires_grad_(False)
+    method = get_method(method_name)
+    model = method.build(skeleton, config)
+    return DeltaSpec.of_model(model, method.delta_names(model)).num_parameters

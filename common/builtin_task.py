@@ -1,7 +1,10 @@
 """The built-in demo task: routing customer-support tickets to a department.
 
 Generated here from templates and word lists with a seeded RNG (no data is fetched or
-shipped), so the default `peft-sim` run works on any machine. Each ticket also carries
+shipped), so the default `peft-sim` run works on any machine. Held-out tickets are
+built from phrasings and subjects that never occur in training tickets (the last
+entries of each list), so held-out accuracy measures generalization, not recall of
+the training sentences. Each ticket also carries
 the `branch` office that received it; branches see different mixes of departments,
 which gives a natural non-IID split (`--partition natural:branch`).
 """
@@ -64,23 +67,32 @@ def builtin_task() -> TaskSpec:
                     verbalizer={d: d for d in DEPARTMENTS})
 
 
-def _ticket(rng: random.Random, department: str) -> str:
+HELD_OUT_PER_SLOT = 2
+"""The last this-many phrasings/subjects of every list appear only in held-out tickets."""
+
+
+def _slot_values(values: list[str], held_out: bool) -> list[str]:
+    return values[-HELD_OUT_PER_SLOT:] if held_out else values[:-HELD_OUT_PER_SLOT]
+
+
+def _ticket(rng: random.Random, department: str, held_out: bool) -> str:
     slots = _SLOTS[department]
-    issue = rng.choice(slots["issue"]).format(n=rng.randint(100, 9999))
-    thing = rng.choice(slots["thing"]).format(n=rng.randint(10000, 99999))
+    issue = rng.choice(_slot_values(slots["issue"], held_out)).format(n=rng.randint(100, 9999))
+    thing = rng.choice(_slot_values(slots["thing"], held_out)).format(n=rng.randint(10000, 99999))
     body = f"{issue} {thing}."
     body = body[0].upper() + body[1:]
     return " ".join(part for part in (rng.choice(_OPENERS), body, rng.choice(_CLOSERS)) if part)
 
 
-def generate_tickets(num_rows: int, seed: int) -> list[Record]:
-    """`num_rows` tickets spread evenly over branches, departments drawn per branch mix."""
+def generate_tickets(num_rows: int, seed: int, held_out: bool = False) -> list[Record]:
+    """`num_rows` tickets spread evenly over branches, departments drawn per branch mix;
+    `held_out=True` draws from the phrasings reserved for evaluation."""
     rng = random.Random(seed)
     rows: list[Record] = []
     for i in range(num_rows):
         branch = BRANCHES[i % len(BRANCHES)]
         department = rng.choices(DEPARTMENTS, weights=BRANCH_MIX[branch])[0]
-        rows.append({"text": _ticket(rng, department), "label": department, "branch": branch})
+        rows.append({"text": _ticket(rng, department, held_out), "label": department, "branch": branch})
     rng.shuffle(rows)
     return rows
 
@@ -88,4 +100,4 @@ def generate_tickets(num_rows: int, seed: int) -> list[Record]:
 def builtin_splits(train_rows: int = 800, eval_rows: int = 200, seed: int = 0) -> tuple[list[Record], list[Record]]:
     """Train and held-out rows from independent seeds (eval rows are balanced over
     branches, so the eval set is close to uniform over departments)."""
-    return generate_tickets(train_rows, seed), generate_tickets(eval_rows, seed + 1_000_003)
+    return generate_tickets(train_rows, seed), generate_tickets(eval_rows, seed + 1_000_003, held_out=True)

@@ -47,7 +47,10 @@ def read_records(path: Path) -> list[Record]:
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         elif suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc})") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json data file must hold a list of objects")
         elif suffix in (".csv", ".tsv"):
@@ -56,11 +59,18 @@ def read_records(path: Path) -> list[Record]:
                     reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
                 else:
                     reader = csv.DictReader(fh)
-                rows = [dict(r) for r in reader]
+                rows = []
+                for row in reader:
+                    if None in row or None in row.values():
+                        raise DataError(f"{path}:{reader.line_num}: field count differs from the header "
+                                        f"{reader.fieldnames}")
+                    rows.append(dict(row))
         else:
             raise DataError(f"{path}: unsupported data format {suffix!r}; use .jsonl, .json, .csv or .tsv")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
     if not rows:
         raise DataError(f"{path}: no records")
     for i, row in enumerate(rows):
@@ -70,8 +80,15 @@ def read_records(path: Path) -> list[Record]:
 
 
 def template_fields(template: str) -> list[str]:
-    """Column names a `{column}` template refers to."""
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    """Column names a `{column}` template refers to; malformed templates raise DataError."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise DataError(f"template {template!r} is malformed ({exc}); write literal braces as {{{{ and }}}}") from None
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad:
+        raise DataError(f"template {template!r}: placeholders must name a column, e.g. {{text}}; got {bad}")
+    return fields
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ parameter is touched. On disk and in checkpoints deltas are safetensors.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from fedpeft.common.errors import DeltaError
+from fedpeft.common.files import atomic_write_bytes
 
 MAX_PROBLEMS_SHOWN = 8
 
@@ -135,17 +134,7 @@ def delta_from_bytes(data: bytes, max_bytes: int | None = None) -> OrderedDict[s
 
 def save_delta_file(delta: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
     """Write a delta atomically (temp file + rename): a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(delta_to_bytes(delta, metadata))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, delta_to_bytes(delta, metadata))
 
 
 def load_delta_file(path: Path) -> OrderedDict[str, torch.Tensor]:

@@ -46,3 +46,9 @@ class DeltaError(FedPeftError, ValueError):
 
 class PartitionError(ConfigError):
     """A data set cannot be split across clients as requested."""
+
+
+class FederationError(FedPeftError):
+    """A federated round cannot complete (e.g. no client update was accepted)."""
+
+    exit_code = 6

@@ -14,7 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.common.data import IGNORE_INDEX, Encoded, Record, TaskSpec, collate, encode_candidates, encode_for_training
+from fedpeft.common.data import (
+    IGNORE_INDEX,
+    Encoded,
+    Record,
+    TaskSpec,
+    collate,
+    encode,
+    encode_candidates,
+    encode_for_training,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,8 @@ def _label_logprobs_single_token(model, tokenizer, task, rows, max_length, batch
     """
     device = model_device(model)
     out = []
-    prompts = [encode_candidates(task, tokenizer, r, max_length)[0] for r in rows]
+    first_word = " " + next(iter(task.verbalizer.values()))
+    prompts = [encode(tokenizer, task.prompt(r), first_word, max_length, add_eos=False) for r in rows]
     for chunk in _batched(prompts, batch_size):
         batch = collate(chunk, tokenizer.pad_token_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits

@@ -28,11 +28,16 @@ def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None) ->
     for name, array in record.items():
         try:
             ndarray = array.numpy()
-        except Exception as exc:
+        except Exception as exc:  # any decoding failure of peer-supplied bytes is the peer's fault
             raise DeltaError(f"{name}: cannot decode array ({exc})") from exc
-        if not isinstance(ndarray, np.ndarray) or ndarray.dtype == object:
-            raise DeltaError(f"{name}: not a numeric array")
-        out[name] = torch.from_numpy(np.ascontiguousarray(ndarray))
+        if not isinstance(ndarray, np.ndarray) or ndarray.dtype.kind not in "fiub":
+            raise DeltaError(f"{name}: not a numeric array (dtype {getattr(ndarray, 'dtype', type(ndarray))})")
+        if not ndarray.dtype.isnative:
+            raise DeltaError(f"{name}: non-native byte order {ndarray.dtype.str!r}")
+        try:
+            out[name] = torch.from_numpy(np.ascontiguousarray(ndarray))
+        except (TypeError, ValueError) as exc:
+            raise DeltaError(f"{name}: dtype {ndarray.dtype} has no tensor equivalent ({exc})") from exc
     return out
 
 

@@ -19,6 +19,8 @@ OFFLINE_ENV = {
     # Ray folds identical-looking lines from different workers; we want every client's progress.
     "RAY_DEDUP_LOGS": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Flower reports usage events to its servers unless told not to; private data, no phoning home.
+    "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     # Library deprecation chatter (torch.jit, transformers v6) in every worker process.
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",

@@ -84,8 +84,12 @@ def builtin_gguf_path(model: BuiltinModel) -> Path:
 
 
 def _gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache entry per GGUF file *and* transformers version (the converter may change)."""
+    import transformers
+
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|transformers-{transformers.__version__}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
 
 
@@ -199,7 +203,10 @@ def model_fingerprint(model_dir: Path) -> str:
     Clients and server must fine-tune the *same* base model; names of local paths
     differ between machines, so the fingerprint hashes the architecture config.
     """
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {Path(model_dir) / 'config.json'}: {exc}") from exc
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")
     ident = {k: config.get(k) for k in keys}

@@ -57,21 +57,26 @@ def partition_records(rows: Sequence[Record], num_partitions: int, spec: Partiti
         raise PartitionError(f"need at least one client, got {num_partitions}")
     if len(rows) < num_partitions:
         raise PartitionError(f"{len(rows)} records cannot be split across {num_partitions} clients")
-    # Arrow needs one type per column; labels may be ints in JSONL and strings in CSV.
-    table = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
-    dataset = Dataset.from_list(table)
+    # flwr-datasets partitions an Arrow table; only the row index and the column the
+    # split depends on go into it (as text), so rows with ragged or mixed-type columns
+    # come back exactly as they were read.
+    key = {"iid": None, "dirichlet": label_column, "natural": spec.column}[spec.kind]
+    if key is not None:
+        lacking = [i for i, r in enumerate(rows) if r.get(key) is None]
+        if lacking:
+            raise PartitionError(f"{spec} needs column {key!r}, which record {lacking[0]} lacks")
+    table = {"row": list(range(len(rows)))}
+    if key is not None:
+        table[key] = [str(r[key]) for r in rows]
+    dataset = Dataset.from_dict(table)
     if spec.kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
         dataset = dataset.shuffle(seed=seed)
     elif spec.kind == "dirichlet":
-        if label_column not in dataset.column_names:
-            raise PartitionError(f"dirichlet partitioning needs a label column {label_column!r}")
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=label_column, alpha=spec.alpha,
                                            min_partition_size=MIN_DIRICHLET_PARTITION, self_balancing=False, seed=seed)
     else:
-        if spec.column not in dataset.column_names:
-            raise PartitionError(f"natural partitioning: no column {spec.column!r} (have {dataset.column_names})")
-        distinct = len(set(dataset[spec.column]))
+        distinct = len(set(table[spec.column]))
         if distinct != num_partitions:
             raise PartitionError(f"natural:{spec.column} has {distinct} distinct values but {num_partitions} clients were asked for")
         partitioner = NaturalIdPartitioner(partition_by=spec.column)
@@ -79,7 +84,7 @@ def partition_records(rows: Sequence[Record], num_partitions: int, spec: Partiti
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parts = [partitioner.load_partition(i).to_list() for i in range(num_partitions)]
+            parts = [[rows[i] for i in partitioner.load_partition(p)["row"]] for p in range(num_partitions)]
     except ValueError as exc:
         raise PartitionError(f"cannot partition {len(rows)} records as {spec} across {num_partitions} clients: {exc}") from exc
     empty = [i for i, p in enumerate(parts) if not p]

@@ -17,6 +17,12 @@ from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import MethodConfig, make_config
 
 PLAN_KEY = "fedpeft-plan"
+# The shape of a client's train reply (checked by the server before aggregation).
+REPLY_ARRAYS_KEY = "arrays"
+REPLY_METRICS_KEY = "metrics"
+WEIGHT_KEY = "num-examples"
+TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss", "train-loss-last", "train-seconds", "load-seconds",
+                               "swap-seconds", "bytes-up"})
 
 
 @dataclass(frozen=True)

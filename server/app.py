@@ -4,9 +4,9 @@ deltas, evaluates the global adapter centrally, and exports the result."""
 from __future__ import annotations
 
 import logging
-import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import field
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
 from fedpeft.server.recorder import RunRecorder
-from fedpeft.server.strategy import PeftFedAvg
+from fedpeft.server.strategy import build_strategy
 
 log = logging.getLogger("fedpeft.server")
 
@@ -48,14 +48,21 @@ class ServerSetup:
     num_clients: int
     clients_per_round: int
     seed: int
+    strategy: str = "fedavg"
+    strategy_options: dict[str, str] = field(default_factory=dict)
+    min_accepted: int = 1
+    """Fewest accepted client updates a round may aggregate; fewer stops the run."""
+    lora_svd_scaling: float | None = None
+    """alpha / r to aggregate LoRA in ΔW space (svd mode); None = average A and B."""
     eval_batch_size: int = 16
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
+    on_complete: Callable[[AdaptedModel], None] | None = None
+    """Called with the server's in-process model holding the final adapter (for checks)."""
 
 
 def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     """Run all rounds on `grid`; returns the exported final adapter dir."""
-    random.seed(setup.seed)  # Flower samples nodes with the `random` module
     out_dir = Path(setup.out_dir)
     adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
@@ -64,9 +71,13 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
                           train=dict(setup.train), seed=setup.seed)
     recorder = RunRecorder(out_dir)
-    strategy = PeftFedAvg(
+    strategy = build_strategy(
+        setup.strategy,
         spec=adapted.spec,
         max_delta_bytes=setup.max_delta_bytes,
+        options=setup.strategy_options,
+        min_accepted=setup.min_accepted,
+        lora_svd_scaling=setup.lora_svd_scaling,
         fraction_train=setup.clients_per_round / setup.num_clients,
         fraction_evaluate=0.0,
         min_train_nodes=setup.clients_per_round,
@@ -99,6 +110,9 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
         }
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
+        refactor_errors = getattr(strategy, "refactor_errors", {})
+        if server_round in refactor_errors:
+            row["svd_max_relative_error"] = refactor_errors[server_round]
         if traffic and traffic.train_metrics:
             row["train_loss"] = traffic.train_metrics.get("train-loss")
         if traffic and traffic.client_metrics:
@@ -129,6 +143,8 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
                                {"rounds": setup.num_rounds, "clients": setup.num_clients, "task": setup.task.to_dict()})
     log.info("server: final adapter written to %s", final_dir)
+    if setup.on_complete is not None:
+        setup.on_complete(adapted)
     return final_dir
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fedpeft.common import __version__
 from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.server.recorder import write_json_atomic
+from fedpeft.common.files import write_json_atomic
 
 MANIFEST_FILE = "fedpeft.json"
 

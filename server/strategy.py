@@ -1,16 +1,20 @@
-"""FedAvg over PEFT deltas, on Flower's message-based FedAvg.
+"""Aggregation strategies over PEFT deltas: Flower's message-based strategies, validated.
 
-Flower's `FedAvg` does the sampling and the example-weighted average. This subclass adds
-what a federation over untrusted edge clients needs around it:
+Flower's strategies (FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedAvgM, FedMedian,
+FedTrimmedAvg) do the sampling and the aggregation math. `DeltaValidation` is mixed in
+front of any of them and adds what a federation over untrusted edge clients needs:
 - every reply's delta is decoded and checked against the method's delta spec (names,
   shapes, dtypes, finiteness, size) and its example count; a bad reply is logged with
   the reason and left out, and the round completes with the remaining clients;
+- a round with fewer accepted updates than `min_accepted` stops the run with a
+  `FederationError` instead of silently keeping the old adapter;
 - bytes sent and received are counted per round;
 - the recorder is told about each aggregated round (for metrics and checkpoints).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -19,11 +23,22 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+)
 
 from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.errors import DeltaError
-from fedpeft.common.flower_io import delta_from_arrayrecord, record_bytes
+from fedpeft.common.errors import ConfigError, DeltaError, FederationError
+from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+from fedpeft.common.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS
+from fedpeft.server.lora_aggregation import aggregate_lora_svd
 
 log = logging.getLogger("fedpeft.server")
 
@@ -44,33 +59,44 @@ class RoundTraffic:
     client_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
-class PeftFedAvg(FedAvg):
-    """Example-weighted FedAvg of PEFT deltas with per-reply validation."""
+class DeltaValidation:
+    """Mixin for a Flower strategy: validate every reply's delta before aggregation."""
 
-    def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    weighted_by_key: str
+
+    def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.spec = spec
         self.max_delta_bytes = max_delta_bytes
+        self.min_accepted = min_accepted
         self.traffic: dict[int, RoundTraffic] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.traffic[server_round] = RoundTraffic(bytes_down=record_bytes(arrays) * len(messages), sent=len(messages))
         return messages
 
     def reply_problem(self, msg: Message) -> str | None:
-        """Why a (non-error) reply must be left out of aggregation, or None if valid."""
+        """Why a (non-error) reply must be left out of aggregation, or None if valid.
+
+        Checks everything Flower's own consistency check would raise on (which would
+        abort the whole round), so one malformed reply only costs that client's update.
+        """
         content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return (f"expected one delta and one metrics record, got {len(content.array_records)} and "
-                    f"{len(content.metric_records)}")
-        metrics = next(iter(content.metric_records.values()))
+        if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
+            return (f"expected records {REPLY_ARRAYS_KEY!r} and {REPLY_METRICS_KEY!r}, got arrays "
+                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}")
+        if len(content.config_records) != 0:
+            return f"unexpected config records {sorted(content.config_records)}"
+        metrics = content.metric_records[REPLY_METRICS_KEY]
+        if set(metrics) != TRAIN_METRIC_KEYS:
+            return f"metrics keys {sorted(metrics)} != expected {sorted(TRAIN_METRIC_KEYS)}"
         weight = metrics.get(self.weighted_by_key)
         if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
             return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}"
         try:
-            delta = delta_from_arrayrecord(next(iter(content.array_records.values())), self.max_delta_bytes)
+            delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
             self.spec.validate(delta, source="client delta")
         except DeltaError as exc:
             return str(exc)
@@ -95,10 +121,111 @@ class PeftFedAvg(FedAvg):
             else:
                 traffic.rejected.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log.error("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id, problem)
-        arrays, metrics = super().aggregate_train(server_round, usable)
-        if arrays is None:
-            log.warning("round %d: no valid client update; the global adapter is unchanged", server_round)
+        if traffic.accepted < self.min_accepted:
+            raise FederationError(
+                f"round {server_round}: only {traffic.accepted} client update(s) accepted, need {self.min_accepted} "
+                f"({traffic.failed} failed, {len(traffic.rejected)} rejected"
+                + (f": {traffic.rejected[0]}" if traffic.rejected else "") + ")")
+        arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         traffic.seconds = time.perf_counter() - traffic.started
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+
+class LoraSvdFedAvg(FedAvg):
+    """FedAvg that aggregates LoRA modules in ΔW space (see `lora_aggregation`).
+
+    Flower has no LoRA-aware strategy; this one keeps Flower's sampling, consistency
+    checks and metric averaging and replaces only the array aggregation.
+    """
+
+    def __init__(self, *, lora_scaling: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.lora_scaling = lora_scaling
+        self.refactor_errors: dict[int, float] = {}
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [msg.content for msg in valid]
+        deltas = [delta_from_arrayrecord(next(iter(c.array_records.values()))) for c in contents]
+        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]  # type: ignore[arg-type]
+        merged, report = aggregate_lora_svd(deltas, weights, self.lora_scaling)
+        self.refactor_errors[server_round] = report.max_relative_error
+        log.info("round %d: ΔW-space LoRA aggregation of %d modules, rank-r refactoring error <= %.2e",
+                 server_round, report.modules, report.max_relative_error)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return delta_to_arrayrecord(merged), metrics
+
+
+# Flower's strategies by the name users give them; one validated subclass each.
+FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
+STRATEGIES: dict[str, type[FedAvg]] = {
+    name: type(f"Validated{cls.__name__}", (DeltaValidation, cls), {"__doc__": f"{cls.__name__} with validated replies."})
+    for name, cls in FLOWER_STRATEGIES.items()
+}
+# Options that sampling and record keys own; users tune only the algorithm's own knobs.
+_RESERVED = {"self", "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+             "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+             "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
+
+
+def strategy_options(name: str) -> list[str]:
+    """The tunable options of strategy `name` (e.g. eta, beta_1 for fedadam)."""
+    cls = FLOWER_STRATEGIES[name]
+    return sorted(p for p in inspect.signature(cls.__init__).parameters if p not in _RESERVED)
+
+
+def parse_strategy_options(name: str, options: dict[str, str]) -> dict[str, float]:
+    """Validate `--strategy-opt` values for `name` (all are numbers)."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; supported strategies: {', '.join(sorted(STRATEGIES))}")
+    allowed = strategy_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"strategy {name!r}: unknown option(s) {unknown}; valid options are {allowed}")
+    parsed: dict[str, float] = {}
+    for key, value in options.items():
+        try:
+            parsed[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"strategy {name!r}: option {key}={value!r} is not a number") from None
+        if not math.isfinite(parsed[key]):
+            raise ConfigError(f"strategy {name!r}: option {key} must be finite")
+    return parsed
+
+
+LORA_AGGREGATIONS = ("naive", "svd", "ffa")
+ValidatedLoraSvdFedAvg = type("ValidatedLoraSvdFedAvg", (DeltaValidation, LoraSvdFedAvg), {})
+
+
+def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options: dict[str, str] | None = None,
+                   lora_svd_scaling: float | None = None, **sampling: object) -> DeltaValidation:
+    """A validated Flower strategy by name, with algorithm options and sampling settings.
+
+    With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space; that
+    replaces FedAvg's array averaging, so it combines with `fedavg` only.
+    """
+    parsed = parse_strategy_options(name, dict(options or {}))
+    try:
+        if lora_svd_scaling is not None:
+            if name != "fedavg":
+                raise ConfigError(f"ΔW-space (svd) LoRA aggregation replaces FedAvg's averaging; use it with "
+                                  f"strategy 'fedavg', not {name!r}")
+            return ValidatedLoraSvdFedAvg(spec=spec, max_delta_bytes=max_delta_bytes,  # type: ignore[return-value]
+                                          lora_scaling=lora_svd_scaling, **sampling)
+        return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, **sampling, **parsed)  # type: ignore[return-value]
+    except ValueError as exc:  # Flower validates some options itself (e.g. FedTrimmedAvg beta)
+        raise ConfigError(f"strategy {name!r}: {exc}") from exc

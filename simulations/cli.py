@@ -11,16 +11,14 @@ on the built-in support-ticket routing task, then a before/after table.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from fedpeft.common.errors import FedPeftError
-from fedpeft.common.methods import available_methods
-from fedpeft.common.models import DEFAULT_MODEL
-from fedpeft.simulations.config import SimulationConfig, default_quantize
+from fedpeft.common.logs import apply_offline_env
 
-log = logging.getLogger("fedpeft.sim")
+# Library imports happen inside the functions below, after `apply_offline_env()`:
+# Flower reads its telemetry switch when it is first imported.
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -31,6 +29,11 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedpeft.common.methods import available_methods
+    from fedpeft.common.models import DEFAULT_MODEL
+    from fedpeft.server.strategy import STRATEGIES
+    from fedpeft.simulations.config import SimulationConfig
+
     d = SimulationConfig()
     p = argparse.ArgumentParser(prog="peft-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, .gguf file or HF model dir (default {DEFAULT_MODEL})")
@@ -52,16 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="verbalizer LABEL=WORD,... (e.g. 0=negative,1=positive)")
     p.add_argument("--label-column", default=d.label_column)
     p.add_argument("--partition", default=d.partition, help="iid | dirichlet:ALPHA | natural:COLUMN (default %(default)s)")
-    p.add_argument("--quantize", default=default_quantize(), help="4bit | none (default %(default)s)")
+    p.add_argument("--quantize", default=d.quantize, help="4bit | none | auto: 4bit where bitsandbytes works (default)")
     p.add_argument("--out", default=None, help="run dir (default runs/sim-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--train-limit", type=int, default=d.train_limit, help="subsample training rows (0 = all)")
     p.add_argument("--eval-limit", type=int, default=d.eval_limit, help="held-out rows scored per round (0 = all)")
     p.add_argument("--cpus-per-client", type=float, default=d.cpus_per_client, help="Ray CPUs per virtual client")
+    p.add_argument("--gpus-per-client", type=float, default=d.gpus_per_client,
+                   help="Ray GPU share per virtual client, e.g. 0.5 (default 0: clients train on CPU)")
+    p.add_argument("--strategy", default=d.strategy, help=f"aggregation: {', '.join(sorted(STRATEGIES))} (default %(default)s)")
+    p.add_argument("--strategy-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="strategy option, repeatable (e.g. --strategy fedprox --strategy-opt proximal_mu=0.01)")
+    p.add_argument("--lora-aggregation", default=d.lora_aggregation, choices=["naive", "svd", "ffa"],
+                   help="naive: average A and B (FedIT); svd: exact mean of B·A re-factored to rank r; "
+                        "ffa: A frozen, only B trained (exact) (default %(default)s)")
+    p.add_argument("--min-clients", type=int, default=d.min_clients,
+                   help="fewest accepted client updates per round; fewer stops the run (default %(default)s)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> SimulationConfig:
+def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
+    from fedpeft.simulations.config import SimulationConfig
+
     return SimulationConfig(
         model=args.model, method=args.method, method_options=dict(args.method_opt), clients=args.clients,
         clients_per_round=args.clients_per_round, rounds=args.rounds, local_steps=args.local_steps,
@@ -69,10 +84,13 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         data=args.data, eval_data=args.eval_data, task=args.task, template=args.template, labels=args.labels,
         label_column=args.label_column, partition=args.partition, quantize=args.quantize, out=args.out, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
+        min_clients=args.min_clients, lora_aggregation=args.lora_aggregation,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    apply_offline_env()
     args = build_parser().parse_args(argv)
     try:
         from fedpeft.simulations.runner import run_simulation

@@ -13,10 +13,14 @@ from fedpeft.common.methods import make_config
 from fedpeft.common.models import DEFAULT_MODEL
 from fedpeft.common.partition import PartitionSpec
 from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available
+from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 
-def default_quantize() -> str:
-    return "4bit" if bitsandbytes_available() else "none"
+def resolve_quantize(value: str) -> str:
+    """`auto` means 4-bit wherever bitsandbytes imports, else full precision."""
+    if value == "auto":
+        return "4bit" if bitsandbytes_available() else "none"
+    return value
 
 
 @dataclass
@@ -30,7 +34,7 @@ class SimulationConfig:
     rounds: int = 3
     local_steps: int = 8
     local_epochs: float = 0.0
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 128
     data: str | None = None
@@ -40,7 +44,8 @@ class SimulationConfig:
     labels: str | None = None
     label_column: str = "label"
     partition: str = "iid"
-    quantize: str = field(default_factory=default_quantize)
+    quantize: str = "auto"
+    """4bit | none | auto (4bit where bitsandbytes imports)."""
     out: str | None = None
     seed: int = 0
     train_limit: int = 0
@@ -49,6 +54,14 @@ class SimulationConfig:
     """Held-out rows scored each round (0 = all)."""
     builtin_train_rows: int = 800
     cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+    """Ray GPU share per virtual client; 0 keeps clients on the CPU (Ray hides GPUs)."""
+    strategy: str = "fedavg"
+    strategy_options: dict[str, str] = field(default_factory=dict)
+    min_clients: int = 1
+    """Fewest accepted client updates per round; a round with fewer stops the run."""
+    lora_aggregation: str = "naive"
+    """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen)."""
     log_every: int = 4
 
     def problems(self) -> list[str]:
@@ -56,18 +69,30 @@ class SimulationConfig:
         found = []
         positive = {"clients": self.clients, "rounds": self.rounds, "local_steps": self.local_steps,
                     "batch_size": self.batch_size, "max_length": self.max_length, "log_every": self.log_every,
-                    "builtin_train_rows": self.builtin_train_rows}
+                    "builtin_train_rows": self.builtin_train_rows, "min_clients": self.min_clients}
         found += [f"--{k.replace('_', '-')} must be >= 1 (got {v})" for k, v in positive.items() if v < 1]
         if not 0 <= self.clients_per_round <= self.clients:
             found.append(f"--clients-per-round must be between 0 (all) and --clients={self.clients}")
+        if self.max_length < 8:
+            found.append(f"--max-length must be >= 8 (got {self.max_length})")
+        if self.min_clients > self.num_per_round:
+            found.append(f"--min-clients {self.min_clients} exceeds the {self.num_per_round} clients sampled per round")
+        if self.lora_aggregation not in LORA_AGGREGATIONS:
+            found.append(f"--lora-aggregation {self.lora_aggregation!r}: choose one of {list(LORA_AGGREGATIONS)}")
+        elif self.lora_aggregation != "naive" and self.method != "lora":
+            found.append(f"--lora-aggregation {self.lora_aggregation} needs --method lora (got {self.method!r})")
+        elif self.lora_aggregation == "svd" and self.strategy != "fedavg":
+            found.append("--lora-aggregation svd replaces FedAvg's averaging; it needs --strategy fedavg")
+        if self.gpus_per_client < 0:
+            found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
             found.append(f"--lr must be > 0 (got {self.learning_rate})")
         if self.local_epochs < 0 or self.train_limit < 0 or self.eval_limit < 0:
             found.append("--local-epochs, --train-limit and --eval-limit must be >= 0")
         if self.cpus_per_client <= 0:
             found.append("--cpus-per-client must be > 0")
-        if self.quantize not in QUANTIZE_CHOICES:
-            found.append(f"--quantize {self.quantize!r}: choose one of {list(QUANTIZE_CHOICES)}")
+        if self.quantize not in (*QUANTIZE_CHOICES, "auto"):
+            found.append(f"--quantize {self.quantize!r}: choose one of {[*QUANTIZE_CHOICES, 'auto']}")
         elif self.quantize == "4bit" and not bitsandbytes_available():
             found.append("--quantize 4bit needs bitsandbytes, which cannot be imported here; use --quantize none")
         if self.eval_data and not self.data:
@@ -75,7 +100,8 @@ class SimulationConfig:
         for path in (self.data, self.eval_data):
             if path and not Path(path).is_file():
                 found.append(f"data file {path} does not exist")
-        for check in (lambda: make_config(self.method, self.method_options), lambda: PartitionSpec.parse(self.partition)):
+        for check in (lambda: make_config(self.method, self.effective_method_options()), lambda: PartitionSpec.parse(self.partition),
+                      lambda: parse_strategy_options(self.strategy, self.strategy_options)):
             try:
                 check()
             except FedPeftError as exc:
@@ -89,10 +115,17 @@ class SimulationConfig:
 
     @property
     def num_per_round(self) -> int:
+        """Clients sampled per round (`clients_per_round`, 0 meaning all)."""
         return self.clients_per_round or self.clients
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/sim-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def effective_method_options(self) -> dict[str, str]:
+        """Method options with what --lora-aggregation implies (ffa freezes A)."""
+        if self.lora_aggregation == "ffa":
+            return {**self.method_options, "freeze_a": "true"}
+        return dict(self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,22 +9,25 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedpeft.client.app import ClientSetup, build_client_app
 from fedpeft.client.training import TrainConfig
+from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
 from fedpeft.common.builtin_task import builtin_splits, builtin_task
 from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, read_records
+from fedpeft.common.errors import FederationError
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import resolve_model_dir
 from fedpeft.common.partition import PartitionSpec, partition_records
 from fedpeft.server.app import ServerSetup, build_server_app
-from fedpeft.server.recorder import write_json_atomic
+from fedpeft.common.files import write_json_atomic
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
-from fedpeft.simulations.config import SimulationConfig
+from fedpeft.simulations.config import SimulationConfig, resolve_quantize
 from fedpeft.simulations.report import before_after_table, overhead_line, plot_metrics, read_metrics, rounds_table
 
 log = logging.getLogger("fedpeft.sim")
@@ -80,26 +83,34 @@ def describe_partitions(partitions: list[list[Record]], task: TaskSpec) -> list[
     return out
 
 
-def run_simulation(config: SimulationConfig) -> SimulationResult:
-    """Run the whole simulation described by `config`; returns the run dir and metrics."""
+def run_simulation(config: SimulationConfig,
+                   on_complete: Callable[[AdaptedModel], None] | None = None) -> SimulationResult:
+    """Run the whole simulation described by `config`; returns the run dir and metrics.
+
+    `on_complete` receives the server's in-process model with the final adapter.
+    """
     from flwr.simulation import run_simulation as flower_run_simulation
 
     config.validate()
     apply_offline_env()
     setup_logging()
-    out_dir = config.out_dir().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", config.to_dict())
-
-    model_dir = resolve_model_dir(config.model)
+    quantize = resolve_quantize(config.quantize)
+    # Everything that can be wrong with the inputs is checked before any process starts.
     task, train_rows, eval_rows = load_task_data(config)
     partition = PartitionSpec.parse(config.partition)
     partitions = partition_records(train_rows, config.clients, partition, task.label_column, config.seed)
+    model_dir = resolve_model_dir(config.model)
+    method_config = make_config(config.method, config.effective_method_options())
+    check_method_applies(model_dir, config.method, method_config)
+
+    out_dir = config.out_dir().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "config.json", {**config.to_dict(), "quantize": quantize})
     write_partitions(partitions, out_dir / "partitions")
     clients = describe_partitions(partitions, task)
     write_json_atomic(out_dir / "clients.json", clients)
     log.info("model %s (%s) | method %s | %d clients (%s) | %d rounds | %d train / %d held-out rows",
-             config.model, config.quantize, config.method, config.clients, partition, config.rounds,
+             config.model, quantize, config.method, config.clients, partition, config.rounds,
              len(train_rows), len(eval_rows))
     for entry in clients:
         log.info("  client %d: %d examples %s", entry["client"], entry["examples"], entry.get("labels", ""))
@@ -108,15 +119,19 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
                         learning_rate=config.learning_rate, batch_size=config.batch_size,
                         max_length=config.max_length, log_every=config.log_every)
     server = ServerSetup(
-        run_name=out_dir.name, base_model=config.model, model_dir=str(model_dir), quantize=config.quantize,  # type: ignore[arg-type]
-        method=config.method, method_config=make_config(config.method, config.method_options), task=task,
+        run_name=out_dir.name, base_model=config.model, model_dir=str(model_dir), quantize=quantize,  # type: ignore[arg-type]
+        method=config.method, method_config=method_config, task=task,
         train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
+        strategy=config.strategy, strategy_options=dict(config.strategy_options), min_accepted=config.min_clients,
+        on_complete=on_complete,
+        lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
+                          if config.lora_aggregation == "svd" else None),
     )
-    client = ClientSetup(model_dir=str(model_dir), quantize=config.quantize, data=PartitionFiles(str(out_dir / "partitions")),
+    client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
                          torch_threads=max(1, int(config.cpus_per_client)))
     backend_config = {
-        "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": config.gpus_per_client},
         "init_args": {"include_dashboard": False},
     }
     flower_run_simulation(server_app=build_server_app(server), client_app=build_client_app(client),
@@ -124,7 +139,7 @@ def run_simulation(config: SimulationConfig) -> SimulationResult:
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     if len(rows) != config.rounds + 1:
-        raise RuntimeError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
+        raise FederationError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
     plot_metrics(rows, out_dir / "metrics.png", title=f"{config.method} on {config.model} ({config.clients} clients, {partition})")
     summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n\n{overhead_line(rows)}\n"
     (out_dir / "summary.md").write_text(summary)

@@ -18,6 +18,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private model cache for the tests that convert the built-in SmolLM2 (once)."""
+    import os
+
+    previous = os.environ.get("FEDPEFT_CACHE")
+    os.environ["FEDPEFT_CACHE"] = str(tmp_path_factory.mktemp("fedpeft-cache"))
+    yield Path(os.environ["FEDPEFT_CACHE"])
+    if previous is None:
+        os.environ.pop("FEDPEFT_CACHE", None)
+    else:
+        os.environ["FEDPEFT_CACHE"] = previous
+
+
 @pytest.fixture()
 def flower_task_identity():
     """Flower messages need a task identity; a run sets it, unit tests set a dummy one."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import make_config
 from fedpeft.common.quantization import bitsandbytes_available, cpu_supports_bf16, four_bit_layers
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbyt
 
 def _train_after_eval(model, vocab: int):
     """Eval forward (no grad), then one training forward/backward."""
-    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0)).to(model_device(model))
     model.eval()
     with torch.no_grad():
         model(input_ids=x)

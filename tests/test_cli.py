@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
-import pytest
+from pathlib import Path
 
 from fedpeft.simulations.cli import main
 
@@ -34,15 +33,30 @@ def test_bad_data_is_reported_without_traceback(capsys, tmp_path, tiny_model_dir
     assert "name a word for each" in capsys.readouterr().err
 
 
+def test_options_the_model_cannot_take_fail_before_anything_starts(capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "-o", "target_modules=fc_in", "--quantize", "none",
+                 "--out", str(out)]) == 2
+    assert "cannot be applied to this model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_template_is_reported(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\na,spam\nb,ham\nc,spam\n")
+    assert main(["--model", str(tiny_model_dir), "--data", str(data), "--template", "{text", "--quantize", "none"]) == 4
+    assert "malformed" in capsys.readouterr().err
+
+
 def test_missing_model_is_reported(capsys, tmp_path):
     assert main(["--model", str(tmp_path / "nowhere"), "--quantize", "none", "--out", str(tmp_path / "r")]) == 3
     assert "neither a built-in model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--help"])
-def test_console_script_is_installed(flag):
-    out = subprocess.run([sys.executable, "-m", "fedpeft.simulations.cli", flag], capture_output=True, text=True,
-                         check=True).stdout
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "peft-sim"
+    assert script.is_file(), "the peft-sim entry point is not installed next to this interpreter"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--model", "--method", "--clients", "--rounds", "--local-steps", "--data", "--eval-data",
                    "--partition", "--quantize", "--out", "--seed"):
         assert option in out

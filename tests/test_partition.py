@@ -50,5 +50,20 @@ def test_impossible_partitions_are_explained():
         partition_records(ROWS[:3], 2, PartitionSpec.parse("natural:branch"), "label", seed=0)
     with pytest.raises(PartitionError, match="cannot be split"):
         partition_records(ROWS[:2], 3, PartitionSpec.parse("iid"), "label", seed=0)
-    with pytest.raises(PartitionError, match="no column 'site'"):
+    with pytest.raises(PartitionError, match="needs column 'site'"):
         partition_records(ROWS, 2, PartitionSpec.parse("natural:site"), "label", seed=0)
+
+
+def test_ragged_and_mixed_type_rows_come_back_intact():
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(6)]
+    rows[3]["input"] = "context"  # only some rows have `input`
+    rows[4]["score"] = None
+    rows[5]["score"] = 2.5
+    parts = partition_records(rows, 2, PartitionSpec.parse("iid"), "label", seed=1)
+    assert sorted((r for p in parts for r in p), key=lambda r: r["instruction"]) == rows
+
+
+def test_partition_column_must_exist_in_every_row():
+    rows = [{"text": "a", "label": "x"}, {"text": "b"}] * 4
+    with pytest.raises(PartitionError, match="record 1 lacks"):
+        partition_records(rows, 2, PartitionSpec.parse("dirichlet:1"), "label", seed=0)

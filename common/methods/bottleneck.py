@@ -15,8 +15,6 @@ Both sit before the block's residual add, wrapping the projection module, so no
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -24,11 +22,11 @@ from torch import nn
 
 from fedpeft.common.architectures import architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.methods.base import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MethodConfig, PeftMethod, require
+from fedpeft.common.methods.base import MethodConfig, require
+from fedpeft.common.methods.native import NativeMethod
 from fedpeft.common.methods.registry import register
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-PEFT_TYPE = "FEDPEFT_BOTTLENECK"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,53 +92,25 @@ def _output_features(layer: nn.Module) -> int:
 
 
 @register
-class BottleneckMethod(PeftMethod):
+class BottleneckMethod(NativeMethod):
     """Houlsby / Pfeiffer bottleneck adapters (in-house; see the module docstring)."""
 
     name: ClassVar[str] = "bottleneck"
     config_cls: ClassVar[type[MethodConfig]] = BottleneckMethodConfig
-    peft_backed: ClassVar[bool] = False
+    peft_type: ClassVar[str] = "FEDPEFT_BOTTLENECK"
 
-    def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
-        self.check_config(config)
+    def attach(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         assert isinstance(config, BottleneckMethodConfig)
         spec = architecture_of(model)
         sites = [spec.ffn_output] if config.style == "pfeiffer" else [spec.attention_output, spec.ffn_output]
-        for param in model.parameters():
-            param.requires_grad_(False)
         for block in blocks_of(model):
             for site in sites:
                 parent_path, _, attr = site.rpartition(".")
                 parent = block.get_submodule(parent_path) if parent_path else block
                 base_layer = getattr(parent, attr)
-                if isinstance(base_layer, AdaptedSublayerOutput):
-                    raise ConfigError("model already has bottleneck adapters; build on a fresh base model")
                 hidden = _output_features(base_layer)
-                adapter = BottleneckAdapter(hidden, max(1, hidden // config.reduction_factor), config.non_linearity, config.dropout)
+                adapter = BottleneckAdapter(hidden, max(1, hidden // config.reduction_factor), config.non_linearity,
+                                            config.dropout)
                 device = next(base_layer.parameters()).device
                 setattr(parent, attr, AdaptedSublayerOutput(base_layer, adapter.to(device)))
-        model.fedpeft_bottleneck_config = config  # type: ignore[assignment]
-        return model
-
-    def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
-        from fedpeft.common.deltas import extract_delta, save_delta_file
-
-        config = getattr(model, "fedpeft_bottleneck_config", None)
-        if not isinstance(config, BottleneckMethodConfig):
-            raise ConfigError("model has no bottleneck adapters to save")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"peft_type": PEFT_TYPE, "fedpeft_method": self.name, **config.to_dict()}
-        (out_dir / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        save_delta_file(extract_delta(model, self.delta_names(model)), out_dir / ADAPTER_WEIGHTS_FILE)
-
-    def load_adapter(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
-        from fedpeft.common.deltas import DeltaSpec, apply_delta, load_delta_file
-
-        meta = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
-        if meta.get("peft_type") != PEFT_TYPE:
-            raise ConfigError(f"{adapter_dir} is not a fedpeft bottleneck adapter (peft_type={meta.get('peft_type')!r})")
-        options = {k: v for k, v in meta.items() if k not in {"peft_type", "fedpeft_method"}}
-        model = self.build(base, BottleneckMethodConfig.from_options(options))
-        names = self.delta_names(model)
-        apply_delta(model, load_delta_file(adapter_dir / ADAPTER_WEIGHTS_FILE), DeltaSpec.of_model(model, names))
         return model

@@ -24,6 +24,9 @@ class LoraMethodConfig(MethodConfig):
     """Module-name suffixes to adapt, or "all-linear" for every linear layer but the head."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA): also train a per-output-channel magnitude."""
+    freeze_a: bool = False
+    """FFA-LoRA: keep A at its (seeded, identical everywhere) initialization and train
+    only B, so averaging B averages the clients' updates B·A exactly."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -43,6 +46,15 @@ class LoraMethod(PeftLibraryMethod):
 
     name: ClassVar[str] = "lora"
     config_cls: ClassVar[type[MethodConfig]] = LoraMethodConfig
+
+    def build(self, model, config: MethodConfig):
+        model = super().build(model, config)
+        assert isinstance(config, LoraMethodConfig)
+        if config.freeze_a:
+            for name, param in model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+        return model
 
     def peft_config(self, config: MethodConfig):
         from peft import LoraConfig

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, PeftMethod
 
 
@@ -24,7 +25,10 @@ class PeftLibraryMethod(PeftMethod):
         from peft import get_peft_model
 
         self.check_config(config)
-        return get_peft_model(model, self.peft_config(config))
+        try:
+            return get_peft_model(model, self.peft_config(config))
+        except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules the model lacks
+            raise ConfigError(f"method {self.name!r} cannot be applied to this model: {exc}") from exc
 
     def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))

@@ -1,0 +1,90 @@
+"""LyCORIS-family low-rank methods from HF peft: LoHa, LoKr, and HRA (Householder).
+
+In peft 0.21.2 none of them has a bitsandbytes 4-bit layer implementation, so building
+them on a 4-bit backbone fails deep inside peft. They are refused up front with a clear
+error instead; on a full-precision base (`--quantize none`) they work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from torch import nn
+
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods.base import MethodConfig, require
+from fedpeft.common.methods.peft_backed import PeftLibraryMethod
+from fedpeft.common.methods.registry import register
+from fedpeft.common.quantization import four_bit_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankMethodConfig(MethodConfig):
+    """Options shared by LoHa / LoKr / HRA."""
+
+    r: int = 8
+    alpha: int = 16
+    """Scaling numerator (LoHa, LoKr); unused by HRA."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        require(self.r >= 1, owner, "r", f"rank must be >= 1, got {self.r}")
+        require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha}")
+        require(len(self.target_modules) > 0, owner, "target_modules", "name at least one module")
+
+
+class FullPrecisionOnlyMethod(PeftLibraryMethod):
+    """A peft method without 4-bit support: refuse 4-bit backbones clearly."""
+
+    config_cls: ClassVar[type[MethodConfig]] = LowRankMethodConfig
+    display: ClassVar[str]
+
+    def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        if four_bit_layers(model):
+            raise ConfigError(f"{self.display} has no 4-bit (bitsandbytes) layer support in peft 0.21.2; "
+                              "use --quantize none, or lora/ia3 on a 4-bit backbone")
+        return super().build(model, config)
+
+
+@register
+class LoHaMethod(FullPrecisionOnlyMethod):
+    """LoHa: low-rank Hadamard product updates."""
+
+    name: ClassVar[str] = "loha"
+    display: ClassVar[str] = "LoHa"
+
+    def peft_config(self, config: MethodConfig):
+        from peft import LoHaConfig
+
+        assert isinstance(config, LowRankMethodConfig)
+        return LoHaConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+
+
+@register
+class LoKrMethod(FullPrecisionOnlyMethod):
+    """LoKr: low-rank Kronecker product updates."""
+
+    name: ClassVar[str] = "lokr"
+    display: ClassVar[str] = "LoKr"
+
+    def peft_config(self, config: MethodConfig):
+        from peft import LoKrConfig
+
+        assert isinstance(config, LowRankMethodConfig)
+        return LoKrConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+
+
+@register
+class HRAMethod(FullPrecisionOnlyMethod):
+    """HRA: Householder reflection adaptation (orthogonal updates)."""
+
+    name: ClassVar[str] = "hra"
+    display: ClassVar[str] = "HRA"
+
+    def peft_config(self, config: MethodConfig):
+        from peft import HRAConfig
+
+        assert isinstance(config, LowRankMethodConfig)
+        return HRAConfig(r=config.r, target_modules=list(config.target_modules), task_type="CAUSAL_LM")

@@ -1,0 +1,1 @@
+"""Generated protobuf modules of fedpeft's wire formats (see protos/generate.py)."""

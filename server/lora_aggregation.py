@@ -1,0 +1,109 @@
+"""LoRA-aware aggregation math (pure functions, no I/O).
+
+Averaging LoRA's A and B separately (FedIT) does not average the clients' updates:
+mean(B)·mean(A) != mean(B·A). The `svd` mode aggregates in ΔW space instead: the
+example-weighted mean of every client's scaled update s·B_i·A_i (s = alpha / r), then
+re-factors it to rank r with a truncated SVD (FlexLoRA-style), reporting how much of
+the mean the rank-r factorization loses. FFA-LoRA (A frozen at a shared seed, only B
+trained; the `lora` method's `freeze_a=true`) makes plain averaging exact instead.
+
+Conventions (HF peft): A is (r, in_features), B is (out_features, r), ΔW = s·B·A has
+the base weight's (out_features, in_features) shape.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedpeft.common.errors import DeltaError
+
+LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+
+
+@dataclass(frozen=True)
+class RefactorReport:
+    """How well the rank-r factors reproduce the exact weighted-mean update."""
+
+    modules: int
+    max_relative_error: float
+    """max over modules of ||s·B·A - mean ΔW||_F / ||mean ΔW||_F."""
+
+
+def lora_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(A name, B name) for every LoRA module in a delta; unmatched halves are an error."""
+    a_names = [n for n in names if LORA_A in n]
+    pairs = []
+    for a_name in a_names:
+        b_name = a_name.replace(LORA_A, LORA_B)
+        if b_name not in names:
+            raise DeltaError(f"{a_name}: LoRA A without its B ({b_name})")
+        pairs.append((a_name, b_name))
+    if len(pairs) != sum(1 for n in names if LORA_B in n):
+        raise DeltaError("LoRA B tensor(s) without their A")
+    return pairs
+
+
+def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                  names: Sequence[str]) -> OrderedDict[str, torch.Tensor]:
+    """Example-weighted mean of the named tensors (float64 accumulation)."""
+    total = float(sum(weights))
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name in names:
+        acc = sum(d[name].double() * (w / total) for d, w in zip(deltas, weights, strict=True))
+        out[name] = acc.to(deltas[0][name].dtype)  # type: ignore[union-attr]
+    return out
+
+
+def mean_update(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str, b_name: str,
+                scaling: float) -> torch.Tensor:
+    """The exact example-weighted mean of the clients' ΔW = s·B·A for one module (float64)."""
+    total = float(sum(weights))
+    return sum(scaling * (w / total) * (d[b_name].double() @ d[a_name].double())
+               for d, w in zip(deltas, weights, strict=True))  # type: ignore[return-value]
+
+
+def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` (A, B) with s·B·A = best rank-`rank` approximation of `update`.
+
+    The singular values are split evenly between the factors (B = U·√S/√s,
+    A = √S·Vᵀ/√s), which keeps A and B on the same scale for further training.
+    """
+    u, s, vh = torch.linalg.svd(update, full_matrices=False)
+    root = torch.sqrt(s[:rank] / scaling)
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    if rank > s.numel():  # more rank than the update has: pad with zeros
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - s.numel())], dim=1)
+        a = torch.cat([a, a.new_zeros(rank - s.numel(), a.shape[1])], dim=0)
+    return a, b
+
+
+def aggregate_lora_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                       scaling: float) -> tuple[OrderedDict[str, torch.Tensor], RefactorReport]:
+    """ΔW-space aggregation: exact weighted mean per module, re-factored to the clients' rank.
+
+    Non-LoRA tensors of the delta (e.g. DoRA magnitudes) are plainly weighted-averaged.
+    """
+    if not deltas or len(deltas) != len(weights) or min(weights) <= 0:
+        raise DeltaError("aggregation needs one positive weight per delta")
+    names = list(deltas[0])
+    pairs = lora_pairs(names)
+    in_pairs = {n for pair in pairs for n in pair}
+    out = weighted_mean(deltas, weights, [n for n in names if n not in in_pairs])
+    worst = 0.0
+    for a_name, b_name in pairs:
+        rank = deltas[0][a_name].shape[0]
+        exact = mean_update(deltas, weights, a_name, b_name, scaling)
+        a, b = refactor(exact, rank, scaling)
+        norm = float(torch.linalg.matrix_norm(exact))
+        if norm > 0:
+            worst = max(worst, float(torch.linalg.matrix_norm(scaling * (b @ a) - exact)) / norm)
+        out[a_name] = a.to(deltas[0][a_name].dtype)
+        out[b_name] = b.to(deltas[0][b_name].dtype)
+    ordered = OrderedDict((n, out[n]) for n in names)
+    return ordered, RefactorReport(modules=len(pairs), max_relative_error=worst)

@@ -1,0 +1,133 @@
+"""The rest of the PEFT catalogue: soft prompts, (IA)³, BitFit, LoHa/LoKr/HRA.
+
+Each method builds, trains only its delta, round-trips that delta exactly through
+safetensors, and its saved adapter reloads to the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.deltas import delta_from_bytes, delta_to_bytes
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.evaluation import model_device
+from fedpeft.common.methods import get_method, make_config
+from fedpeft.common.models import load_base_model
+from fedpeft.common.quantization import bitsandbytes_available
+
+needs_bnb = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not importable")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (it has biases, unlike Llama) sharing the tiny tokenizer."""
+    from tiny_models import build_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = build_tokenizer(out)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    return out
+
+
+CASES = [
+    ("prompt", {"num_virtual_tokens": "4"}, "none"),
+    ("prompt", {"num_virtual_tokens": "4", "init": "text", "init_text": "Route the support ticket"}, "none"),
+    ("ptuning", {"num_virtual_tokens": "4", "encoder_hidden_size": "32"}, "none"),
+    ("ptuning", {"num_virtual_tokens": "4", "encoder": "lstm", "encoder_hidden_size": "32"}, "none"),
+    ("ptuning_v2", {"num_virtual_tokens": "4"}, "none"),
+    ("ia3", {}, "none"),
+    ("loha", {"r": "4"}, "none"),
+    ("lokr", {"r": "4"}, "none"),
+    ("hra", {"r": "4"}, "none"),
+    pytest.param("prompt", {"num_virtual_tokens": "4"}, "4bit", marks=needs_bnb),
+    pytest.param("ptuning", {"num_virtual_tokens": "4", "encoder_hidden_size": "32"}, "4bit", marks=needs_bnb),
+    pytest.param("ia3", {}, "4bit", marks=needs_bnb),
+]
+
+
+def _batch(vocab: int, device):
+    x = torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    mask[1, 8:] = 0
+    return x.to(device), mask.to(device)
+
+
+def _train(adapted: AdaptedModel, x, mask) -> None:
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
+    adapted.model.train()
+    for _ in range(2):
+        adapted.model(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _logits(model, x, mask):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x, attention_mask=mask).logits.cpu()
+
+
+def _check_method(model_dir, tmp_path, method, options, quantize):
+    adapted = AdaptedModel.load(model_dir, quantize, method, make_config(method, options), seed=0)
+    frozen = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad}
+    before = adapted.get_delta()
+    x, mask = _batch(adapted.model.config.vocab_size, model_device(adapted.model))
+    _train(adapted, x, mask)
+    after = adapted.get_delta()
+    assert after and any(not torch.equal(after[k], before[k]) for k in after)
+    params = dict(adapted.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    back = delta_from_bytes(delta_to_bytes(after))
+    assert all(torch.equal(back[k], after[k]) for k in after)
+    adapted.save_adapter(tmp_path / "adapter")
+    reloaded = get_method(method).load_adapter(load_base_model(model_dir, quantize), tmp_path / "adapter")
+    torch.testing.assert_close(_logits(reloaded, x, mask), _logits(adapted.model, x, mask), rtol=0, atol=1e-5)
+    return adapted
+
+
+@pytest.mark.parametrize(("method", "options", "quantize"), CASES)
+def test_method_trains_only_its_delta_and_reloads(tiny_model_dir, tmp_path, method, options, quantize):
+    _check_method(tiny_model_dir, tmp_path, method, options, quantize)
+
+
+def test_ptuning_delta_includes_the_whole_prompt_encoder(tiny_model_dir):
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "ptuning", make_config("ptuning", {"encoder_hidden_size": "32"}))
+    names = adapted.delta_names
+    assert any("embedding" in n for n in names)
+    assert any("mlp_head" in n for n in names), names  # the MLP reparameterization travels too
+
+
+def test_bitfit_trains_biases_on_a_model_that_has_them(tiny_gpt2_dir, tmp_path):
+    adapted = _check_method(tiny_gpt2_dir, tmp_path, "bitfit", {}, "none")
+    assert adapted.delta_names and all(n.endswith(".bias") for n in adapted.delta_names)
+    no_norm = AdaptedModel.load(tiny_gpt2_dir, "none", "bitfit", make_config("bitfit", {"scope": "no_norm"}))
+    assert len(no_norm.delta_names) < len(adapted.delta_names)
+    assert not any(".ln_" in n for n in no_norm.delta_names)
+
+
+def test_bitfit_refuses_a_bias_free_model(tiny_model_dir):
+    with pytest.raises(ConfigError, match="no bias parameters"):
+        AdaptedModel.load(tiny_model_dir, "none", "bitfit", make_config("bitfit"))
+
+
+@needs_bnb
+@pytest.mark.parametrize("method", ["loha", "lokr", "hra"])
+def test_methods_without_4bit_support_are_refused_on_a_4bit_base(tiny_model_dir, method):
+    with pytest.raises(ConfigError, match="no 4-bit"):
+        AdaptedModel.load(tiny_model_dir, "4bit", method, make_config(method, {"r": "4"}))
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "fragment"),
+    [("prompt", {"init": "text"}, "init_text"), ("ptuning", {"encoder": "gru"}, "encoder"),
+     ("ia3", {"feedforward_modules": "down_proj"}, "feedforward_modules"), ("bitfit", {"scope": "some"}, "scope"),
+     ("loha", {"r": "0"}, "LowRankMethodConfig.r")],
+)
+def test_catalogue_options_are_validated(method, options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        make_config(method, options)
