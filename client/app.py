@@ -51,7 +51,8 @@ _WORKER_MODEL: dict[tuple, AdaptedModel] = {}
 
 def _adapted_model(setup: ClientSetup, plan: FederationPlan) -> tuple[AdaptedModel, float]:
     """The worker's cached model for this plan (loading it the first time only)."""
-    key = (setup.model_dir, setup.quantize, plan.method, json.dumps(plan.method_options, sort_keys=True))
+    key = (setup.model_dir, setup.quantize, plan.method, json.dumps(plan.method_options, sort_keys=True),
+           plan.task_spec().num_labels)
     if key in _WORKER_MODEL:
         return _WORKER_MODEL[key], 0.0
     if plan.model_fingerprint != model_fingerprint(Path(setup.model_dir)):
@@ -59,7 +60,7 @@ def _adapted_model(setup: ClientSetup, plan: FederationPlan) -> tuple[AdaptedMod
                           f"{model_fingerprint(Path(setup.model_dir))} at {setup.model_dir}")
     _WORKER_MODEL.clear()  # at most one base model per worker
     adapted = AdaptedModel.load(Path(setup.model_dir), validate_quantize(setup.quantize), plan.method,
-                                plan.method_config(), seed=plan.seed)
+                                plan.method_config(), seed=plan.seed, num_labels=plan.task_spec().num_labels)
     _WORKER_MODEL[key] = adapted
     return adapted, adapted.load_seconds
 

@@ -11,13 +11,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.data import Record, TaskSpec, collate, encode_for_training
+from fedpeft.common.data import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError
+from fedpeft.common.objectives import objective_for
 
 log = logging.getLogger("fedpeft.client")
 
@@ -78,7 +78,8 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
         raise DataError(f"{label}: no local training data")
     if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
         raise ConfigError(f"{label}: proximal-mu must be a finite number >= 0, got {proximal_mu}")
-    encoded = [encode_for_training(task, adapted.tokenizer, r, config.max_length) for r in rows]
+    objective = objective_for(adapted.model, adapted.tokenizer, task, config.max_length)
+    encoded = [objective.encode(r) for r in rows]
     params = adapted.trainable_parameters()
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -88,15 +89,13 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
     order: list[int] = []
     losses: list[float] = []
     model = adapted.model
-    device = next(p.device for p in params)
     model.train()
     start = time.perf_counter()
     for step in range(1, steps + 1):
         if len(order) < config.batch_size:  # reshuffle each pass over the local data
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch_idx, order = order[:config.batch_size], order[config.batch_size:]
-        batch = collate([encoded[i] for i in batch_idx], adapted.tokenizer.pad_token_id)
-        loss = _loss(model, batch, device)
+        loss = objective.loss(model, objective.collate([encoded[i] for i in batch_idx]))
         if anchors:
             loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
         if not torch.isfinite(loss):
@@ -111,8 +110,3 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
     return TrainStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
                       seconds=time.perf_counter() - start)
 
-
-def _loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                labels=batch["labels"].to(device))
-    return out.loss

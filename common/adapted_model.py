@@ -19,7 +19,7 @@ from torch import nn
 
 from fedpeft.common.deltas import DeltaSpec, apply_delta, extract_delta
 from fedpeft.common.methods import MethodConfig, PeftMethod, get_method
-from fedpeft.common.models import load_base_model, load_tokenizer
+from fedpeft.common.models import load_base_model, load_tokenizer, model_kind
 from fedpeft.common.quantization import Quantize
 
 
@@ -39,11 +39,13 @@ class AdaptedModel:
 
     @classmethod
     def load(cls, model_dir: Path, quantize: Quantize, method_name: str, config: MethodConfig,
-             seed: int = 0) -> AdaptedModel:
-        """Load the base model and wrap it; `seed` fixes the adapter's initialization."""
+             seed: int = 0, num_labels: int | None = None) -> AdaptedModel:
+        """Load the base model and wrap it; `seed` fixes the initialization of the adapter
+        (and of a new classification head, for encoders given `num_labels`)."""
         start = time.perf_counter()
         method = get_method(method_name)
-        base = load_base_model(model_dir, quantize)
+        torch.manual_seed(seed)
+        base = load_base_model(model_dir, quantize, num_labels=num_labels)
         torch.manual_seed(seed)
         model = method.build(base, config)
         names = method.delta_names(model)
@@ -65,20 +67,28 @@ class AdaptedModel:
         self.method.save_adapter(self.model, out_dir)
 
 
-def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig) -> int:
+def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig, num_labels: int | None = None) -> int:
     """Build the method on a weightless (meta-device) copy of the architecture.
 
     Catches options the model cannot take (e.g. target modules it lacks) in well under
     a second, before any process is started; returns the delta's parameter count.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from fedpeft.common.errors import ConfigError
 
+    kind = model_kind(model_dir)
+    if kind == "seq-cls" and not num_labels:
+        raise ConfigError(f"{model_dir} is an encoder: it needs a classification task (labels), not instruction data")
     try:
-        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        if kind == "seq-cls":
+            hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, num_labels=num_labels)
+            auto_class = AutoModelForSequenceClassification
+        else:
+            hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            auto_class = AutoModelForCausalLM
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(hf_config)
+            skeleton = auto_class.from_config(hf_config)
     except Exception as exc:
         raise ConfigError(f"cannot read the architecture in {model_dir}: {exc}") from exc
     for param in skeleton.parameters():

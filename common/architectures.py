@@ -23,9 +23,13 @@ class ArchitectureSpec:
     """The projection that ends the attention sublayer, before the residual add."""
     ffn_output: str
     """The projection that ends the feed-forward sublayer, before the residual add."""
+    classifier: str = "score"
+    """The sequence-classification head (trained with every method when present)."""
 
 
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj")
+_BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
+                              ffn_output="output.dense", classifier="classifier")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -35,7 +39,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj"),
+    "bert": _BERT_LIKE,
 }
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """True for `AutoModelForSequenceClassification` models (a task head on top)."""
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def architecture_of(model: nn.Module) -> ArchitectureSpec:

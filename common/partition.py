@@ -78,7 +78,8 @@ def partition_records(rows: Sequence[Record], num_partitions: int, spec: Partiti
     else:
         distinct = len(set(table[spec.column]))
         if distinct != num_partitions:
-            raise PartitionError(f"natural:{spec.column} has {distinct} distinct values but {num_partitions} clients were asked for")
+            raise PartitionError(f"natural:{spec.column} has {distinct} distinct values but "
+                                 f"{num_partitions} clients were asked for")
         partitioner = NaturalIdPartitioner(partition_by=spec.column)
     partitioner.dataset = dataset
     try:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import field
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record, TaskSpec
-from fedpeft.common.evaluation import evaluate
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import MethodConfig
 from fedpeft.common.models import model_fingerprint
+from fedpeft.common.objectives import objective_for
 from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
@@ -52,6 +51,8 @@ class ServerSetup:
     strategy_options: dict[str, str] = field(default_factory=dict)
     min_accepted: int = 1
     """Fewest accepted client updates a round may aggregate; fewer stops the run."""
+    clip_update_norm: float = 0.0
+    """L2 bound on each client's update before aggregation (0 = no clipping)."""
     lora_svd_scaling: float | None = None
     """alpha / r to aggregate LoRA in ΔW space (svd mode); None = average A and B."""
     eval_batch_size: int = 16
@@ -64,7 +65,8 @@ class ServerSetup:
 def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     """Run all rounds on `grid`; returns the exported final adapter dir."""
     out_dir = Path(setup.out_dir)
-    adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed)
+    adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed,
+                                num_labels=setup.task.num_labels)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
@@ -78,12 +80,13 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
         options=setup.strategy_options,
         min_accepted=setup.min_accepted,
         lora_svd_scaling=setup.lora_svd_scaling,
+        clip_update_norm=setup.clip_update_norm,
         fraction_train=setup.clients_per_round / setup.num_clients,
         fraction_evaluate=0.0,
         min_train_nodes=setup.clients_per_round,
         min_available_nodes=setup.num_clients,
     )
-    max_length = int(setup.train.get("max_length", 128))
+    objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     started = time.perf_counter()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -91,8 +94,7 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         recorder.save_checkpoint(server_round, delta)
         t0 = time.perf_counter()
-        result = evaluate(adapted.model, adapted.tokenizer, setup.task, setup.eval_rows, max_length,
-                          setup.eval_batch_size)
+        result = objective.evaluate(adapted.model, setup.eval_rows, setup.eval_batch_size)
         traffic = strategy.traffic.get(server_round)
         row: dict[str, Any] = {
             "round": server_round,
@@ -106,6 +108,7 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
             "clients_sampled": traffic.sent if traffic else 0,
             "clients_accepted": traffic.accepted if traffic else 0,
             "clients_rejected": len(traffic.rejected) if traffic else 0,
+            "clients_clipped": traffic.clipped if traffic else 0,
             "clients_failed": traffic.failed if traffic else 0,
         }
         if result.accuracy is not None:

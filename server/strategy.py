@@ -8,6 +8,9 @@ front of any of them and adds what a federation over untrusted edge clients need
   the reason and left out, and the round completes with the remaining clients;
 - a round with fewer accepted updates than `min_accepted` stops the run with a
   `FederationError` instead of silently keeping the old adapter;
+- optional update-norm clipping: a client's update (its delta minus the global one)
+  longer than `clip_update_norm` (L2 over all tensors) is scaled down to that length
+  before aggregation, bounding what one client can move the global adapter;
 - bytes sent and received are counted per round;
 - the recorder is told about each aggregated round (for metrics and checkpoints).
 """
@@ -21,6 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -53,6 +57,7 @@ class RoundTraffic:
     sent: int = 0
     accepted: int = 0
     rejected: list[str] = field(default_factory=list)
+    clipped: int = 0
     failed: int = 0
     seconds: float = 0.0
     train_metrics: dict[str, float] = field(default_factory=dict)
@@ -64,16 +69,23 @@ class DeltaValidation:
 
     weighted_by_key: str
 
-    def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1, **kwargs: object) -> None:
+    def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1,
+                 clip_update_norm: float = 0.0, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
+        if not (clip_update_norm >= 0 and math.isfinite(clip_update_norm)):
+            raise ConfigError(f"clip_update_norm must be a finite number >= 0, got {clip_update_norm}")
         self.spec = spec
         self.max_delta_bytes = max_delta_bytes
         self.min_accepted = min_accepted
+        self.clip_update_norm = clip_update_norm
+        self._global: dict[str, torch.Tensor] = {}
         self.traffic: dict[int, RoundTraffic] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.clip_update_norm > 0:
+            self._global = dict(delta_from_arrayrecord(arrays))
         self.traffic[server_round] = RoundTraffic(bytes_down=record_bytes(arrays) * len(messages), sent=len(messages))
         return messages
 
@@ -102,6 +114,21 @@ class DeltaValidation:
             return str(exc)
         return None
 
+    def _clip(self, msg: Message) -> bool:
+        """Scale a reply's update down to `clip_update_norm` in place; True if clipped."""
+        if self.clip_update_norm <= 0 or not self._global:
+            return False
+        delta = delta_from_arrayrecord(msg.content.array_records[REPLY_ARRAYS_KEY])
+        updates = {k: delta[k].double() - self._global[k].double() for k in delta}
+        norm = math.sqrt(sum(float((u ** 2).sum()) for u in updates.values()))
+        if norm <= self.clip_update_norm:
+            return False
+        factor = self.clip_update_norm / norm
+        clipped = {k: (self._global[k].double() + updates[k] * factor).to(delta[k].dtype) for k in delta}
+        msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(clipped)
+        log.warning("node %d: update norm %.3g clipped to %.3g", msg.metadata.src_node_id, norm, self.clip_update_norm)
+        return True
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
@@ -116,6 +143,8 @@ class DeltaValidation:
             if problem is None:
                 usable.append(msg)
                 traffic.accepted += 1
+                if self._clip(msg):
+                    traffic.clipped += 1
                 metrics_record = next(iter(msg.content.metric_records.values()))
                 traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)})
             else:

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-aggregation", default=d.lora_aggregation, choices=["naive", "svd", "ffa"],
                    help="naive: average A and B (FedIT); svd: exact mean of B·A re-factored to rank r; "
                         "ffa: A frozen, only B trained (exact) (default %(default)s)")
+    p.add_argument("--clip-update-norm", type=float, default=d.clip_update_norm,
+                   help="clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)")
     p.add_argument("--min-clients", type=int, default=d.min_clients,
                    help="fewest accepted client updates per round; fewer stops the run (default %(default)s)")
     return p
@@ -85,7 +87,7 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         label_column=args.label_column, partition=args.partition, quantize=args.quantize, out=args.out, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
-        min_clients=args.min_clients, lora_aggregation=args.lora_aggregation,
+        min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
     )
 
 
@@ -93,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
     args = build_parser().parse_args(argv)
     try:
-        from fedpeft.simulations.runner import run_simulation
         from fedpeft.simulations.report import before_after_table, overhead_line, rounds_table
+        from fedpeft.simulations.runner import run_simulation
 
         result = run_simulation(config_from_args(args))
     except FedPeftError as exc:

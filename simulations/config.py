@@ -60,6 +60,8 @@ class SimulationConfig:
     strategy_options: dict[str, str] = field(default_factory=dict)
     min_clients: int = 1
     """Fewest accepted client updates per round; a round with fewer stops the run."""
+    clip_update_norm: float = 0.0
+    """L2 bound on each client's update (delta minus global) before aggregation; 0 = off."""
     lora_aggregation: str = "naive"
     """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen)."""
     log_every: int = 4
@@ -83,6 +85,8 @@ class SimulationConfig:
             found.append(f"--lora-aggregation {self.lora_aggregation} needs --method lora (got {self.method!r})")
         elif self.lora_aggregation == "svd" and self.strategy != "fedavg":
             found.append("--lora-aggregation svd replaces FedAvg's averaging; it needs --strategy fedavg")
+        if not self.clip_update_norm >= 0:
+            found.append(f"--clip-update-norm must be >= 0 (got {self.clip_update_norm})")
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -100,7 +104,8 @@ class SimulationConfig:
         for path in (self.data, self.eval_data):
             if path and not Path(path).is_file():
                 found.append(f"data file {path} does not exist")
-        for check in (lambda: make_config(self.method, self.effective_method_options()), lambda: PartitionSpec.parse(self.partition),
+        for check in (lambda: make_config(self.method, self.effective_method_options()),
+                      lambda: PartitionSpec.parse(self.partition),
                       lambda: parse_strategy_options(self.strategy, self.strategy_options)):
             try:
                 check()

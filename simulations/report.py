@@ -15,8 +15,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def before_after_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table: held-out metrics before training (round 0) and after the last round."""
     first, last = rows[0], rows[-1]
-    lines = ["| metric | before (round 0) | after (round %d) | change |" % last["round"], "|---|---|---|---|"]
-    lines.append(f"| eval loss | {first['eval_loss']:.4f} | {last['eval_loss']:.4f} | {last['eval_loss'] - first['eval_loss']:+.4f} |")
+    lines = [f"| metric | before (round 0) | after (round {last['round']}) | change |", "|---|---|---|---|"]
+    change = last["eval_loss"] - first["eval_loss"]
+    lines.append(f"| eval loss | {first['eval_loss']:.4f} | {last['eval_loss']:.4f} | {change:+.4f} |")
     if "eval_accuracy" in first:
         lines.append(f"| eval accuracy | {first['eval_accuracy']:.3f} | {last['eval_accuracy']:.3f} | "
                      f"{last['eval_accuracy'] - first['eval_accuracy']:+.3f} |")

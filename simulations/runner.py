@@ -20,12 +20,12 @@ from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
 from fedpeft.common.builtin_task import builtin_splits, builtin_task
 from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, read_records
 from fedpeft.common.errors import FederationError
+from fedpeft.common.files import write_json_atomic
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import resolve_model_dir
 from fedpeft.common.partition import PartitionSpec, partition_records
 from fedpeft.server.app import ServerSetup, build_server_app
-from fedpeft.common.files import write_json_atomic
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
 from fedpeft.simulations.config import SimulationConfig, resolve_quantize
 from fedpeft.simulations.report import before_after_table, overhead_line, plot_metrics, read_metrics, rounds_table
@@ -101,7 +101,7 @@ def run_simulation(config: SimulationConfig,
     partitions = partition_records(train_rows, config.clients, partition, task.label_column, config.seed)
     model_dir = resolve_model_dir(config.model)
     method_config = make_config(config.method, config.effective_method_options())
-    check_method_applies(model_dir, config.method, method_config)
+    check_method_applies(model_dir, config.method, method_config, num_labels=task.num_labels)
 
     out_dir = config.out_dir().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ def run_simulation(config: SimulationConfig,
         train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
         strategy=config.strategy, strategy_options=dict(config.strategy_options), min_accepted=config.min_clients,
-        on_complete=on_complete,
+        on_complete=on_complete, clip_update_norm=config.clip_update_norm,
         lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
     )
@@ -140,7 +140,8 @@ def run_simulation(config: SimulationConfig,
     rows = read_metrics(out_dir / "metrics.jsonl")
     if len(rows) != config.rounds + 1:
         raise FederationError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
-    plot_metrics(rows, out_dir / "metrics.png", title=f"{config.method} on {config.model} ({config.clients} clients, {partition})")
+    title = f"{config.method} on {config.model} ({config.clients} clients, {partition})"
+    plot_metrics(rows, out_dir / "metrics.png", title=title)
     summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n\n{overhead_line(rows)}\n"
     (out_dir / "summary.md").write_text(summary)
     return SimulationResult(out_dir=out_dir, rows=rows)

@@ -89,3 +89,35 @@ def test_peft_backed_adapter_dir_is_stock_peft(tiny_model_dir, tmp_path):
     adapted.save_adapter(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_adapter_drop_static_places_no_adapters_in_the_lowest_blocks(tiny_model_dir):
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck",
+                                make_config("bottleneck", {"style": "houlsby", "drop_lowest": "1"}))
+    assert adapted.delta_names and not any(".layers.0." in n for n in adapted.delta_names)
+    with pytest.raises(Exception, match="leaves no block"):
+        AdaptedModel.load(tiny_model_dir, "none", "bottleneck", make_config("bottleneck", {"drop_lowest": "5"}))
+
+
+def test_robust_adapter_drop_varies_in_training_and_inference_drop_restores_the_base(tiny_model_dir):
+    from fedpeft.common.methods.bottleneck import adapted_sublayers, set_inference_drop
+
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck",
+                                make_config("bottleneck", {"style": "houlsby", "train_drop_max": "2"}))
+    model = adapted.model
+    # give the adapters non-zero up-projections so they change the output
+    for module in adapted_sublayers(model):
+        torch.nn.init.normal_(module.adapter.up.weight, std=0.5)
+    base = load_base_model(tiny_model_dir, "none")
+    x, mask = _batch(base.config.vocab_size)
+    torch.manual_seed(0)
+    model.train()
+    active_counts = set()
+    for _ in range(12):
+        with torch.no_grad():
+            model(input_ids=x, attention_mask=mask)
+        active_counts.add(sum(m.active for m in adapted_sublayers(model)))
+    assert active_counts <= {0, 2, 4} and len(active_counts) > 1  # 2 adapters per block, 2 blocks
+    assert not torch.equal(_logits(model, x, mask), _logits(base, x, mask))  # eval: all adapters back on
+    set_inference_drop(model, 2)
+    torch.testing.assert_close(_logits(model, x, mask), _logits(base, x, mask), rtol=0, atol=1e-6)

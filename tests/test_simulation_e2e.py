@@ -148,3 +148,23 @@ def test_default_model_short_run(tmp_path, smollm2_cache):
     assert result.rows[1]["eval_loss"] < result.rows[0]["eval_loss"]
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     assert manifest["quantize"] == resolve_quantize("auto") and manifest["trainable_parameters"] > 1_000_000
+
+
+def test_encoder_classification_federates(tmp_path):
+    """A BERT encoder with a fresh classification head, federated with LoRA (head included)."""
+    from tiny_models import build_tiny_bert
+
+    model_dir = build_tiny_bert(tmp_path / "bert")
+    data = tmp_path / "train.jsonl"
+    from fedpeft.common.builtin_task import generate_tickets
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_tickets(160, seed=4)))
+    config = SimulationConfig(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=2,
+                              rounds=2, local_steps=8, learning_rate=5e-3, batch_size=8, quantize="none",
+                              out=str(tmp_path / "run"), eval_limit=0)
+    result = run_simulation(config)
+    assert result.rows[-1]["eval_loss"] < result.rows[0]["eval_loss"]
+    manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
+    assert manifest["trainable_parameters"] > 0
+    adapter_config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS"

@@ -10,8 +10,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.errors import ConfigError, FederationError
+from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.plan import TRAIN_METRIC_KEYS
 from fedpeft.server.strategy import STRATEGIES, build_strategy, strategy_options
 
@@ -210,3 +210,39 @@ def test_svd_lora_strategy_aggregates_in_delta_w_space(flower_task_identity):
 def test_svd_lora_aggregation_needs_fedavg(flower_task_identity):
     with pytest.raises(ConfigError, match="use it with strategy 'fedavg'"):
         _build("fedprox", lora_svd_scaling=2.0)
+
+
+def _poisoned_round(name: str, clip: float, **options):
+    """Four honest clients near 1.0 and one sending a 100x scaled delta."""
+    strategy = _build(name, options or None, clip_update_norm=clip)
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3, 4, 5]
+
+    list(strategy.configure_train(1, delta_to_arrayrecord(_delta(0.0)), ConfigRecord(), Grid()))
+    honest = [_reply(n, delta_to_arrayrecord(_delta(1.0 + 0.01 * n))) for n in range(1, 5)]
+    poisoned = _reply(5, delta_to_arrayrecord(_delta(100.0)))
+    arrays, _ = strategy.aggregate_train(1, [*honest, poisoned])
+    merged = delta_from_arrayrecord(arrays)
+    return strategy, float(torch.cat([t.flatten() for t in merged.values()]).abs().max())
+
+
+def test_one_poisoned_client_dominates_plain_fedavg():
+    _, worst = _poisoned_round("fedavg", clip=0.0)
+    assert worst > 20  # (4 * ~1 + 100) / 5
+
+
+@pytest.mark.parametrize(("name", "clip", "options", "bound"),
+                         [("fedavg", 3.5, {}, 1.2), ("fedmedian", 0.0, {}, 1.05),
+                          ("fedtrimmedavg", 0.0, {"beta": "0.2"}, 1.05)])
+def test_clipping_or_a_robust_aggregator_bounds_one_poisoned_client(flower_task_identity, name, clip, options, bound):
+    strategy, worst = _poisoned_round(name, clip, **options)
+    assert worst < bound
+    if clip:
+        assert strategy.traffic[1].clipped == 1  # only the poisoned update was long enough to clip
+
+
+def test_clip_norm_is_validated(flower_task_identity):
+    with pytest.raises(ConfigError, match="clip_update_norm"):
+        _build(clip_update_norm=-1.0)

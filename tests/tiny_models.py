@@ -43,3 +43,16 @@ def build_tiny_llama(out_dir: Path, seed: int = 0, num_layers: int = 2) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_bert(out_dir: Path, seed: int = 0) -> Path:
+    """Write a random 2-layer BERT encoder (hidden 64) + the tiny tokenizer to `out_dir`."""
+    from transformers import BertConfig, BertModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(out_dir)
+    return out_dir

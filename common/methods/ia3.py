@@ -39,6 +39,6 @@ class IA3Method(PeftLibraryMethod):
 
         assert isinstance(config, IA3MethodConfig)
         if not config.target_modules:
-            return IA3Config(task_type="CAUSAL_LM")
-        return IA3Config(task_type="CAUSAL_LM", target_modules=list(config.target_modules),
+            return IA3Config(task_type=self.task_type)
+        return IA3Config(task_type=self.task_type, target_modules=list(config.target_modules),
                          feedforward_modules=list(config.feedforward_modules))

@@ -68,5 +68,5 @@ class LoraMethod(PeftLibraryMethod):
             target_modules=targets,
             use_dora=config.use_dora,
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type=self.task_type,
         )

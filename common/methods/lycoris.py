@@ -59,7 +59,7 @@ class LoHaMethod(FullPrecisionOnlyMethod):
         from peft import LoHaConfig
 
         assert isinstance(config, LowRankMethodConfig)
-        return LoHaConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        return LoHaConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type=self.task_type)
 
 
 @register
@@ -73,7 +73,7 @@ class LoKrMethod(FullPrecisionOnlyMethod):
         from peft import LoKrConfig
 
         assert isinstance(config, LowRankMethodConfig)
-        return LoKrConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        return LoKrConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type=self.task_type)
 
 
 @register
@@ -87,4 +87,4 @@ class HRAMethod(FullPrecisionOnlyMethod):
         from peft import HRAConfig
 
         assert isinstance(config, LowRankMethodConfig)
-        return HRAConfig(r=config.r, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        return HRAConfig(r=config.r, target_modules=list(config.target_modules), task_type=self.task_type)

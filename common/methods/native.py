@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from fedpeft.common.architectures import architecture_of, is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MethodConfig, PeftMethod
 
@@ -33,10 +34,14 @@ class NativeMethod(PeftMethod):
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         self.check_config(config)
         if hasattr(model, CONFIG_ATTR):
-            raise ConfigError(f"model already carries a {type(getattr(model, CONFIG_ATTR)).__name__}; build on a fresh base model")
+            existing = type(getattr(model, CONFIG_ATTR)).__name__
+            raise ConfigError(f"model already carries a {existing}; build on a fresh base model")
         for param in model.parameters():
             param.requires_grad_(False)
         model = self.attach(model, config)
+        if is_sequence_classifier(model):  # a new task head is always trained with the method
+            for param in model.get_submodule(architecture_of(model).classifier).parameters():
+                param.requires_grad_(True)
         setattr(model, CONFIG_ATTR, config)
         return model
 

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from fedpeft.common.architectures import is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, PeftMethod
 
@@ -21,10 +22,15 @@ class PeftLibraryMethod(PeftMethod):
     def peft_config(self, config: MethodConfig):  # -> peft.PeftConfig
         """The peft config object equivalent to our validated `config`."""
 
+    #: peft task type of the model being built (set by `build`, read by `peft_config`).
+    task_type: str = "CAUSAL_LM"
+
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         from peft import get_peft_model
 
         self.check_config(config)
+        # SEQ_CLS makes peft train (and save) the classification head with the method.
+        self.task_type = "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
         try:
             return get_peft_model(model, self.peft_config(config))
         except (ValueError, TypeError, KeyError) as exc:  # e.g. target modules the model lacks

@@ -44,5 +44,5 @@ class PrefixMethod(PeftLibraryMethod):
             num_virtual_tokens=config.num_virtual_tokens,
             prefix_projection=config.prefix_projection,
             encoder_hidden_size=config.encoder_hidden_size,
-            task_type="CAUSAL_LM",
+            task_type=self.task_type,
         )

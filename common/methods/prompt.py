@@ -53,11 +53,11 @@ class PromptMethod(PeftLibraryMethod):
 
         assert isinstance(config, PromptMethodConfig)
         if config.init == "text":
-            return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
+            return PromptTuningConfig(task_type=self.task_type, num_virtual_tokens=config.num_virtual_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT,
                                       prompt_tuning_init_text=config.init_text,
                                       tokenizer_name_or_path=self._tokenizer_dir)
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens)
+        return PromptTuningConfig(task_type=self.task_type, num_virtual_tokens=config.num_virtual_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ class PTuningMethod(PeftLibraryMethod):
         from peft import PromptEncoderConfig
 
         assert isinstance(config, PTuningMethodConfig)
-        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
+        return PromptEncoderConfig(task_type=self.task_type, num_virtual_tokens=config.num_virtual_tokens,
                                    encoder_reparameterization_type=config.encoder.upper(),
                                    encoder_hidden_size=config.encoder_hidden_size,
                                    encoder_num_layers=config.encoder_num_layers,

@@ -1,0 +1,121 @@
+"""What a model is trained and scored on, per model kind.
+
+- causal LMs learn the target tokens (instruction responses, or a classification task's
+  label *word*) and are scored by label-word likelihoods (`fedpeft.common.evaluation`);
+- sequence classifiers (encoders with a task head) learn label indices with
+  cross-entropy on the head and are scored by the head's argmax.
+
+Training (`fedpeft.client.training`) and evaluation (server and clients) both go
+through an `Objective`, so they always agree on how a row becomes tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fedpeft.common.architectures import is_sequence_classifier
+from fedpeft.common.data import Record, TaskSpec, collate, encode_for_training, template_fields
+from fedpeft.common.errors import ConfigError, DataError
+from fedpeft.common.evaluation import EvalResult, evaluate, model_device
+
+
+class Objective(Protocol):
+    def encode(self, row: Record) -> Any:
+        """One row as the unit `collate` batches."""
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """A batch of encoded rows as model inputs (+ labels)."""
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch."""
+
+    def evaluate(self, model: nn.Module, rows: Sequence[Record], batch_size: int) -> EvalResult:
+        """Held-out loss (and accuracy for classification)."""
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@dataclass(frozen=True)
+class CausalLMObjective:
+    """Next-token loss on target tokens; label-word likelihood scoring."""
+
+    task: TaskSpec
+    tokenizer: Any
+    max_length: int
+
+    def encode(self, row: Record) -> Any:
+        return encode_for_training(self.task, self.tokenizer, row, self.max_length)
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return collate(items, self.tokenizer.pad_token_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**_to(batch, model_device(model))).loss
+
+    def evaluate(self, model: nn.Module, rows: Sequence[Record], batch_size: int) -> EvalResult:
+        return evaluate(model, self.tokenizer, self.task, rows, self.max_length, batch_size)
+
+
+@dataclass(frozen=True)
+class SequenceClassificationObjective:
+    """Cross-entropy on the classification head; the input is the row's text field(s)
+    (one field, or two as a text pair, e.g. premise and hypothesis)."""
+
+    task: TaskSpec
+    tokenizer: Any
+    max_length: int
+
+    def __post_init__(self) -> None:
+        if self.task.kind != "classification":
+            raise ConfigError("an encoder with a classification head needs a classification task, not an instruction task")
+        if not 1 <= len(self.text_fields) <= 2:
+            raise DataError(f"a sequence classifier reads one text or a text pair; template {self.task.template!r} "
+                            f"names {len(self.text_fields)} columns")
+
+    @property
+    def text_fields(self) -> list[str]:
+        return list(dict.fromkeys(template_fields(self.task.template)))
+
+    def encode(self, row: Record) -> dict[str, Any]:
+        texts = [str(row[f]) for f in self.text_fields]
+        encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length)
+        encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return {**encoded, "labels": self.task.labels.index(str(row[self.task.label_column]))}
+
+    def collate(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer.pad(list(items), return_tensors="pt"))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**_to(batch, model_device(model))).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, rows: Sequence[Record], batch_size: int) -> EvalResult:
+        was_training = model.training
+        model.eval()
+        try:
+            total_loss, correct = 0.0, 0
+            encoded = [self.encode(r) for r in rows]
+            for start in range(0, len(encoded), batch_size):
+                batch = _to(self.collate(encoded[start:start + batch_size]), model_device(model))
+                out = model(**batch)
+                logits = out.logits.float()
+                total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+        finally:
+            model.train(was_training)
+        return EvalResult(loss=total_loss / max(len(rows), 1), accuracy=correct / max(len(rows), 1),
+                          num_examples=len(rows))
+
+
+def objective_for(model: nn.Module, tokenizer: Any, task: TaskSpec, max_length: int) -> Objective:
+    """The objective that fits `model`'s kind."""
+    if is_sequence_classifier(model):
+        return SequenceClassificationObjective(task, tokenizer, max_length)
+    return CausalLMObjective(task, tokenizer, max_length)

@@ -1,0 +1,80 @@
+"""Encoders (BERT family) train a sequence-classification head together with any method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
+from fedpeft.common.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data import TaskSpec
+from fedpeft.common.errors import ConfigError, DataError, ModelLoadError
+from fedpeft.common.methods import get_method, make_config
+from fedpeft.common.models import load_base_model, model_kind
+from fedpeft.common.objectives import SequenceClassificationObjective, objective_for
+
+TASK = builtin_task()
+TRAIN, HELD_OUT = builtin_splits(64, 32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from tiny_models import build_tiny_bert
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def test_model_kind_is_read_from_the_checkpoint(tiny_bert_dir, tiny_model_dir):
+    assert model_kind(tiny_bert_dir) == "seq-cls" and model_kind(tiny_model_dir) == "causal-lm"
+    with pytest.raises(ModelLoadError, match="needs a classification task"):
+        load_base_model(tiny_bert_dir, "none")
+
+
+@pytest.mark.parametrize(("method", "options"), [("lora", {"r": "4"}), ("bottleneck", {"style": "houlsby"}),
+                                                 ("bitfit", {}), ("prefix", {"num_virtual_tokens": "4"}),
+                                                 ("prompt", {"num_virtual_tokens": "4"}), ("ia3", {})])
+def test_every_method_trains_the_head_and_learns(tiny_bert_dir, tmp_path, method, options):
+    # Prepare
+    adapted = AdaptedModel.load(tiny_bert_dir, "none", method, make_config(method, options), seed=0,
+                                num_labels=TASK.num_labels)
+    objective = objective_for(adapted.model, adapted.tokenizer, TASK, max_length=48)
+    assert isinstance(objective, SequenceClassificationObjective)
+    assert any("classifier" in n for n in adapted.delta_names)  # the new head travels with the delta
+    before = objective.evaluate(adapted.model, HELD_OUT, batch_size=16)
+    # Execute: a few steps on the training rows
+    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=5e-3)
+    encoded = [objective.encode(r) for r in TRAIN]
+    adapted.model.train()
+    for step in range(15):
+        batch = objective.collate(encoded[(step * 16) % 64:(step * 16) % 64 + 16])
+        objective.loss(adapted.model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    after = objective.evaluate(adapted.model, TRAIN, batch_size=16)
+    # Assert: training loss fell, and the saved adapter reloads to the same predictions
+    assert after.loss < before.loss
+    adapted.save_adapter(tmp_path / "adapter")
+    reloaded = get_method(method).load_adapter(load_base_model(tiny_bert_dir, "none", num_labels=4), tmp_path / "adapter")
+    again = objective.evaluate(reloaded, TRAIN, batch_size=16)
+    assert again.accuracy == after.accuracy and abs(again.loss - after.loss) < 1e-5
+
+
+def test_text_pairs_and_bad_tasks(tiny_bert_dir):
+    adapted = AdaptedModel.load(tiny_bert_dir, "none", "lora", make_config("lora"), num_labels=2)
+    pair = TaskSpec(kind="classification", template="{premise} {hypothesis}", verbalizer={"0": "yes", "1": "no"})
+    objective = objective_for(adapted.model, adapted.tokenizer, pair, max_length=32)
+    item = objective.encode({"premise": "refund please", "hypothesis": "billing", "label": 1})
+    assert item["labels"] == 1
+    decoded = adapted.tokenizer.decode(item["input_ids"])
+    assert "refund" in decoded and "billing" in decoded  # both texts of the pair go in
+    with pytest.raises(ConfigError, match="needs a classification task"):
+        objective_for(adapted.model, adapted.tokenizer, TaskSpec(kind="instruction"), 32)
+    with pytest.raises(DataError, match="text pair"):
+        objective_for(adapted.model, adapted.tokenizer,
+                      TaskSpec(kind="classification", template="{a}{b}{c}", verbalizer={"0": "x", "1": "y"}), 32)
+
+
+def test_meta_check_knows_encoders(tiny_bert_dir):
+    assert check_method_applies(tiny_bert_dir, "lora", make_config("lora"), num_labels=4) > 0
+    with pytest.raises(ConfigError, match="encoder"):
+        check_method_applies(tiny_bert_dir, "lora", make_config("lora"))
