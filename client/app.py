@@ -61,6 +61,9 @@ def _adapted_model(setup: ClientSetup, plan: FederationPlan) -> tuple[AdaptedMod
     _WORKER_MODEL.clear()  # at most one base model per worker
     adapted = AdaptedModel.load(Path(setup.model_dir), validate_quantize(setup.quantize), plan.method,
                                 plan.method_config(), seed=plan.seed, num_labels=plan.task_spec().num_labels)
+    if adapted.frozen_fingerprint() != plan.frozen_fingerprint:
+        raise ConfigError(f"this client's frozen adapter tensors ({adapted.frozen_fingerprint() or 'none'}) differ from "
+                          f"the server's ({plan.frozen_fingerprint or 'none'}): peers must build them from the same seed")
     _WORKER_MODEL[key] = adapted
     return adapted, adapted.load_seconds
 

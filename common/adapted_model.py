@@ -7,6 +7,7 @@ change.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -46,12 +47,27 @@ class AdaptedModel:
         method = get_method(method_name)
         torch.manual_seed(seed)
         base = load_base_model(model_dir, quantize, num_labels=num_labels)
+        tokenizer = load_tokenizer(model_dir)
+        if getattr(base.config, "pad_token_id", None) is None:  # sequence classifiers find the last token by it
+            base.config.pad_token_id = tokenizer.pad_token_id
         torch.manual_seed(seed)
         model = method.build(base, config)
         names = method.delta_names(model)
         return cls(model_dir=Path(model_dir), quantize=quantize, method=method, config=config, model=model,
-                   tokenizer=load_tokenizer(model_dir), delta_names=names, spec=DeltaSpec.of_model(model, names),
+                   tokenizer=tokenizer, delta_names=names, spec=DeltaSpec.of_model(model, names),
                    load_seconds=time.perf_counter() - start)
+
+    def frozen_fingerprint(self) -> str:
+        """Hash of the method's shared frozen tensors ("" when it has none)."""
+        names = self.method.shared_frozen_names(self.model, self.config)
+        if not names:
+            return ""
+        digest = hashlib.sha256()
+        params = dict(self.model.named_parameters())
+        for name in names:
+            digest.update(name.encode())
+            digest.update(params[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def get_delta(self) -> OrderedDict[str, torch.Tensor]:
         return extract_delta(self.model, self.delta_names)
@@ -67,7 +83,8 @@ class AdaptedModel:
         self.method.save_adapter(self.model, out_dir)
 
 
-def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig, num_labels: int | None = None) -> int:
+def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig, num_labels: int | None = None,
+                         quantize: Quantize = "none") -> int:
     """Build the method on a weightless (meta-device) copy of the architecture.
 
     Catches options the model cannot take (e.g. target modules it lacks) in well under
@@ -94,5 +111,7 @@ def check_method_applies(model_dir: Path, method_name: str, config: MethodConfig
     for param in skeleton.parameters():
         param.requires_grad_(False)
     method = get_method(method_name)
+    if quantize == "4bit" and not method.supports_4bit:  # the meta skeleton is never quantized
+        raise ConfigError(f"method {method_name!r} cannot train over a 4-bit backbone in peft 0.21.2; use --quantize none")
     model = method.build(skeleton, config)
     return DeltaSpec.of_model(model, method.delta_names(model)).num_parameters

@@ -189,6 +189,15 @@ def model_kind(model_dir: Path) -> ModelKind:
     return "causal-lm" if causal else "seq-cls"
 
 
+def _head_modules(model_dir: Path) -> list[str]:
+    """Names of the classification head for an encoder checkpoint (kept out of 4-bit)."""
+    from fedpeft.common.architectures import ARCHITECTURES
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    spec = ARCHITECTURES.get(config.get("model_type", ""))
+    return [spec.classifier] if spec else ["classifier", "score"]
+
+
 def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.device | None = None,
                     num_labels: int | None = None) -> nn.Module:
     """Load a frozen backbone, NF4-quantized when `quantize == "4bit"`.
@@ -205,7 +214,8 @@ def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.
     device = device or default_device()
     kwargs: dict = {"dtype": torch.float32, "local_files_only": True}
     if quantize == "4bit":
-        kwargs["quantization_config"] = four_bit_config(device)
+        skip = _head_modules(model_dir) if kind == "seq-cls" else None
+        kwargs["quantization_config"] = four_bit_config(device, skip_modules=skip)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     if kind == "seq-cls":
         kwargs["num_labels"] = num_labels

@@ -34,6 +34,8 @@ class FederationPlan:
     task: dict[str, Any]
     train: dict[str, Any]
     seed: int
+    frozen_fingerprint: str = ""
+    """Hash of tensors every peer must share untrained (FFA-LoRA's A); "" if none."""
 
     def method_config(self) -> MethodConfig:
         return make_config(self.method, self.method_options)

@@ -65,8 +65,13 @@ def validate_quantize(value: str) -> Quantize:
     return value  # type: ignore[return-value]
 
 
-def four_bit_config(device: torch.device):  # -> transformers.BitsAndBytesConfig
-    """NF4 quantization config with the compute dtype that suits `device`."""
+def four_bit_config(device: torch.device, skip_modules: list[str] | None = None):  # -> BitsAndBytesConfig
+    """NF4 quantization config with the compute dtype that suits `device`.
+
+    `skip_modules` stay in full precision. A new classification head must: it is
+    trained, and 4-bit weights cannot be. (transformers finds an LM head to skip by
+    itself, but not a `classifier` whose last parameter is a bias.)
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -74,6 +79,7 @@ def four_bit_config(device: torch.device):  # -> transformers.BitsAndBytesConfig
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype(device),
         bnb_4bit_use_double_quant=False,
+        llm_int8_skip_modules=skip_modules,
     )
 
 

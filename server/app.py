@@ -71,7 +71,7 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
-                          train=dict(setup.train), seed=setup.seed)
+                          train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint())
     recorder = RunRecorder(out_dir)
     strategy = build_strategy(
         setup.strategy,

@@ -13,6 +13,7 @@ the base weight's (out_features, in_features) shape.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -67,19 +68,34 @@ def mean_update(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[
                for d, w in zip(deltas, weights, strict=True))  # type: ignore[return-value]
 
 
+NULL_DIRECTION_SEED = 0x5EED
+
+
 def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-`rank` (A, B) with s·B·A = best rank-`rank` approximation of `update`.
 
     The singular values are split evenly between the factors (B = U·√S/√s,
     A = √S·Vᵀ/√s), which keeps A and B on the same scale for further training.
+    Components the update does not use (zero singular values, or rank beyond the
+    matrix size) get a fresh seeded random A row and a zero B column, as LoRA's own
+    initialization does: the product is unchanged, and the component can still learn
+    (with both factors zero its gradients would be zero forever).
     """
     u, s, vh = torch.linalg.svd(update, full_matrices=False)
     root = torch.sqrt(s[:rank] / scaling)
     b = u[:, :rank] * root
     a = root[:, None] * vh[:rank]
-    if rank > s.numel():  # more rank than the update has: pad with zeros
+    if rank > s.numel():  # more rank than the matrix has: pad
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - s.numel())], dim=1)
         a = torch.cat([a, a.new_zeros(rank - s.numel(), a.shape[1])], dim=0)
+    used = torch.zeros(rank, dtype=torch.bool)
+    used[: min(rank, s.numel())] = s[:rank] > (s.max() * 1e-12 if s.numel() else 0)
+    if not bool(used.all()):
+        generator = torch.Generator().manual_seed(NULL_DIRECTION_SEED)
+        bound = 1.0 / math.sqrt(a.shape[1])  # peft's kaiming_uniform(a=sqrt(5)) bound for lora_A
+        fresh = (torch.rand(int((~used).sum()), a.shape[1], generator=generator, dtype=a.dtype) * 2 - 1) * bound
+        a[~used] = fresh
+        b[:, ~used] = 0
     return a, b
 
 

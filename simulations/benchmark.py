@@ -94,16 +94,23 @@ def write_results(rows: Sequence[BenchRow], out_dir: Path, title: str) -> str:
     by = {(r.method, r.setting): r for r in rows}
     methods = list(dict.fromkeys(r.method for r in rows))
     settings = [s for s in SETTINGS if any(r.setting == s for r in rows)]
-    header = " | ".join(settings) + " | fed IID / central | trainable params | MB up per client per round |"
+    header = (" | ".join(settings) + " | IID / central | α=1.0 / central | trainable params"
+              " | MB up per client per round |")
     lines = [f"**{title}**", "", "| method | " + header,
-             "|---|" + "---|" * (len(settings) + 3)]
+             "|---|" + "---|" * (len(settings) + 4)]
+
+    def ratio(m: str, setting: str) -> str:
+        central = by.get((m, "centralized"))
+        if (m, setting) not in by or central is None or not central.accuracy:
+            return "-"
+        return f"{by[(m, setting)].accuracy / central.accuracy:.1%}"
+
     for m in methods:
         cells = [f"{by[(m, s)].accuracy:.3f}" if (m, s) in by else "-" for s in settings]
-        ratio = (f"{by[(m, 'iid')].accuracy / by[(m, 'centralized')].accuracy:.1%}"
-                 if (m, "iid") in by and (m, "centralized") in by and by[(m, "centralized")].accuracy else "-")
         params = next(r.trainable_parameters for r in rows if r.method == m)
         upload = max(r.upload_mb_per_client_round for r in rows if r.method == m)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio} | {params:,} | {upload:.3f} |")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio(m, 'iid')} | {ratio(m, 'dirichlet:1.0')} | "
+                     f"{params:,} | {upload:.3f} |")
     table = "\n".join(lines) + "\n"
     (out_dir / "results.md").write_text(table)
     _plot(rows, methods, settings, out_dir / "results.png", title)
@@ -131,6 +138,14 @@ def _plot(rows, methods, settings, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_results(path: Path) -> list[BenchRow]:
+    """Rows of a results.csv (to re-render the table and plot without re-running)."""
+    with Path(path).open(newline="") as fh:
+        return [BenchRow(r["method"], r["setting"], float(r["accuracy"]), float(r["eval_loss"]),
+                         int(r["trainable_parameters"]), float(r["upload_mb_per_client_round"]), float(r["seconds"]))
+                for r in csv.DictReader(fh)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def run_simulation(config: SimulationConfig,
     partitions = partition_records(train_rows, config.clients, partition, task.label_column, config.seed)
     model_dir = resolve_model_dir(config.model)
     method_config = make_config(config.method, config.effective_method_options())
-    check_method_applies(model_dir, config.method, method_config, num_labels=task.num_labels)
+    check_method_applies(model_dir, config.method, method_config, num_labels=task.num_labels, quantize=quantize)  # type: ignore[arg-type]
 
     out_dir = config.out_dir().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedpeft.simulations.cli import main
 
 
@@ -60,3 +62,14 @@ def test_console_script_is_installed():
     for option in ("--model", "--method", "--clients", "--rounds", "--local-steps", "--data", "--eval-data",
                    "--partition", "--quantize", "--out", "--seed"):
         assert option in out
+
+
+def test_methods_without_4bit_support_fail_before_anything_starts(capsys, tmp_path, tiny_model_dir):
+    from fedpeft.common.quantization import bitsandbytes_available
+
+    if not bitsandbytes_available():
+        pytest.skip("bitsandbytes not importable")
+    out = tmp_path / "run"
+    assert main(["--model", str(tiny_model_dir), "--method", "loha", "--quantize", "4bit", "--out", str(out)]) == 2
+    assert "cannot train over a 4-bit backbone" in capsys.readouterr().err
+    assert not out.exists()

@@ -39,8 +39,10 @@ def test_every_method_trains_the_head_and_learns(tiny_bert_dir, tmp_path, method
                                 num_labels=TASK.num_labels)
     objective = objective_for(adapted.model, adapted.tokenizer, TASK, max_length=48)
     assert isinstance(objective, SequenceClassificationObjective)
-    assert any("classifier" in n for n in adapted.delta_names)  # the new head travels with the delta
-    before = objective.evaluate(adapted.model, HELD_OUT, batch_size=16)
+    head = [n for n in adapted.delta_names if "classifier" in n]
+    assert head  # the new head travels with the delta
+    head_before = {n: adapted.model.get_parameter(n).detach().clone() for n in head}
+    before = objective.evaluate(adapted.model, TRAIN, batch_size=16)
     # Execute: a few steps on the training rows
     opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=5e-3)
     encoded = [objective.encode(r) for r in TRAIN]
@@ -51,8 +53,9 @@ def test_every_method_trains_the_head_and_learns(tiny_bert_dir, tmp_path, method
         opt.step()
         opt.zero_grad()
     after = objective.evaluate(adapted.model, TRAIN, batch_size=16)
-    # Assert: training loss fell, and the saved adapter reloads to the same predictions
+    # Assert: loss on the same rows fell, the head trained, the saved adapter reloads identically
     assert after.loss < before.loss
+    assert all(not torch.equal(adapted.model.get_parameter(n), v) for n, v in head_before.items())
     adapted.save_adapter(tmp_path / "adapter")
     reloaded = get_method(method).load_adapter(load_base_model(tiny_bert_dir, "none", num_labels=4), tmp_path / "adapter")
     again = objective.evaluate(reloaded, TRAIN, batch_size=16)
@@ -78,3 +81,18 @@ def test_meta_check_knows_encoders(tiny_bert_dir):
     assert check_method_applies(tiny_bert_dir, "lora", make_config("lora"), num_labels=4) > 0
     with pytest.raises(ConfigError, match="encoder"):
         check_method_applies(tiny_bert_dir, "lora", make_config("lora"))
+
+
+@pytest.mark.skipif(not __import__("fedpeft.common.quantization", fromlist=["x"]).bitsandbytes_available(),
+                    reason="bitsandbytes not importable")
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_encoder_head_stays_full_precision_on_a_4bit_backbone(tiny_bert_dir, method):
+    from fedpeft.common.quantization import four_bit_layers
+
+    adapted = AdaptedModel.load(tiny_bert_dir, "4bit", method, make_config(method), num_labels=4)
+    assert four_bit_layers(adapted.model)  # the encoder itself is 4-bit
+    head = [n for n in adapted.delta_names if "classifier" in n]
+    assert head and all(adapted.model.get_parameter(n).dtype == torch.float32 for n in head)
+    objective = objective_for(adapted.model, adapted.tokenizer, TASK, max_length=32)
+    objective.loss(adapted.model, objective.collate([objective.encode(r) for r in TRAIN[:4]])).backward()
+    assert all(adapted.model.get_parameter(n).grad is not None for n in head)

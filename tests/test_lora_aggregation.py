@@ -94,6 +94,9 @@ def test_refactor_pads_when_the_update_has_less_rank_than_r():
     a, b = refactor(update, rank=4, scaling=0.5)
     assert a.shape == (4, 2) and b.shape == (3, 4)
     torch.testing.assert_close(0.5 * (b @ a), update)
+    # unused components restart like LoRA's init (random A, zero B), so they can still learn
+    assert bool((a.abs().sum(dim=1) > 0).all())
+    assert torch.equal(b[:, 1:], torch.zeros(3, 3, dtype=b.dtype))
 
 
 def test_scaling_and_orientation_match_peft_on_a_real_model(tiny_model_dir):
@@ -125,3 +128,13 @@ def test_ffa_option_freezes_a(tiny_model_dir):
     first = AdaptedModel.load(tiny_model_dir, "none", "lora", make_config("lora", {"freeze_a": "true"}), seed=0)
     frozen_a = [n for n, _ in first.model.named_parameters() if ".lora_A." in n]
     assert all(torch.equal(first.model.get_parameter(n), again.model.get_parameter(n)) for n in frozen_a)
+
+
+def test_frozen_a_fingerprint_matches_across_peers_with_the_same_seed(tiny_model_dir):
+    def fingerprint(seed, freeze="true"):
+        config = make_config("lora", {"freeze_a": freeze})
+        return AdaptedModel.load(tiny_model_dir, "none", "lora", config, seed=seed).frozen_fingerprint()
+
+    assert fingerprint(0) == fingerprint(0) != ""
+    assert fingerprint(0) != fingerprint(1)
+    assert fingerprint(0, freeze="false") == ""

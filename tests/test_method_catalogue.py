@@ -90,9 +90,15 @@ def _check_method(model_dir, tmp_path, method, options, quantize):
     return adapted
 
 
+# What each method's delta may contain (nothing of the base model, nothing of another method).
+DELTA_PATTERN = {"prompt": "prompt_encoder.", "ptuning": "prompt_encoder.", "ptuning_v2": "prompt_encoder.",
+                 "ia3": ".ia3_l.", "loha": ".hada_", "lokr": ".lokr_", "hra": ".hra_u."}
+
+
 @pytest.mark.parametrize(("method", "options", "quantize"), CASES)
 def test_method_trains_only_its_delta_and_reloads(tiny_model_dir, tmp_path, method, options, quantize):
-    _check_method(tiny_model_dir, tmp_path, method, options, quantize)
+    adapted = _check_method(tiny_model_dir, tmp_path, method, options, quantize)
+    assert all(DELTA_PATTERN[method] in n for n in adapted.delta_names), adapted.delta_names
 
 
 def test_ptuning_delta_includes_the_whole_prompt_encoder(tiny_model_dir):
@@ -126,7 +132,8 @@ def test_methods_without_4bit_support_are_refused_on_a_4bit_base(tiny_model_dir,
     ("method", "options", "fragment"),
     [("prompt", {"init": "text"}, "init_text"), ("ptuning", {"encoder": "gru"}, "encoder"),
      ("ia3", {"feedforward_modules": "down_proj"}, "feedforward_modules"), ("bitfit", {"scope": "some"}, "scope"),
-     ("loha", {"r": "0"}, "LowRankMethodConfig.r")],
+     ("loha", {"r": "0"}, "LowRankMethodConfig.r"),
+     ("ptuning", {"encoder_num_layers": "3"}, "only apply to encoder=lstm")],
 )
 def test_catalogue_options_are_validated(method, options, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -62,8 +62,11 @@ def test_only_the_delta_trains_and_adapter_reloads_exactly(tiny_model_dir, tmp_p
     delta_after = adapted.get_delta()
     adapted.save_adapter(tmp_path / "adapter")
     reloaded = get_method(method).load_adapter(load_base_model(tiny_model_dir, quantize), tmp_path / "adapter")
-    # Assert: the delta is non-empty, changed by training; nothing else changed
+    # Assert: the delta is non-empty, only the method's own tensors, changed by training; nothing else changed
     assert delta_after and set(delta_after) == {n for n, p in adapted.model.named_parameters() if p.requires_grad}
+    own = {"lora": ("lora_A", "lora_B", "lora_magnitude_vector"), "prefix": ("prompt_encoder.",),
+           "bottleneck": (".adapter.",)}[method]
+    assert all(any(k in n for k in own) for n in delta_after), list(delta_after)
     assert any(not torch.equal(delta_after[k], delta_before[k]) for k in delta_after)
     for name, before in frozen_before.items():
         assert torch.equal(dict(adapted.model.named_parameters())[name], before), name

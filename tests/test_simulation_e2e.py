@@ -168,3 +168,18 @@ def test_encoder_classification_federates(tmp_path):
     assert manifest["trainable_parameters"] > 0
     adapter_config = json.loads((result.final_dir / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "SEQ_CLS"
+
+
+@pytest.mark.parametrize(("aggregation", "clip"), [("svd", 0.0), ("ffa", 5.0)])
+def test_lora_aggregation_modes_run_end_to_end(tiny_model_dir, tmp_path, aggregation, clip):
+    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=1,
+                              local_steps=3, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+                              builtin_train_rows=64, eval_limit=16, lora_aggregation=aggregation, clip_update_norm=clip)
+    result = run_simulation(config)
+    row = result.rows[1]
+    assert row["clients_accepted"] == 2  # for ffa: clients built the server's frozen A (fingerprint checked)
+    if aggregation == "svd":
+        assert 0.0 <= row["svd_max_relative_error"] < 1.0
+    else:
+        names = load_delta_file(result.out_dir / "checkpoints" / "global-round-0001.safetensors").keys()
+        assert names and all(".lora_B." in n for n in names)

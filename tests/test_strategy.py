@@ -178,7 +178,7 @@ def test_fedprox_sends_its_proximal_term(flower_task_identity):
     assert message.content["config"]["proximal-mu"] == pytest.approx(0.1)
 
 
-def test_strategy_names_and_options_are_validated():
+def test_strategy_names_and_options_are_validated(flower_task_identity):
     with pytest.raises(ConfigError, match="supported strategies: fedadagrad"):
         _build("fedsgd")
     with pytest.raises(ConfigError, match="unknown option"):

@@ -95,6 +95,8 @@ class PeftMethod(ABC):
     config_cls: ClassVar[type[MethodConfig]]
     #: True when the method is HF peft's, so `save_adapter` writes a stock peft dir.
     peft_backed: ClassVar[bool]
+    #: False when the method cannot train over bitsandbytes 4-bit layers.
+    supports_4bit: ClassVar[bool] = True
 
     @abstractmethod
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -107,6 +109,11 @@ class PeftMethod(ABC):
     @abstractmethod
     def load_adapter(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         """Rebuild the adapted model on `base` from a directory written by `save_adapter`."""
+
+    def shared_frozen_names(self, model: nn.Module, config: MethodConfig) -> list[str]:
+        """Adapter tensors that are *not* trained but must be identical on every peer
+        (e.g. FFA-LoRA's frozen A); the server checks clients built the same ones."""
+        return []
 
     def delta_names(self, model: nn.Module) -> list[str]:
         """Names of the tensors that make up the delta, in a stable order."""

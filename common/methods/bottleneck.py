@@ -135,8 +135,8 @@ class BottleneckMethod(NativeMethod):
                 setattr(parent, attr, AdaptedSublayerOutput(base_layer, adapter.to(device), index))
         if not any(isinstance(m, AdaptedSublayerOutput) for m in model.modules()):
             raise ConfigError(f"BottleneckMethodConfig.drop_lowest={config.drop_lowest} leaves no block with an adapter")
-        if config.train_drop_max > 0:
-            model.register_forward_pre_hook(_RandomAdapterDrop(config.train_drop_max))
+        # Always hooked, so set_inference_drop only ever applies in eval mode.
+        model.register_forward_pre_hook(_RandomAdapterDrop(config.train_drop_max))
         return model
 
 
@@ -174,7 +174,7 @@ class _RandomAdapterDrop:
 
     def __call__(self, model: nn.Module, args: object) -> None:
         if model.training:
-            count = int(torch.randint(0, self.max_drop + 1, ()).item())
+            count = int(torch.randint(0, self.max_drop + 1, ()).item()) if self.max_drop else 0
         else:
             count = int(getattr(model, INFERENCE_DROP_ATTR, 0))
         _drop_lowest_adapted_blocks(model, count)

@@ -47,6 +47,10 @@ class LoraMethod(PeftLibraryMethod):
     name: ClassVar[str] = "lora"
     config_cls: ClassVar[type[MethodConfig]] = LoraMethodConfig
 
+    def shared_frozen_names(self, model, config: MethodConfig) -> list[str]:
+        assert isinstance(config, LoraMethodConfig)
+        return [n for n, _ in model.named_parameters() if ".lora_A." in n] if config.freeze_a else []
+
     def build(self, model, config: MethodConfig):
         model = super().build(model, config)
         assert isinstance(config, LoraMethodConfig)

@@ -35,16 +35,21 @@ class LowRankMethodConfig(MethodConfig):
         require(len(self.target_modules) > 0, owner, "target_modules", "name at least one module")
 
 
+def refuse_4bit_message(display: str) -> str:
+    return (f"{display} has no 4-bit (bitsandbytes) layer support in peft 0.21.2; "
+            "use --quantize none, or lora/ia3 on a 4-bit backbone")
+
+
 class FullPrecisionOnlyMethod(PeftLibraryMethod):
     """A peft method without 4-bit support: refuse 4-bit backbones clearly."""
 
     config_cls: ClassVar[type[MethodConfig]] = LowRankMethodConfig
+    supports_4bit: ClassVar[bool] = False
     display: ClassVar[str]
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         if four_bit_layers(model):
-            raise ConfigError(f"{self.display} has no 4-bit (bitsandbytes) layer support in peft 0.21.2; "
-                              "use --quantize none, or lora/ia3 on a 4-bit backbone")
+            raise ConfigError(refuse_4bit_message(self.display))
         return super().build(model, config)
 
 

@@ -77,6 +77,9 @@ class PTuningMethodConfig(MethodConfig):
         require(self.encoder in ("mlp", "lstm"), owner, "encoder", f"{self.encoder!r} is not 'mlp' or 'lstm'")
         require(self.encoder_hidden_size >= 1, owner, "encoder_hidden_size", f"must be >= 1, got {self.encoder_hidden_size}")
         require(self.encoder_num_layers >= 1, owner, "encoder_num_layers", f"must be >= 1, got {self.encoder_num_layers}")
+        # peft's MLP prompt encoder is a fixed 2-layer MLP without dropout
+        require(self.encoder == "lstm" or (self.encoder_num_layers == 2 and self.encoder_dropout == 0.0), owner,
+                "encoder_num_layers", "encoder_num_layers and encoder_dropout only apply to encoder=lstm")
         require(0.0 <= self.encoder_dropout < 1.0, owner, "encoder_dropout", f"must be in [0, 1), got {self.encoder_dropout}")
 
 
