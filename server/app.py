@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.errors import ConfigError, FederationError
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import MethodConfig
 from fedpeft.common.models import model_fingerprint
@@ -23,8 +24,8 @@ from fedpeft.common.objectives import objective_for
 from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
-from fedpeft.server.recorder import RunRecorder
-from fedpeft.server.strategy import build_strategy
+from fedpeft.server.recorder import RunRecorder, last_completed_round
+from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
 
 log = logging.getLogger("fedpeft.server")
 
@@ -58,6 +59,8 @@ class ServerSetup:
     eval_batch_size: int = 16
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
+    resume: bool = False
+    """Continue the run in `out_dir` from its last completed round (checkpoint + metrics)."""
     on_complete: Callable[[AdaptedModel], None] | None = None
     """Called with the server's in-process model holding the final adapter (for checks)."""
 
@@ -72,7 +75,8 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
                           train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint())
-    recorder = RunRecorder(out_dir)
+    done = _resume_point(setup) if setup.resume else None
+    recorder = RunRecorder(out_dir, resume_from=done)
     strategy = build_strategy(
         setup.strategy,
         spec=adapted.spec,
@@ -86,10 +90,19 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
         min_train_nodes=setup.clients_per_round,
         min_available_nodes=setup.num_clients,
     )
+    offset = strategy.round_offset = done or 0
+    initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
+    if done is not None:
+        log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     started = time.perf_counter()
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round = local_round + offset
+        if done is not None and local_round == 0:  # already evaluated and recorded before the restart
+            adapted.set_delta(delta_from_arrayrecord(arrays), source=f"checkpoint of round {server_round}")
+            last = recorder.rows[-1]
+            return MetricRecord({k.replace("_", "-"): float(last[k]) for k in ("eval_loss", "eval_accuracy") if k in last})
         delta = delta_from_arrayrecord(arrays)
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         recorder.save_checkpoint(server_round, delta)
@@ -135,20 +148,35 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=delta_to_arrayrecord(adapted.get_delta()),
-        num_rounds=setup.num_rounds,
+        initial_arrays=delta_to_arrayrecord(initial),
+        num_rounds=setup.num_rounds - offset,
         timeout=setup.round_timeout,
         train_config=ConfigRecord({PLAN_KEY: plan.to_json()}),
         evaluate_fn=evaluate_global,
     )
     if len(result.arrays) > 0:
         adapted.set_delta(delta_from_arrayrecord(result.arrays), source="final global delta")
+    else:  # no round ran in this process (resumed a finished run): the checkpoint is final
+        adapted.set_delta(initial, source="final global delta")
     final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
                                {"rounds": setup.num_rounds, "clients": setup.num_clients, "task": setup.task.to_dict()})
     log.info("server: final adapter written to %s", final_dir)
     if setup.on_complete is not None:
         setup.on_complete(adapted)
     return final_dir
+
+
+def _resume_point(setup: ServerSetup) -> int:
+    """The last completed round of the run to resume, checked for resumability."""
+    if setup.strategy in STATEFUL_STRATEGIES:
+        raise ConfigError(f"strategy {setup.strategy!r} keeps server-side optimizer state that is not checkpointed; "
+                          "runs with it cannot be resumed yet")
+    done = last_completed_round(Path(setup.out_dir))
+    if done is None:
+        raise FederationError(f"{setup.out_dir} has no completed round to resume from (no metrics.jsonl + checkpoint)")
+    if done > setup.num_rounds:
+        raise FederationError(f"{setup.out_dir} already has {done} rounds, more than the {setup.num_rounds} asked for")
+    return done
 
 
 def build_server_app(setup: ServerSetup) -> ServerApp:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedpeft.common.deltas import save_delta_file
+from fedpeft.common.deltas import load_delta_file, save_delta_file
 
 log = logging.getLogger("fedpeft.server")
 
@@ -26,15 +27,21 @@ CHECKPOINT_DIR = "checkpoints"
 class RunRecorder:
     """Appends one JSON row per round to metrics.jsonl and checkpoints the global delta."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, resume_from: int | None = None) -> None:
+        """Start a fresh record, or (resume_from=R) keep rounds 0..R and drop the rest."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / METRICS_FILE
-        self.metrics_path.write_text("")
         self.rows: list[dict[str, Any]] = []
+        if resume_from is not None:
+            self.rows = [r for r in read_rows(self.metrics_path) if r["round"] <= resume_from]
+        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.out_dir / CHECKPOINT_DIR / f"global-round-{server_round:04d}.safetensors"
+
+    def load_checkpoint(self, server_round: int) -> OrderedDict[str, torch.Tensor]:
+        return load_delta_file(self.checkpoint_path(server_round))
 
     def save_checkpoint(self, server_round: int, delta: Mapping[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(server_round)
@@ -48,3 +55,28 @@ class RunRecorder:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (a torn last line from a crash is ignored)."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def last_completed_round(out_dir: Path) -> int | None:
+    """The last round with both a metrics row and a global checkpoint (rows are written
+    after checkpoints, so a row implies its checkpoint), or None for an empty run dir."""
+    rows = read_rows(Path(out_dir) / METRICS_FILE)
+    completed = None
+    for expected, row in enumerate(rows):
+        path = Path(out_dir) / CHECKPOINT_DIR / f"global-round-{expected:04d}.safetensors"
+        if row.get("round") != expected or not path.is_file():
+            break
+        completed = expected
+    return completed

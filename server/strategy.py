@@ -17,6 +17,7 @@ front of any of them and adds what a federation over untrusted edge clients need
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
@@ -79,10 +80,13 @@ class DeltaValidation:
         self.min_accepted = min_accepted
         self.clip_update_norm = clip_update_norm
         self._global: dict[str, torch.Tensor] = {}
+        #: Rounds already completed before this process started (a resumed run).
+        self.round_offset = 0
         self.traffic: dict[int, RoundTraffic] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset  # clients (and their seeds) see the run's true round
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         if self.clip_update_norm > 0:
             self._global = dict(delta_from_arrayrecord(arrays))
@@ -131,6 +135,7 @@ class DeltaValidation:
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         usable: list[Message] = []
         for msg in replies:
@@ -155,11 +160,29 @@ class DeltaValidation:
                 f"round {server_round}: only {traffic.accepted} client update(s) accepted, need {self.min_accepted} "
                 f"({traffic.failed} failed, {len(traffic.rejected)} rejected"
                 + (f": {traffic.rejected[0]}" if traffic.rejected else "") + ")")
+        # Replies arrive in any order; sorting them by content makes the float sums (and
+        # so a resumed run) bit-for-bit reproducible.
+        usable.sort(key=_reply_order)
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         traffic.seconds = time.perf_counter() - traffic.started
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+
+def _reply_order(msg: Message) -> tuple[int, str]:
+    if msg.has_error():
+        return (0, "")
+    digest = hashlib.sha256()
+    for record in msg.content.array_records.values():
+        for name, array in record.items():
+            digest.update(name.encode())
+            digest.update(array.data)
+    return (1, digest.hexdigest())
+
+
+# Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
+STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
 
 class LoraSvdFedAvg(FedAvg):

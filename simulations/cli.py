@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ffa: A frozen, only B trained (exact) (default %(default)s)")
     p.add_argument("--clip-update-norm", type=float, default=d.clip_update_norm,
                    help="clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last completed round (its saved settings are used)")
     p.add_argument("--min-clients", type=int, default=d.min_clients,
                    help="fewest accepted client updates per round; fewer stops the run (default %(default)s)")
     return p
@@ -88,6 +90,7 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
+        resume=args.resume,
     )
 
 

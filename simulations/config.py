@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class SimulationConfig:
     lora_aggregation: str = "naive"
     """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen)."""
     log_every: int = 4
+    resume: str | None = None
+    """Run dir of an interrupted run to continue from its last completed round."""
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -125,6 +128,17 @@ class SimulationConfig:
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/sim-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> SimulationConfig:
+        """The settings a run dir was started with (its config.json), set to resume it."""
+        path = Path(run_dir) / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot resume {run_dir}: no readable config.json ({exc})") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known} | {"out": str(run_dir), "resume": str(run_dir)})
 
     def effective_method_options(self) -> dict[str, str]:
         """Method options with what --lora-aggregation implies (ffa freezes A)."""

@@ -91,6 +91,8 @@ def run_simulation(config: SimulationConfig,
     """
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    if config.resume:
+        config = SimulationConfig.from_run_dir(Path(config.resume))
     config.validate()
     apply_offline_env()
     setup_logging()
@@ -105,8 +107,9 @@ def run_simulation(config: SimulationConfig,
 
     out_dir = config.out_dir().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", {**config.to_dict(), "quantize": quantize})
-    write_partitions(partitions, out_dir / "partitions")
+    if not config.resume:  # a resumed run keeps its settings and its clients' data files
+        write_json_atomic(out_dir / "config.json", {**config.to_dict(), "quantize": quantize, "resume": None})
+        write_partitions(partitions, out_dir / "partitions")
     clients = describe_partitions(partitions, task)
     write_json_atomic(out_dir / "clients.json", clients)
     log.info("model %s (%s) | method %s | %d clients (%s) | %d rounds | %d train / %d held-out rows",
@@ -124,7 +127,7 @@ def run_simulation(config: SimulationConfig,
         train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
         strategy=config.strategy, strategy_options=dict(config.strategy_options), min_accepted=config.min_clients,
-        on_complete=on_complete, clip_update_norm=config.clip_update_norm,
+        on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),
         lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
     )
