@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_helpers import logits, probe_batch, train_steps
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.deltas import delta_from_bytes, delta_to_bytes
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import get_method, make_config
 from fedpeft.common.models import load_base_model
 from fedpeft.common.quantization import bitsandbytes_available
@@ -50,34 +50,12 @@ CASES = [
 ]
 
 
-def _batch(vocab: int, device):
-    x = torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x)
-    mask[1, 8:] = 0
-    return x.to(device), mask.to(device)
-
-
-def _train(adapted: AdaptedModel, x, mask) -> None:
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
-    adapted.model.train()
-    for _ in range(2):
-        adapted.model(input_ids=x, attention_mask=mask, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def _logits(model, x, mask):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=x, attention_mask=mask).logits.cpu()
-
-
 def _check_method(model_dir, tmp_path, method, options, quantize):
     adapted = AdaptedModel.load(model_dir, quantize, method, make_config(method, options), seed=0)
     frozen = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad}
     before = adapted.get_delta()
-    x, mask = _batch(adapted.model.config.vocab_size, model_device(adapted.model))
-    _train(adapted, x, mask)
+    x, mask = probe_batch(adapted.model.config.vocab_size)
+    train_steps(adapted, x, mask)
     after = adapted.get_delta()
     assert after and any(not torch.equal(after[k], before[k]) for k in after)
     params = dict(adapted.model.named_parameters())
@@ -86,7 +64,7 @@ def _check_method(model_dir, tmp_path, method, options, quantize):
     assert all(torch.equal(back[k], after[k]) for k in after)
     adapted.save_adapter(tmp_path / "adapter")
     reloaded = get_method(method).load_adapter(load_base_model(model_dir, quantize), tmp_path / "adapter")
-    torch.testing.assert_close(_logits(reloaded, x, mask), _logits(adapted.model, x, mask), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, x, mask), logits(adapted.model, x, mask), rtol=0, atol=1e-5)
     return adapted
 
 

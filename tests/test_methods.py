@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from method_helpers import logits, probe_batch, train_steps
 
 from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import get_method, make_config
 from fedpeft.common.models import load_base_model
 from fedpeft.common.quantization import bitsandbytes_available
@@ -26,29 +26,6 @@ IDS = ["lora", "dora", "prefix", "prefix-projection", "houlsby", "pfeiffer"]
 QUANT = ["none", pytest.param("4bit", marks=pytest.mark.skipif(not bitsandbytes_available(), reason="no bnb"))]
 
 
-def _batch(vocab: int):
-    x = torch.randint(3, vocab, (2, 10), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x)
-    mask[1, 7:] = 0
-    return x, mask
-
-
-def _train_one_step(adapted: AdaptedModel, x, mask) -> None:
-    x, mask = x.to(model_device(adapted.model)), mask.to(model_device(adapted.model))
-    opt = torch.optim.AdamW(adapted.trainable_parameters(), lr=1e-2)
-    adapted.model.train()
-    for _ in range(2):  # two steps: LoRA's zero-initialized B makes A's first gradient zero
-        adapted.model(input_ids=x, attention_mask=mask, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def _logits(model, x, mask):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=x.to(model_device(model)), attention_mask=mask.to(model_device(model))).logits.cpu()
-
-
 @pytest.mark.parametrize("quantize", QUANT)
 @pytest.mark.parametrize(("method", "options"), CASES, ids=IDS)
 def test_only_the_delta_trains_and_adapter_reloads_exactly(tiny_model_dir, tmp_path, method, options, quantize):
@@ -56,9 +33,9 @@ def test_only_the_delta_trains_and_adapter_reloads_exactly(tiny_model_dir, tmp_p
     adapted = AdaptedModel.load(tiny_model_dir, quantize, method, make_config(method, options), seed=0)
     frozen_before = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad}
     delta_before = adapted.get_delta()
-    x, mask = _batch(adapted.model.config.vocab_size)
+    x, mask = probe_batch(adapted.model.config.vocab_size)
     # Execute
-    _train_one_step(adapted, x, mask)
+    train_steps(adapted, x, mask)
     delta_after = adapted.get_delta()
     adapted.save_adapter(tmp_path / "adapter")
     reloaded = get_method(method).load_adapter(load_base_model(tiny_model_dir, quantize), tmp_path / "adapter")
@@ -73,16 +50,16 @@ def test_only_the_delta_trains_and_adapter_reloads_exactly(tiny_model_dir, tmp_p
     # Assert: the saved adapter reproduces the trained model's logits
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    torch.testing.assert_close(_logits(reloaded, x, mask), _logits(adapted.model, x, mask), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, x, mask), logits(adapted.model, x, mask), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("style", ["houlsby", "pfeiffer"])
 def test_fresh_bottleneck_adapter_is_the_identity(tiny_model_dir, style):
     base = load_base_model(tiny_model_dir, "none")
-    x, mask = _batch(base.config.vocab_size)
-    base_logits = _logits(base, x, mask)
+    x, mask = probe_batch(base.config.vocab_size)
+    base_logits = logits(base, x, mask)
     adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck", make_config("bottleneck", {"style": style}))
-    assert torch.equal(_logits(adapted.model, x, mask), base_logits)
+    assert torch.equal(logits(adapted.model, x, mask), base_logits)
     per_block = 2 if style == "houlsby" else 1
     assert len(adapted.delta_names) == per_block * 4 * adapted.model.config.num_hidden_layers  # down/up weight+bias
 
@@ -112,7 +89,7 @@ def test_robust_adapter_drop_varies_in_training_and_inference_drop_restores_the_
     for module in adapted_sublayers(model):
         torch.nn.init.normal_(module.adapter.up.weight, std=0.5)
     base = load_base_model(tiny_model_dir, "none")
-    x, mask = _batch(base.config.vocab_size)
+    x, mask = probe_batch(base.config.vocab_size)
     torch.manual_seed(0)
     model.train()
     active_counts = set()
@@ -121,6 +98,6 @@ def test_robust_adapter_drop_varies_in_training_and_inference_drop_restores_the_
             model(input_ids=x, attention_mask=mask)
         active_counts.add(sum(m.active for m in adapted_sublayers(model)))
     assert active_counts <= {0, 2, 4} and len(active_counts) > 1  # 2 adapters per block, 2 blocks
-    assert not torch.equal(_logits(model, x, mask), _logits(base, x, mask))  # eval: all adapters back on
+    assert not torch.equal(logits(model, x, mask), logits(base, x, mask))  # eval: all adapters back on
     set_inference_drop(model, 2)
-    torch.testing.assert_close(_logits(model, x, mask), _logits(base, x, mask), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, x, mask), logits(base, x, mask), rtol=0, atol=1e-6)

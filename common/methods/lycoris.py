@@ -41,16 +41,27 @@ def refuse_4bit_message(display: str) -> str:
 
 
 class FullPrecisionOnlyMethod(PeftLibraryMethod):
-    """A peft method without 4-bit support: refuse 4-bit backbones clearly."""
+    """A peft low-rank method without 4-bit support: refuse 4-bit backbones clearly."""
 
     config_cls: ClassVar[type[MethodConfig]] = LowRankMethodConfig
     supports_4bit: ClassVar[bool] = False
     display: ClassVar[str]
+    peft_config_name: ClassVar[str]
+    """Name of the peft config class (imported lazily: peft is slow to import)."""
+    uses_alpha: ClassVar[bool] = True
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         if four_bit_layers(model):
             raise ConfigError(refuse_4bit_message(self.display))
         return super().build(model, config)
+
+    def peft_config(self, config: MethodConfig):
+        import peft
+
+        assert isinstance(config, LowRankMethodConfig)
+        extra = {"alpha": config.alpha} if self.uses_alpha else {}
+        return getattr(peft, self.peft_config_name)(r=config.r, target_modules=list(config.target_modules),
+                                                    task_type=self.task_type, **extra)
 
 
 @register
@@ -59,12 +70,7 @@ class LoHaMethod(FullPrecisionOnlyMethod):
 
     name: ClassVar[str] = "loha"
     display: ClassVar[str] = "LoHa"
-
-    def peft_config(self, config: MethodConfig):
-        from peft import LoHaConfig
-
-        assert isinstance(config, LowRankMethodConfig)
-        return LoHaConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type=self.task_type)
+    peft_config_name: ClassVar[str] = "LoHaConfig"
 
 
 @register
@@ -73,23 +79,14 @@ class LoKrMethod(FullPrecisionOnlyMethod):
 
     name: ClassVar[str] = "lokr"
     display: ClassVar[str] = "LoKr"
-
-    def peft_config(self, config: MethodConfig):
-        from peft import LoKrConfig
-
-        assert isinstance(config, LowRankMethodConfig)
-        return LoKrConfig(r=config.r, alpha=config.alpha, target_modules=list(config.target_modules), task_type=self.task_type)
+    peft_config_name: ClassVar[str] = "LoKrConfig"
 
 
 @register
 class HRAMethod(FullPrecisionOnlyMethod):
-    """HRA: Householder reflection adaptation (orthogonal updates)."""
+    """HRA: Householder reflection adaptation (orthogonal updates; no alpha)."""
 
     name: ClassVar[str] = "hra"
     display: ClassVar[str] = "HRA"
-
-    def peft_config(self, config: MethodConfig):
-        from peft import HRAConfig
-
-        assert isinstance(config, LowRankMethodConfig)
-        return HRAConfig(r=config.r, target_modules=list(config.target_modules), task_type=self.task_type)
+    peft_config_name: ClassVar[str] = "HRAConfig"
+    uses_alpha: ClassVar[bool] = False
