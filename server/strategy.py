@@ -93,8 +93,8 @@ class DeltaValidation:
         self.traffic[server_round] = RoundTraffic(bytes_down=record_bytes(arrays) * len(messages), sent=len(messages))
         return messages
 
-    def reply_problem(self, msg: Message) -> str | None:
-        """Why a (non-error) reply must be left out of aggregation, or None if valid.
+    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+        """(problem, None) for a reply to leave out, or (None, its decoded delta).
 
         Checks everything Flower's own consistency check would raise on (which would
         abort the whole round), so one malformed reply only costs that client's update.
@@ -102,27 +102,27 @@ class DeltaValidation:
         content = msg.content
         if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
             return (f"expected records {REPLY_ARRAYS_KEY!r} and {REPLY_METRICS_KEY!r}, got arrays "
-                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}")
+                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None
         if len(content.config_records) != 0:
-            return f"unexpected config records {sorted(content.config_records)}"
+            return f"unexpected config records {sorted(content.config_records)}", None
         metrics = content.metric_records[REPLY_METRICS_KEY]
         if set(metrics) != TRAIN_METRIC_KEYS:
-            return f"metrics keys {sorted(metrics)} != expected {sorted(TRAIN_METRIC_KEYS)}"
+            return f"metrics keys {sorted(metrics)} != expected {sorted(TRAIN_METRIC_KEYS)}", None
         weight = metrics.get(self.weighted_by_key)
         if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
-            return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}"
+            return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}", None
         try:
             delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
             self.spec.validate(delta, source="client delta")
         except DeltaError as exc:
-            return str(exc)
-        return None
+            return str(exc), None
+        return None, delta
 
-    def _clip(self, msg: Message) -> bool:
-        """Scale a reply's update down to `clip_update_norm` in place; True if clipped."""
+    def _clip(self, msg: Message, delta: dict[str, torch.Tensor]) -> bool:
+        """Scale a reply's update (its already-validated `delta`) down to
+        `clip_update_norm`, replacing the reply's arrays; True if clipped."""
         if self.clip_update_norm <= 0 or not self._global:
             return False
-        delta = delta_from_arrayrecord(msg.content.array_records[REPLY_ARRAYS_KEY])
         updates = {k: delta[k].double() - self._global[k].double() for k in delta}
         norm = math.sqrt(sum(float((u ** 2).sum()) for u in updates.values()))
         if norm <= self.clip_update_norm:
@@ -144,11 +144,11 @@ class DeltaValidation:
                 usable.append(msg)  # Flower logs error replies and skips them
                 continue
             traffic.bytes_up += sum(record_bytes(r) for r in msg.content.array_records.values())
-            problem = self.reply_problem(msg)
-            if problem is None:
+            problem, delta = self._check_reply(msg)
+            if delta is not None:
                 usable.append(msg)
                 traffic.accepted += 1
-                if self._clip(msg):
+                if self._clip(msg, delta):
                     traffic.clipped += 1
                 metrics_record = next(iter(msg.content.metric_records.values()))
                 traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)})
