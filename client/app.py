@@ -68,15 +68,43 @@ def _adapted_model(setup: ClientSetup, plan: FederationPlan) -> tuple[AdaptedMod
     return adapted, adapted.load_seconds
 
 
-def _receive(setup: ClientSetup, msg: Message) -> tuple[FederationPlan, AdaptedModel, float, float]:
+def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel, rows: list[Record], *,
+                server_round: int, partition: int, proximal_mu: float, load_seconds: float,
+                swap_seconds: float) -> tuple[ArrayRecord, dict[str, float]]:
+    """Train `adapted` (already holding the global delta) on `rows`; the reply's delta and metrics.
+
+    Shared by the simulation ClientApp and the long-lived deployment trainer, so both
+    train with exactly the same seeds and settings.
+    """
+    label = f"client {partition} round {server_round}"
+    task = plan.task_spec()
+    task.check_rows(rows, f"client {partition} local data")
+    train_config = TrainConfig(**plan.train)
+    stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
+                        seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))
+    reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
+    sent = record_bytes(reply_arrays)
+    log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
+             stats.first_loss, stats.last_loss, sent / 1e6)
+    metrics = {
+        WEIGHT_KEY: len(rows),
+        "train-loss": stats.mean_loss,
+        "train-loss-last": stats.last_loss,
+        "train-seconds": stats.seconds,
+        "load-seconds": load_seconds,
+        "swap-seconds": swap_seconds,
+        "bytes-up": sent,
+    }
+    return reply_arrays, metrics
+
+
+def receive_plan(setup: ClientSetup, plan_json: str,
+                 arrays: ArrayRecord | None) -> tuple[FederationPlan, AdaptedModel, float, float]:
+    """Parse the server's plan, get the (cached) model for it and load the global delta into it."""
     setup_logging()
     torch.set_num_threads(setup.torch_threads)
-    config = msg.content.config_records.get("config")
-    if config is None or PLAN_KEY not in config:
-        raise ConfigError("message from server carries no federation plan")
-    plan = FederationPlan.from_json(str(config[PLAN_KEY]))
+    plan = FederationPlan.from_json(plan_json)
     adapted, load_seconds = _adapted_model(setup, plan)
-    arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise DeltaError("message from server carries no global delta")
     start = time.perf_counter()
@@ -85,35 +113,22 @@ def _receive(setup: ClientSetup, msg: Message) -> tuple[FederationPlan, AdaptedM
 
 
 def build_client_app(setup: ClientSetup) -> ClientApp:
-    """A ClientApp bound to one local model location and data provider."""
+    """A ClientApp bound to one local model location and data provider (simulation)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        plan, adapted, load_s, swap_s = _receive(setup, msg)
-        server_round = int(msg.content["config"].get("server-round", 0))
-        partition = context.node_config.get("partition-id", context.node_id)
-        rows = setup.data(context)
-        label = f"client {partition} round {server_round}"
-        task = plan.task_spec()
-        task.check_rows(rows, f"client {partition} local data")
-        train_config = TrainConfig(**plan.train)
-        proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx
-        stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
-                            seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))
-        reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
-        sent = record_bytes(reply_arrays)
-        log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
-                 stats.first_loss, stats.last_loss, sent / 1e6)
-        metrics = MetricRecord({
-            WEIGHT_KEY: len(rows),
-            "train-loss": stats.mean_loss,
-            "train-loss-last": stats.last_loss,
-            "train-seconds": stats.seconds,
-            "load-seconds": load_s,
-            "swap-seconds": swap_s,
-            "bytes-up": sent,
-        })
-        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: metrics}), reply_to=msg)
+        config = msg.content.config_records.get("config")
+        if config is None or PLAN_KEY not in config:
+            raise ConfigError("message from server carries no federation plan")
+        plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"))
+        server_round = int(config.get("server-round", 0))
+        partition = int(context.node_config.get("partition-id", context.node_id))
+        proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
+        reply_arrays, metrics = train_round(setup, plan, adapted, setup.data(context), server_round=server_round,
+                                            partition=partition, proximal_mu=proximal_mu, load_seconds=load_s,
+                                            swap_seconds=swap_s)
+        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}),
+                       reply_to=msg)
 
     return app

@@ -56,6 +56,13 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
+def resolve_quantize(value: str) -> str:
+    """`auto` means 4-bit wherever bitsandbytes imports, else full precision."""
+    if value == "auto":
+        return "4bit" if bitsandbytes_available() else "none"
+    return value
+
+
 def validate_quantize(value: str) -> Quantize:
     """Check a `--quantize` value, and that 4-bit is usable on this machine."""
     if value not in QUANTIZE_CHOICES:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -24,8 +24,15 @@ from fedpeft.common.objectives import objective_for
 from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
+from fedpeft.server.privacy import wrap_with_dp
 from fedpeft.server.recorder import RunRecorder, last_completed_round
+from fedpeft.server.sealed_replies import EnvelopeOpener
+from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
 from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
+
+if TYPE_CHECKING:
+    from fedpeft.common.envelope import PeerIdentity
+    from fedpeft.server.run_config import DpSection, SecAggSection
 
 log = logging.getLogger("fedpeft.server")
 
@@ -63,9 +70,15 @@ class ServerSetup:
     """Continue the run in `out_dir` from its last completed round (checkpoint + metrics)."""
     on_complete: Callable[[AdaptedModel], None] | None = None
     """Called with the server's in-process model holding the final adapter (for checks)."""
+    secagg: SecAggSection | None = None
+    """Aggregate with Flower's SecAgg+ (the server learns only the sum of deltas)."""
+    dp: DpSection | None = None
+    """Central DP with client-side fixed clipping and an RDP accountant."""
+    envelopes: tuple[PeerIdentity, dict[str, bytes]] | None = None
+    """(server identity, {client id: Ed25519 key}): clients must reply with sealed envelopes."""
 
 
-def run_federation(grid: Grid, setup: ServerSetup) -> Path:
+def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = None) -> Path:
     """Run all rounds on `grid`; returns the exported final adapter dir."""
     out_dir = Path(setup.out_dir)
     adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed,
@@ -94,6 +107,7 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
+    dp_wrapper: Any = None
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     started = time.perf_counter()
 
@@ -129,6 +143,13 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
         refactor_errors = getattr(strategy, "refactor_errors", {})
         if server_round in refactor_errors:
             row["svd_max_relative_error"] = refactor_errors[server_round]
+        error_bounds = getattr(strategy, "error_bounds", {})
+        if server_round in error_bounds:
+            row["secagg_error_bound"] = error_bounds[server_round]
+        if dp_wrapper is not None and local_round > 0:
+            spent = dp_wrapper.privacy_spent()
+            if spent is not None:
+                row["dp_epsilon"], row["dp_delta"] = spent.epsilon, spent.delta
         if traffic and traffic.train_metrics:
             row["train_loss"] = traffic.train_metrics.get("train-loss")
         if traffic and traffic.client_metrics:
@@ -146,16 +167,38 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
             metrics["eval-accuracy"] = result.accuracy
         return MetricRecord(metrics)
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=delta_to_arrayrecord(initial),
-        num_rounds=setup.num_rounds - offset,
-        timeout=setup.round_timeout,
-        train_config=ConfigRecord({PLAN_KEY: plan.to_json()}),
-        evaluate_fn=evaluate_global,
-    )
-    if len(result.arrays) > 0:
-        adapted.set_delta(delta_from_arrayrecord(result.arrays), source="final global delta")
+    train_config: dict[str, Any] = {PLAN_KEY: plan.to_json()}
+    if setup.envelopes is not None:
+        identity, trusted = setup.envelopes
+        opener = EnvelopeOpener(identity, trusted, run_id=setup.run_name, spec=adapted.spec,
+                                replay_path=out_dir / "replay-guard.json")
+        strategy.unseal = opener
+        train_config.update(opener.seal_config(setup.method))
+    final_arrays: ArrayRecord | None
+    if setup.secagg is not None:
+        secagg_strategy = SecAggFedAvg(
+            spec=adapted.spec, initial=dict(initial), plan_json=plan.to_json(), settings=setup.secagg,
+            min_accepted=setup.min_accepted, round_offset=offset, evaluate_global=evaluate_global,
+            fraction_fit=setup.clients_per_round / setup.num_clients, fraction_evaluate=0.0,
+            min_fit_clients=setup.clients_per_round, min_evaluate_clients=0, min_available_clients=setup.num_clients)
+        strategy = secagg_strategy  # type: ignore[assignment]  (evaluate_global reads its traffic and error bounds)
+        final_arrays = run_secagg_rounds(grid, _require(context), secagg_strategy, setup.num_rounds - offset, setup.secagg)
+    else:
+        runner: Any = strategy
+        if setup.dp is not None:
+            runner = wrap_with_dp(strategy, setup.dp, setup.clients_per_round, setup.num_clients)
+            dp_wrapper = runner
+        result = runner.start(
+            grid=grid,
+            initial_arrays=delta_to_arrayrecord(initial),
+            num_rounds=setup.num_rounds - offset,
+            timeout=setup.round_timeout,
+            train_config=ConfigRecord(train_config),
+            evaluate_fn=evaluate_global,
+        )
+        final_arrays = result.arrays if len(result.arrays) > 0 else None
+    if final_arrays is not None:
+        adapted.set_delta(delta_from_arrayrecord(final_arrays), source="final global delta")
     else:  # no round ran in this process (resumed a finished run): the checkpoint is final
         adapted.set_delta(initial, source="final global delta")
     final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
@@ -166,8 +209,17 @@ def run_federation(grid: Grid, setup: ServerSetup) -> Path:
     return final_dir
 
 
+def _require(context: Context | None) -> Context:
+    if context is None:
+        raise ConfigError("SecAgg+ runs on Flower's legacy workflow, which needs the ServerApp's Context")
+    return context
+
+
 def _resume_point(setup: ServerSetup) -> int:
     """The last completed round of the run to resume, checked for resumability."""
+    if setup.dp is not None:
+        raise ConfigError("runs with differential privacy cannot be resumed: the privacy accountant's spent budget "
+                          "is not checkpointed, and restarting it would under-report epsilon")
     if setup.strategy in STATEFUL_STRATEGIES:
         raise ConfigError(f"strategy {setup.strategy!r} keeps server-side optimizer state that is not checkpointed; "
                           "runs with it cannot be resumed yet")
@@ -186,6 +238,6 @@ def build_server_app(setup: ServerSetup) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(setup.seed)
-        run_federation(grid, setup)
+        run_federation(grid, setup, context)
 
     return app

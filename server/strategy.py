@@ -22,7 +22,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +80,8 @@ class DeltaValidation:
         self.min_accepted = min_accepted
         self.clip_update_norm = clip_update_norm
         self._global: dict[str, torch.Tensor] = {}
+        #: Opens sealed replies in place (see `sealed_replies`); None = plaintext replies.
+        self.unseal: Callable[[Message, int], str | None] | None = None
         #: Rounds already completed before this process started (a resumed run).
         self.round_offset = 0
         self.traffic: dict[int, RoundTraffic] = {}
@@ -143,8 +145,9 @@ class DeltaValidation:
                 traffic.failed += 1
                 usable.append(msg)  # Flower logs error replies and skips them
                 continue
-            traffic.bytes_up += sum(record_bytes(r) for r in msg.content.array_records.values())
-            problem, delta = self._check_reply(msg)
+            traffic.bytes_up += _reply_bytes(msg)
+            problem = self.unseal(msg, server_round) if self.unseal is not None else None
+            problem, delta = (problem, None) if problem else self._check_reply(msg)
             if delta is not None:
                 usable.append(msg)
                 traffic.accepted += 1
@@ -168,6 +171,14 @@ class DeltaValidation:
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+
+def _reply_bytes(msg: Message) -> int:
+    """Payload bytes of a reply's tensors, plaintext or sealed."""
+    sealed = msg.content.config_records.get("envelope")
+    envelope = sealed.get("envelope") if sealed is not None else None
+    return sum(record_bytes(r) for r in msg.content.array_records.values()) + (
+        len(envelope) if isinstance(envelope, bytes) else 0)
 
 
 def _reply_order(msg: Message) -> tuple[int, str]:

@@ -13,15 +13,8 @@ from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import DEFAULT_MODEL
 from fedpeft.common.partition import PartitionSpec
-from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available
+from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available, resolve_quantize  # noqa: F401
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
-
-
-def resolve_quantize(value: str) -> str:
-    """`auto` means 4-bit wherever bitsandbytes imports, else full precision."""
-    if value == "auto":
-        return "4bit" if bitsandbytes_available() else "none"
-    return value
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The one module that touches generated protobuf code: `Envelope` <-> `fedpeft.v1.DeltaEnvelope`.
+"""`Envelope` <-> `fedpeft.v1.DeltaEnvelope` (part of the `fedpeft.common.wire` serde boundary).
 
 Keeping every `_pb2` import here means a .proto change shows up in one place, and the
 rest of fedpeft works with plain dataclasses. Everything parsed from the wire is size-

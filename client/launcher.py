@@ -1,0 +1,125 @@
+"""`peft-client start`: the long-lived local trainer plus a Flower SuperNode.
+
+The trainer (a gRPC service on a private Unix socket, see `trainer_service`) holds the
+client's data, its 4-bit base model once loaded, and its identity keys. The SuperNode
+(Flower's process, started here as a child) connects to the SuperLink over TLS with the
+node's authentication key and runs each message's short-lived ClientApp, which forwards
+the work to the trainer. Nothing but PEFT deltas and metrics ever leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.client.app import ClientSetup
+from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address
+from fedpeft.common.builtin_task import builtin_splits
+from fedpeft.common.data import Record, read_records
+from fedpeft.common.envelope import PeerIdentity
+from fedpeft.common.errors import ConfigError, DataError, FederationError
+from fedpeft.common.flower_deploy import flower_env, start_process, stop_process, supernode_command
+from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.partition import PartitionSpec, partition_records
+from fedpeft.common.pki import NODE_KEY
+from fedpeft.common.quantization import resolve_quantize, validate_quantize
+
+log = logging.getLogger("fedpeft.client")
+BUILTIN_PREFIX = "builtin:"
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
+
+
+def load_client_rows(data: str, seed: int = 0, builtin_train_rows: int = 800) -> tuple[list[Record], int]:
+    """(rows, partition id) of `--data`: a local file, or `builtin:K/N` = partition K of N
+    of the built-in task, split exactly as `peft-sim` splits it (iid, same seed)."""
+    if data.startswith(BUILTIN_PREFIX):
+        try:
+            k, n = (int(x) for x in data.removeprefix(BUILTIN_PREFIX).split("/"))
+        except ValueError:
+            raise ConfigError(f"--data {data!r}: expected builtin:K/N, e.g. builtin:0/3") from None
+        if not 0 <= k < n:
+            raise ConfigError(f"--data {data!r}: partition K must be in [0, N)")
+        train, _ = builtin_splits(builtin_train_rows, 200, seed)
+        parts = partition_records(train, n, PartitionSpec.parse("iid"), "label", seed)
+        return list(parts[k]), k
+    path = Path(data)
+    if not path.is_file():
+        raise DataError(f"--data {data}: no such file")
+    return read_records(path), 0
+
+
+@dataclass
+class ClientOptions:
+    superlink: str
+    data: str
+    model: str
+    key_dir: Path | None
+    """Dir from `peft-client keygen`: node_key (SuperNode auth) + identity (envelopes)."""
+    root_cert: Path | None
+    """CA certificate that signed the SuperLink's; None = --insecure."""
+    workdir: Path
+    quantize: str = "auto"
+    partition_id: int | None = None
+    clientappio_port: int = 9094
+    torch_threads: int = 0
+    seed: int = 0
+
+
+def _socket_path(workdir: Path) -> Path:
+    path = workdir.resolve() / "trainer.sock"
+    if len(str(path)) > MAX_SOCKET_PATH:
+        path = Path(tempfile.mkdtemp(prefix="fedpeft-")) / "trainer.sock"
+    path.parent.chmod(0o700)  # only this user may talk to the trainer
+    if path.exists():
+        path.unlink()
+    return path
+
+
+def run_client(options: ClientOptions) -> int:
+    """Serve until the SuperNode exits (run finished, or stopped); returns its exit code."""
+    quantize = validate_quantize(resolve_quantize(options.quantize))
+    model_dir = resolve_model_dir(options.model)
+    rows, partition = load_client_rows(options.data, options.seed)
+    if options.partition_id is not None:
+        partition = options.partition_id
+    identity = None
+    auth_key = None
+    if options.key_dir is not None:
+        identity = PeerIdentity.load(options.key_dir / "identity")
+        auth_key = options.key_dir / NODE_KEY
+        if not auth_key.is_file():
+            raise ConfigError(f"{auth_key} missing: make the node key with `peft-client keygen --out {options.key_dir}`")
+    if options.root_cert is None:
+        log.warning("connecting WITHOUT TLS (--insecure): deltas travel in plaintext; loopback/lab only")
+    elif not options.root_cert.is_file():
+        raise ConfigError(f"--root-cert {options.root_cert}: no such file")
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    threads = options.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+    setup = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=lambda _ctx: rows, torch_threads=threads)
+    state = TrainerState(setup=setup, rows=rows, partition=partition, identity=identity)
+    sock = _socket_path(options.workdir)
+    server = serve_trainer(state, socket_address(sock))
+    log.info("client %s: %d local examples from %s, model %s (%s); trainer on %s",
+             identity.public_keys.key_id if identity else "(no identity)", len(rows), options.data, options.model,
+             quantize, sock)
+    cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
+                            clientappio_port=options.clientappio_port,
+                            node_config={"trainer-address": socket_address(sock), "partition-id": partition})
+    node = start_process(cmd, flower_env(options.workdir / "flwr-home"))
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop_process(node))
+    try:
+        code = node.wait()
+    except KeyboardInterrupt:
+        stop_process(node)
+        code = node.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop(grace=5)
+    log.info("SuperNode exited with code %s after %d trained round(s)", code, state.rounds_trained)
+    if code not in (0, -signal.SIGTERM):
+        raise FederationError(f"SuperNode exited with code {code} (not registered? wrong CA? SuperLink gone?)")
+    return 0

@@ -1,0 +1,72 @@
+"""The deployment ServerApp (`fedpeft.server.deploy_app:app`), started by Flower's SuperLink.
+
+`peft-server run` builds a Flower App whose `serverapp` component is this module and
+passes, as Flower run config, the path of the TOML run config and the run dir. All the
+federation logic is `fedpeft.server.app.run_federation`, shared with the simulation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.common.adapted_model import check_method_applies
+from fedpeft.common.envelope import PeerIdentity
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.logs import apply_offline_env, setup_logging
+from fedpeft.common.methods import make_config
+from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.quantization import resolve_quantize, validate_quantize
+from fedpeft.server.app import ServerSetup, run_federation
+from fedpeft.server.run_config import RunConfig, load_eval_task
+from fedpeft.server.sealed_replies import load_trusted_clients
+
+log = logging.getLogger("fedpeft.server")
+CONFIG_KEY = "fedpeft-config"
+RUN_DIR_KEY = "fedpeft-run-dir"
+RESUME_KEY = "fedpeft-resume"
+
+
+def server_setup(config: RunConfig, run_dir: Path, resume: bool) -> ServerSetup:
+    """The `ServerSetup` a run config describes (model resolved, task and held-out data loaded)."""
+    f = config.federation
+    quantize = validate_quantize(resolve_quantize(f.quantize))
+    model_dir = resolve_model_dir(f.model)
+    task, eval_rows = load_eval_task(config.task, f.seed)
+    method_config = make_config(f.method, config.method_options())
+    check_method_applies(model_dir, f.method, method_config, num_labels=task.num_labels, quantize=quantize)
+    envelopes = None
+    if config.envelopes.enabled:
+        identity = PeerIdentity.load(Path(str(config.envelopes.server_identity)))
+        envelopes = (identity, load_trusted_clients(Path(str(config.envelopes.trusted_clients))))
+    return ServerSetup(
+        run_name=run_dir.name, base_model=f.model, model_dir=str(model_dir), quantize=quantize, method=f.method,
+        method_config=method_config, task=task, train=config.training.__dict__.copy(), eval_rows=eval_rows,
+        out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
+        seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
+        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, round_timeout=f.round_timeout, resume=resume,
+        lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
+                          if f.lora_aggregation == "svd" else None),
+        secagg=config.secagg if config.secagg.enabled else None, dp=config.dp if config.dp.enabled else None,
+        envelopes=envelopes,
+    )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    apply_offline_env()
+    setup_logging()
+    if CONFIG_KEY not in context.run_config or RUN_DIR_KEY not in context.run_config:
+        raise ConfigError(f"run config must set {CONFIG_KEY!r} and {RUN_DIR_KEY!r} (start runs with peft-server run)")
+    config = RunConfig.from_toml(Path(str(context.run_config[CONFIG_KEY])))
+    setup = server_setup(config, Path(str(context.run_config[RUN_DIR_KEY])), bool(context.run_config.get(RESUME_KEY)))
+    torch.manual_seed(setup.seed)
+    final = run_federation(grid, setup, context)
+    log.info("run complete: final adapter in %s", final)
