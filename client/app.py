@@ -100,7 +100,8 @@ def build_client_app(setup: ClientSetup) -> ClientApp:
         train_config = TrainConfig(**plan.train)
         proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by Flower's FedProx
         stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
-                            seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))
+                            seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition),
+                            step_offset=max(server_round - 1, 0) * train_config.steps_for(len(rows)))
         reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
         sent = record_bytes(reply_arrays)
         log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
