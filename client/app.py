@@ -81,7 +81,8 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     task.check_rows(rows, f"client {partition} local data")
     train_config = TrainConfig(**plan.train)
     stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
-                        seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))
+                        seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition),
+                        step_offset=max(server_round - 1, 0) * train_config.steps_for(len(rows)))
     reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
     sent = record_bytes(reply_arrays)
     log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),

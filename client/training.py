@@ -68,8 +68,11 @@ class TrainStats:
 
 
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
-                seed: int, label: str = "client", proximal_mu: float = 0.0) -> TrainStats:
+                seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0) -> TrainStats:
     """Train `adapted`'s delta on `rows` in place; returns loss statistics.
+
+    `step_offset` is the number of local steps of earlier rounds: methods with a
+    step schedule (AdaLoRA) see the global step `step_offset + step`.
 
     With `proximal_mu > 0` (FedProx) the loss gets (mu/2)·||w - w_global||² over the
     delta's tensors, w_global being their values when training starts.
@@ -90,6 +93,7 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
     losses: list[float] = []
     model = adapted.model
     model.train()
+    adapted.method.begin_local_training(model)
     start = time.perf_counter()
     for step in range(1, steps + 1):
         if len(order) < config.batch_size:  # reshuffle each pass over the local data
@@ -103,6 +107,7 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
+        adapted.method.after_optimizer_step(model, step_offset + step)
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if step % config.log_every == 0 or step == steps:

@@ -1,6 +1,6 @@
 """Where things are inside each supported transformer family, keyed by `model_type`.
 
-Methods that insert modules of their own (bottleneck adapters today; offsite and split
+Methods that insert modules of their own (bottleneck, parallel and fusion adapters; offsite and split
 topologies later) look positions up here instead of branching on model classes.
 """
 
@@ -14,6 +14,19 @@ from fedpeft.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class ParallelSite:
+    """Where a parallel adapter (He et al. 2022) reads the FFN sublayer's input and adds
+    its output: `module` is called with that input as positional argument `input_arg`;
+    `into_residual` adds the adapter output to that argument (for blocks whose module
+    also does the residual add and norm, like BERT's `BertOutput`), otherwise to the
+    module's output (a plain FFN like Llama's `mlp`)."""
+
+    module: str
+    input_arg: int = 0
+    into_residual: bool = False
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Dotted paths relative to the model (blocks) and to one block (sublayers)."""
 
@@ -23,13 +36,17 @@ class ArchitectureSpec:
     """The projection that ends the attention sublayer, before the residual add."""
     ffn_output: str
     """The projection that ends the feed-forward sublayer, before the residual add."""
+    ffn_parallel: ParallelSite
+    """Where a parallel FFN adapter attaches."""
     classifier: str = "score"
     """The sequence-classification head (trained with every method when present)."""
 
 
-_LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj")
+_LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
+                             ffn_parallel=ParallelSite("mlp"))
 _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
-                              ffn_output="output.dense", classifier="classifier")
+                              ffn_output="output.dense",
+                              ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True), classifier="classifier")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -38,7 +55,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj"),
+    "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj",
+                             ffn_parallel=ParallelSite("mlp")),
     "bert": _BERT_LIKE,
 }
 

@@ -73,3 +73,14 @@ def test_methods_without_4bit_support_fail_before_anything_starts(capsys, tmp_pa
     assert main(["--model", str(tiny_model_dir), "--method", "loha", "--quantize", "4bit", "--out", str(out)]) == 2
     assert "cannot train over a 4-bit backbone" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("method", "options", "fragment"), [
+    ("adalora", [], "AdaLoraMethodConfig.total_step"),
+    ("adapter_fusion", ["-o", "adapter_dirs=only-one"], "AdapterFusionMethodConfig.adapter_dirs"),
+    ("mam", ["-o", "r=4"], "unknown option(s) ['r']"),
+])
+def test_new_catalogue_methods_are_accepted_and_their_options_checked(capsys, method, options, fragment):
+    assert main(["--method", method, *options]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "unknown PEFT method" not in err

@@ -21,8 +21,9 @@ CASES = [
     ("prefix", {"num_virtual_tokens": "4", "prefix_projection": "true", "encoder_hidden_size": "32"}),
     ("bottleneck", {"style": "houlsby", "reduction_factor": "8"}),
     ("bottleneck", {"style": "pfeiffer"}),
+    ("bottleneck", {"style": "parallel", "scaling": "2.0", "drop_lowest": "1"}),
 ]
-IDS = ["lora", "dora", "prefix", "prefix-projection", "houlsby", "pfeiffer"]
+IDS = ["lora", "dora", "prefix", "prefix-projection", "houlsby", "pfeiffer", "parallel"]
 QUANT = ["none", pytest.param("4bit", marks=pytest.mark.skipif(not bitsandbytes_available(), reason="no bnb"))]
 
 
@@ -53,7 +54,7 @@ def test_only_the_delta_trains_and_adapter_reloads_exactly(tiny_model_dir, tmp_p
     torch.testing.assert_close(logits(reloaded, x, mask), logits(adapted.model, x, mask), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["houlsby", "pfeiffer"])
+@pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel"])
 def test_fresh_bottleneck_adapter_is_the_identity(tiny_model_dir, style):
     base = load_base_model(tiny_model_dir, "none")
     x, mask = probe_batch(base.config.vocab_size)
@@ -61,6 +62,8 @@ def test_fresh_bottleneck_adapter_is_the_identity(tiny_model_dir, style):
     adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck", make_config("bottleneck", {"style": style}))
     assert torch.equal(logits(adapted.model, x, mask), base_logits)
     per_block = 2 if style == "houlsby" else 1
+    if style == "parallel":  # beside the FFN module, which it wraps
+        assert all(".mlp.adapter." in n for n in adapted.delta_names), adapted.delta_names
     assert len(adapted.delta_names) == per_block * 4 * adapted.model.config.num_hidden_layers  # down/up weight+bias
 
 
@@ -101,3 +104,37 @@ def test_robust_adapter_drop_varies_in_training_and_inference_drop_restores_the_
     assert not torch.equal(logits(model, x, mask), logits(base, x, mask))  # eval: all adapters back on
     set_inference_drop(model, 2)
     torch.testing.assert_close(logits(model, x, mask), logits(base, x, mask), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel"])
+def test_adapter_drop_switches_off_every_style_and_restores_the_base(tiny_model_dir, style):
+    from fedpeft.common.methods.bottleneck import adapted_sublayers, set_inference_drop
+
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck", make_config("bottleneck", {"style": style}))
+    for module in adapted_sublayers(adapted.model):
+        torch.nn.init.normal_(module.adapter.up.weight, std=0.5)
+    base = load_base_model(tiny_model_dir, "none")
+    x, mask = probe_batch(base.config.vocab_size)
+    assert not torch.equal(logits(adapted.model, x, mask), logits(base, x, mask))
+    set_inference_drop(adapted.model, adapted.model.config.num_hidden_layers)
+    torch.testing.assert_close(logits(adapted.model, x, mask), logits(base, x, mask), rtol=0, atol=1e-6)
+
+
+def test_parallel_adapter_adds_its_scaled_output_beside_the_ffn(tiny_model_dir):
+    from fedpeft.common.methods.bottleneck import adapted_sublayers
+
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck",
+                                make_config("bottleneck", {"style": "parallel", "scaling": "3.0"}))
+    site = adapted_sublayers(adapted.model)[0]
+    torch.nn.init.normal_(site.adapter.up.weight, std=0.5)
+    x = torch.randn(1, 5, adapted.model.config.hidden_size)
+    with torch.no_grad():
+        expected = site.base_layer(x) + 3.0 * site.adapter.up(site.adapter.act(site.adapter.down(x)))
+        torch.testing.assert_close(site(x), expected)
+
+
+def test_scaling_is_refused_for_serial_styles():
+    from fedpeft.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scaling"):
+        make_config("bottleneck", {"style": "pfeiffer", "scaling": "2"})

@@ -35,10 +35,20 @@ def test_options_from_strings_are_coerced_to_field_types():
     assert config == LoraMethodConfig(r=16, alpha=32, dropout=0.1, use_dora=True, target_modules=("q_proj", "v_proj"))
 
 
+# Methods with an option no default can fill (a schedule length, stage-1 adapter dirs).
+REQUIRED_OPTIONS = {"adalora": {"total_step": "10"}, "adapter_fusion": {"adapter_dirs": "task-a,task-b"}}
+
+
 def test_defaults_round_trip_through_dict():
     for name in available_methods():
-        config = make_config(name)
+        config = make_config(name, REQUIRED_OPTIONS.get(name))
         assert make_config(name, config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_OPTIONS))
+def test_required_options_are_named_when_missing(name):
+    with pytest.raises(ConfigError, match=next(iter(REQUIRED_OPTIONS[name]))):
+        make_config(name)
 
 
 @pytest.mark.parametrize(

@@ -217,3 +217,35 @@ def test_resume_refuses_what_it_cannot_resume(tmp_path):
 
     with pytest.raises(ConfigError, match="no readable config.json"):
         run_simulation(SimulationConfig(resume=str(tmp_path)))
+
+
+def test_mam_composite_federates_and_its_final_adapter_reloads(tiny_model_dir, tmp_path):
+    from fedpeft.common.methods import get_method
+
+    config = SimulationConfig(model=str(tiny_model_dir), method="mam",
+                              method_options={"num_virtual_tokens": "4", "reduction_factor": "4"}, clients=2, rounds=2,
+                              local_steps=6, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+                              builtin_train_rows=120, eval_limit=32, seed=3)
+    captured: dict[str, torch.Tensor] = {}
+    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    final = result.out_dir / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "FEDPEFT_MAM"
+    reloaded = get_method("mam").load_adapter(load_base_model(tiny_model_dir, "none"), final)
+    torch.testing.assert_close(_probe_logits(reloaded), captured["logits"], rtol=0, atol=1e-5)
+
+
+def test_adalora_federates_with_a_global_step_schedule(tiny_model_dir, tmp_path):
+    """total_step spans rounds × local steps: by the end every client pruned to budget,
+    so the averaged E keeps at most clients × target_r ranks per matrix on average
+    (AdaLoRA's budget is global: one matrix may keep none, another several)."""
+    options = {"total_step": "12", "init_r": "6", "target_r": "1", "tfinal": "4", "target_modules": "q_proj,v_proj"}
+    config = SimulationConfig(model=str(tiny_model_dir), method="adalora", method_options=options, clients=2, rounds=2,
+                              local_steps=6, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+                              builtin_train_rows=120, eval_limit=32, seed=3)
+    result = run_simulation(config)
+    final = load_delta_file(result.out_dir / "checkpoints" / "global-round-0002.safetensors")
+    singular = [t for n, t in final.items() if ".lora_E." in n]
+    kept = sum(int((e != 0).sum()) for e in singular)
+    assert singular and 0 < kept <= 2 * 1 * len(singular) < 6 * len(singular)

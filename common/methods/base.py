@@ -115,6 +115,16 @@ class PeftMethod(ABC):
         (e.g. FFA-LoRA's frozen A); the server checks clients built the same ones."""
         return []
 
+    def begin_local_training(self, model: nn.Module) -> None:
+        """Called by the client training loop before a local round (after the global
+        delta is set); methods with per-round training state reset it here."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        """Called after every optimizer step, before gradients are cleared, with the
+        step counted across rounds (e.g. AdaLoRA's rank allocation)."""
+        return None
+
     def delta_names(self, model: nn.Module) -> list[str]:
         """Names of the tensors that make up the delta, in a stable order."""
         return [name for name, param in model.named_parameters() if param.requires_grad]

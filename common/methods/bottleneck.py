@@ -7,9 +7,13 @@ so a fresh adapter is the identity and training starts from the base model.
 
 Placement (per block, looked up in `fedpeft.common.architectures`):
 - houlsby: after the attention output projection and after the feed-forward output;
-- pfeiffer: after the feed-forward output only.
-Both sit before the block's residual add, wrapping the projection module, so no
-`forward` of the model is patched.
+- pfeiffer: after the feed-forward output only;
+- parallel (He et al. 2022, "Towards a unified view of parameter-efficient transfer
+  learning"): reads the feed-forward sublayer's *input* and adds `scaling`·adapter(x)
+  next to the FFN's output, i.e. h = x + FFN(x) + s·up(act(down(x))).
+Serial adapters sit before the block's residual add, wrapping the projection module;
+the parallel one wraps the FFN module (the table's `ffn_parallel` site). No `forward`
+of the model is patched.
 
 AdapterDrop (Rücklé et al. 2021) is built in: `drop_lowest=k` places no adapters in the
 lowest k blocks at all (fewer parameters, and backprop can stop above them);
@@ -22,26 +26,28 @@ adapter usable when its lowest layers are later dropped at inference with
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import architecture_of, blocks_of
+from fedpeft.common.architectures import ParallelSite, architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.native import NativeMethod
 from fedpeft.common.methods.registry import register
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+STYLES = ("houlsby", "pfeiffer", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
 class BottleneckMethodConfig(MethodConfig):
     """Options of bottleneck adapters."""
 
-    style: Literal["houlsby", "pfeiffer"] = "pfeiffer"
-    """houlsby: adapters after attention and FFN; pfeiffer: after the FFN only."""
+    style: Literal["houlsby", "pfeiffer", "parallel"] = "pfeiffer"
+    """houlsby: adapters after attention and FFN; pfeiffer: after the FFN only;
+    parallel: one adapter beside the FFN, fed the FFN's input."""
     reduction_factor: int = 16
     """Bottleneck width = hidden_size // reduction_factor."""
     non_linearity: Literal["relu", "gelu", "silu"] = "relu"
@@ -52,10 +58,14 @@ class BottleneckMethodConfig(MethodConfig):
     """AdapterDrop: no adapters in the lowest this-many blocks (train and inference)."""
     train_drop_max: int = 0
     """Robust AdapterDrop: each training step drops the lowest U{0..train_drop_max} adapted blocks."""
+    scaling: float = 4.0
+    """style=parallel only: the adapter output is multiplied by this (He et al.'s s=4)."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        require(self.style in ("houlsby", "pfeiffer"), owner, "style", f"{self.style!r} is not 'houlsby' or 'pfeiffer'")
+        require(self.style in STYLES, owner, "style", f"{self.style!r} is not one of {list(STYLES)}")
+        require(self.scaling > 0, owner, "scaling", f"must be > 0, got {self.scaling}")
+        require(self.style == "parallel" or self.scaling == 4.0, owner, "scaling", "only applies to style=parallel")
         require(self.reduction_factor >= 1, owner, "reduction_factor", f"must be >= 1, got {self.reduction_factor}")
         require(self.non_linearity in ACTIVATIONS, owner, "non_linearity",
                 f"{self.non_linearity!r} is not one of {sorted(ACTIVATIONS)}")
@@ -76,23 +86,31 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def branch(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution alone: up(act(down(x))), without the residual."""
+        return self.dropout(self.up(self.act(self.down(hidden))))
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.dropout(self.up(self.act(self.down(hidden))))
+        return hidden + self.branch(hidden)
 
 
-class AdaptedSublayerOutput(nn.Module):
-    """A sublayer's output projection followed by a bottleneck adapter.
+class AdapterSite(nn.Module):
+    """A wrapped base module carrying one adapter; AdapterDrop toggles `active`."""
 
-    The adapter computes in its own (fp32) dtype and the result is cast back, so it
-    works after 4-bit layers whose output is bf16.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, block_index: int) -> None:
+    def __init__(self, base_layer: nn.Module, adapter: nn.Module, block_index: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
         self.block_index = block_index
         self.active = True
+
+
+class AdaptedSublayerOutput(AdapterSite):
+    """A sublayer's output projection followed by a bottleneck adapter.
+
+    The adapter computes in its own (fp32) dtype and the result is cast back, so it
+    works after 4-bit layers whose output is bf16.
+    """
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         out = self.base_layer(*args, **kwargs)
@@ -100,6 +118,28 @@ class AdaptedSublayerOutput(nn.Module):
             return out
         adapter_dtype = self.adapter.up.weight.dtype
         return self.adapter(out.to(adapter_dtype)).to(out.dtype)
+
+
+class ParallelAdaptedSublayer(AdapterSite):
+    """An FFN module with a bottleneck adapter beside it, fed the same input (see
+    `ParallelSite` for where the scaled adapter output is added)."""
+
+    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, block_index: int, site: ParallelSite,
+                 scaling: float) -> None:
+        super().__init__(base_layer, adapter, block_index)
+        self.site = site
+        self.scaling = scaling
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.active:
+            return self.base_layer(*args, **kwargs)
+        x = args[self.site.input_arg]
+        branch = self.scaling * self.adapter.branch(x.to(self.adapter.up.weight.dtype))
+        if self.site.into_residual:
+            args = (*args[:self.site.input_arg], x + branch.to(x.dtype), *args[self.site.input_arg + 1:])
+            return self.base_layer(*args, **kwargs)
+        out = self.base_layer(*args, **kwargs)
+        return out + branch.to(out.dtype)
 
 
 def _output_features(layer: nn.Module) -> int:
@@ -111,7 +151,7 @@ def _output_features(layer: nn.Module) -> int:
 
 @register
 class BottleneckMethod(NativeMethod):
-    """Houlsby / Pfeiffer bottleneck adapters (in-house; see the module docstring)."""
+    """Houlsby / Pfeiffer / parallel bottleneck adapters (in-house; see the module docstring)."""
 
     name: ClassVar[str] = "bottleneck"
     config_cls: ClassVar[type[MethodConfig]] = BottleneckMethodConfig
@@ -119,29 +159,46 @@ class BottleneckMethod(NativeMethod):
 
     def attach(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         assert isinstance(config, BottleneckMethodConfig)
-        spec = architecture_of(model)
-        sites = [spec.ffn_output] if config.style == "pfeiffer" else [spec.attention_output, spec.ffn_output]
-        for index, block in enumerate(blocks_of(model)):
-            if index < config.drop_lowest:
-                continue
-            for site in sites:
-                parent_path, _, attr = site.rpartition(".")
-                parent = block.get_submodule(parent_path) if parent_path else block
-                base_layer = getattr(parent, attr)
-                hidden = _output_features(base_layer)
-                adapter = BottleneckAdapter(hidden, max(1, hidden // config.reduction_factor), config.non_linearity,
-                                            config.dropout)
-                device = next(base_layer.parameters()).device
-                setattr(parent, attr, AdaptedSublayerOutput(base_layer, adapter.to(device), index))
-        if not any(isinstance(m, AdaptedSublayerOutput) for m in model.modules()):
-            raise ConfigError(f"BottleneckMethodConfig.drop_lowest={config.drop_lowest} leaves no block with an adapter")
+        place_bottleneck_adapters(model, config)
         # Always hooked, so set_inference_drop only ever applies in eval mode.
         model.register_forward_pre_hook(_RandomAdapterDrop(config.train_drop_max))
         return model
 
 
-def adapted_sublayers(model: nn.Module) -> list[AdaptedSublayerOutput]:
-    return [m for m in model.modules() if isinstance(m, AdaptedSublayerOutput)]
+def _new_adapter(hidden: int, config: BottleneckMethodConfig, like: nn.Module) -> BottleneckAdapter:
+    adapter = BottleneckAdapter(hidden, max(1, hidden // config.reduction_factor), config.non_linearity, config.dropout)
+    return adapter.to(next(like.parameters()).device)
+
+
+def place_bottleneck_adapters(model: nn.Module, config: BottleneckMethodConfig) -> None:
+    """Wrap every adapted block's sites (per `config.style`) with a fresh adapter."""
+    spec = architecture_of(model)
+    for index, block in enumerate(blocks_of(model)):
+        if index < config.drop_lowest:
+            continue
+        if config.style == "parallel":
+            site = spec.ffn_parallel
+            parent, attr, base_layer = _site(block, site.module)
+            adapter = _new_adapter(model.config.hidden_size, config, base_layer)
+            setattr(parent, attr, ParallelAdaptedSublayer(base_layer, adapter, index, site, config.scaling))
+            continue
+        for path in [spec.ffn_output] if config.style == "pfeiffer" else [spec.attention_output, spec.ffn_output]:
+            parent, attr, base_layer = _site(block, path)
+            adapter = _new_adapter(_output_features(base_layer), config, base_layer)
+            setattr(parent, attr, AdaptedSublayerOutput(base_layer, adapter, index))
+    if not adapted_sublayers(model):
+        raise ConfigError(f"BottleneckMethodConfig.drop_lowest={config.drop_lowest} leaves no block with an adapter")
+
+
+def _site(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
+    """(parent module, attribute name, module) of the dotted `path` inside `block`."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    return parent, attr, getattr(parent, attr)
+
+
+def adapted_sublayers(model: nn.Module) -> list[AdapterSite]:
+    return [m for m in model.modules() if isinstance(m, AdapterSite)]
 
 
 def _drop_lowest_adapted_blocks(model: nn.Module, count: int) -> None:
