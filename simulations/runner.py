@@ -130,6 +130,7 @@ def run_simulation(config: SimulationConfig,
         on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),
         lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
+        hetero=config.hetero_ranks(method_config),
     )
     client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
                          torch_threads=max(1, int(config.cpus_per_client)))
