@@ -99,7 +99,11 @@ class HeteroRankLoraFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        known = set(self.assignment.by_node)
         self.assignment.assign(grid.get_node_ids())
+        new = {n: r for n, r in self.assignment.by_node.items() if n not in known}
+        if new:
+            log.info("LoRA ranks assigned to nodes: %s", new)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
