@@ -56,7 +56,8 @@ class ServerSetup:
     clip_update_norm: float = 0.0
     """L2 bound on each client's update before aggregation (0 = no clipping)."""
     lora_svd_scaling: float | None = None
-    """alpha / r to aggregate LoRA in ΔW space (svd mode); None = average A and B."""
+    """peft's LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) to aggregate LoRA in ΔW space
+    (svd mode); None = average A and B."""
     hetero: HeteroRanks | None = None
     """Per-client LoRA ranks (hetlora / flexlora); `method_config.r` is their maximum."""
     eval_batch_size: int = 16

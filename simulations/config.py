@@ -122,7 +122,9 @@ class SimulationConfig:
         for path in (self.data, self.eval_data):
             if path and not Path(path).is_file():
                 found.append(f"data file {path} does not exist")
-        for check in (lambda: self.hetero_ranks(make_config(self.method, self.effective_method_options())),
+        for check in (lambda: make_config(self.method, self.effective_method_options()),
+                      lambda: (self.method == "lora" and self.lora_aggregation in HETERO_MODES
+                               and self.hetero_ranks(make_config("lora", self.effective_method_options()))),
                       lambda: PartitionSpec.parse(self.partition),
                       lambda: parse_strategy_options(self.strategy, self.strategy_options)):
             try:
