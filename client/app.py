@@ -4,6 +4,11 @@ Each simulation worker (a Ray actor process) keeps the loaded 4-bit base model w
 PEFT modules in `_WORKER_MODEL` and reuses it for every virtual client it runs: a new
 client or round only swaps the delta's tensors in (`set_delta`), it never reloads the
 base. The per-message cost of that swap is reported as `swap-seconds`.
+
+With heterogeneous LoRA ranks the server names this client's rank in the train config
+(`RANK_KEY`); the client builds LoRA at that rank (at most the plan's) and its downlink
+and reply are at that rank. A worker keeps one model per rank it has served, so
+switching between virtual clients of different ranks does not reload the base.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from fedpeft.common.data import Record
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.logs import setup_logging
+from fedpeft.common.methods import make_config
 from fedpeft.common.models import model_fingerprint
-from fedpeft.common.plan import PLAN_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY, FederationPlan
+from fedpeft.common.plan import PLAN_KEY, RANK_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY, FederationPlan
 from fedpeft.common.quantization import validate_quantize
 
 log = logging.getLogger("fedpeft.client")
@@ -45,22 +51,35 @@ class ClientSetup:
     torch_threads: int = 1
 
 
-# One loaded model per worker process, keyed by everything that shapes it.
+# Loaded models of one worker process, keyed by everything that shapes them.
 _WORKER_MODEL: dict[tuple, AdaptedModel] = {}
 
 
-def _adapted_model(setup: ClientSetup, plan: FederationPlan) -> tuple[AdaptedModel, float]:
-    """The worker's cached model for this plan (loading it the first time only)."""
-    key = (setup.model_dir, setup.quantize, plan.method, json.dumps(plan.method_options, sort_keys=True),
-           plan.task_spec().num_labels)
+def assigned_options(plan: FederationPlan, rank: object) -> dict[str, object]:
+    """The plan's method options at the server-assigned LoRA `rank` (None: the plan's own)."""
+    if rank is None:
+        return dict(plan.method_options)
+    top = plan.method_options.get("r")
+    if plan.method != "lora" or not isinstance(top, int):
+        raise ConfigError(f"server assigned a LoRA rank, but the plan trains {plan.method!r} without a rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
+        raise ConfigError(f"server assigned LoRA rank {rank!r}; it must be an integer in [1, {top}]")
+    return {**plan.method_options, "r": rank}
+
+
+def _adapted_model(setup: ClientSetup, plan: FederationPlan, options: dict[str, object]) -> tuple[AdaptedModel, float]:
+    """The worker's cached model for this plan and `options` (loading it the first time only)."""
+    base_key = (setup.model_dir, setup.quantize, plan.method, plan.task_spec().num_labels)
+    key = (*base_key, json.dumps(options, sort_keys=True))
     if key in _WORKER_MODEL:
         return _WORKER_MODEL[key], 0.0
     if plan.model_fingerprint != model_fingerprint(Path(setup.model_dir)):
         raise ConfigError(f"server trains base model {plan.model_fingerprint}, but this client has "
                           f"{model_fingerprint(Path(setup.model_dir))} at {setup.model_dir}")
-    _WORKER_MODEL.clear()  # at most one base model per worker
+    for stale in [k for k in _WORKER_MODEL if k[:len(base_key)] != base_key]:
+        del _WORKER_MODEL[stale]  # another run's base model; ranks of this run are kept
     adapted = AdaptedModel.load(Path(setup.model_dir), validate_quantize(setup.quantize), plan.method,
-                                plan.method_config(), seed=plan.seed, num_labels=plan.task_spec().num_labels)
+                                make_config(plan.method, options), seed=plan.seed, num_labels=plan.task_spec().num_labels)
     if adapted.frozen_fingerprint() != plan.frozen_fingerprint:
         raise ConfigError(f"this client's frozen adapter tensors ({adapted.frozen_fingerprint() or 'none'}) differ from "
                           f"the server's ({plan.frozen_fingerprint or 'none'}): peers must build them from the same seed")
@@ -99,13 +118,14 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     return reply_arrays, metrics
 
 
-def receive_plan(setup: ClientSetup, plan_json: str,
-                 arrays: ArrayRecord | None) -> tuple[FederationPlan, AdaptedModel, float, float]:
-    """Parse the server's plan, get the (cached) model for it and load the global delta into it."""
+def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
+                 lora_rank: object = None) -> tuple[FederationPlan, AdaptedModel, float, float]:
+    """Parse the server's plan, get the (cached) model for it (at the LoRA rank the server
+    assigned this client, if any) and load the global delta into it."""
     setup_logging()
     torch.set_num_threads(setup.torch_threads)
     plan = FederationPlan.from_json(plan_json)
-    adapted, load_seconds = _adapted_model(setup, plan)
+    adapted, load_seconds = _adapted_model(setup, plan, assigned_options(plan, lora_rank))
     if arrays is None:
         raise DeltaError("message from server carries no global delta")
     start = time.perf_counter()
@@ -122,7 +142,8 @@ def build_client_app(setup: ClientSetup) -> ClientApp:
         config = msg.content.config_records.get("config")
         if config is None or PLAN_KEY not in config:
             raise ConfigError("message from server carries no federation plan")
-        plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"))
+        plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
+                                                     config.get(RANK_KEY))
         server_round = int(config.get("server-round", 0))
         partition = int(context.node_config.get("partition-id", context.node_id))
         proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx

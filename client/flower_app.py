@@ -35,6 +35,7 @@ SEAL_TO_KEY = "fedpeft-seal-to"
 RUN_ID_KEY = "fedpeft-run-id"
 METHOD_KEY = "fedpeft-method"
 TENSOR_NAMES_KEY = "fedpeft-tensor-names"
+RANK_KEY = "lora-rank"
 MAX_WEIGHT_KEY = "fedpeft-secagg-max-weight"
 CLIPPING_RANGE_KEY = "fedpeft-secagg-clipping-range"
 ENVELOPE_RECORD = "envelope"
@@ -70,8 +71,8 @@ def _call(context: Context, method: str, request: object) -> object:
 
 
 def _train(context: Context, plan_json: str, server_round: int, proximal_mu: float,
-           arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
-    reply = _call(context, "Train", wire.train_request(plan_json, server_round, proximal_mu, arrays))
+           arrays: ArrayRecord, lora_rank: int = 0) -> tuple[ArrayRecord, dict[str, float]]:
+    reply = _call(context, "Train", wire.train_request(plan_json, server_round, proximal_mu, arrays, lora_rank))
     return wire.arrays_from_proto(reply.delta), dict(reply.metrics)  # type: ignore[attr-defined]
 
 
@@ -80,7 +81,7 @@ def _train_message(msg: Message, context: Context) -> Message:
     config = msg.content.config_records["config"]
     arrays = msg.content.array_records["arrays"]
     delta, metrics = _train(context, str(config[PLAN_KEY]), int(config.get("server-round", 0)),
-                            float(config.get("proximal-mu", 0.0)), arrays)
+                            float(config.get("proximal-mu", 0.0)), arrays, int(config.get(RANK_KEY, 0) or 0))
     metrics = {k: (int(v) if k == "num-examples" else v) for k, v in metrics.items()}
     return Message(RecordDict({"arrays": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -53,7 +53,8 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
         with self._lock:
             try:
                 arrays = wire.arrays_from_proto(request.global_delta)
-                plan, adapted, load_s, swap_s = receive_plan(self.state.setup, request.plan_json, arrays)
+                plan, adapted, load_s, swap_s = receive_plan(self.state.setup, request.plan_json, arrays,
+                                                                 request.lora_rank or None)
                 reply_arrays, metrics = train_round(
                     self.state.setup, plan, adapted, list(self.state.rows), server_round=int(request.server_round),
                     partition=self.state.partition, proximal_mu=float(request.proximal_mu), load_seconds=load_s,

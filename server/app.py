@@ -24,6 +24,7 @@ from fedpeft.common.objectives import objective_for
 from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
+from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.privacy import wrap_with_dp
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.sealed_replies import EnvelopeOpener
@@ -62,7 +63,10 @@ class ServerSetup:
     clip_update_norm: float = 0.0
     """L2 bound on each client's update before aggregation (0 = no clipping)."""
     lora_svd_scaling: float | None = None
-    """alpha / r to aggregate LoRA in ΔW space (svd mode); None = average A and B."""
+    """peft's LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) to aggregate LoRA in ΔW space
+    (svd mode); None = average A and B."""
+    hetero: HeteroRanks | None = None
+    """Per-client LoRA ranks (hetlora / flexlora); `method_config.r` is their maximum."""
     eval_batch_size: int = 16
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
@@ -97,6 +101,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         options=setup.strategy_options,
         min_accepted=setup.min_accepted,
         lora_svd_scaling=setup.lora_svd_scaling,
+        hetero=setup.hetero,
         clip_update_norm=setup.clip_update_norm,
         fraction_train=setup.clients_per_round / setup.num_clients,
         fraction_evaluate=0.0,
@@ -150,6 +155,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             spent = dp_wrapper.privacy_spent()
             if spent is not None:
                 row["dp_epsilon"], row["dp_delta"] = spent.epsilon, spent.delta
+        rank_errors = getattr(strategy, "rank_errors", {}).get(server_round)
+        if rank_errors:  # FlexLoRA: the error of what each rank was sent; the max is the worst client's
+            row.update({f"svd_relative_error_r{r}": e for r, e in rank_errors.items()})
+            row["svd_max_relative_error"] = max(rank_errors.values())
         if traffic and traffic.train_metrics:
             row["train_loss"] = traffic.train_metrics.get("train-loss")
         if traffic and traffic.client_metrics:

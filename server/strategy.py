@@ -5,10 +5,12 @@ FedTrimmedAvg) do the sampling and the aggregation math. `DeltaValidation` is mi
 front of any of them and adds what a federation over untrusted edge clients needs:
 - every reply's delta is decoded and checked against the method's delta spec (names,
   shapes, dtypes, finiteness, size) and its example count; a bad reply is logged with
-  the reason and left out, and the round completes with the remaining clients;
+  the reason and left out, and the round completes with the remaining clients. A
+  strategy whose clients train differently shaped deltas (heterogeneous LoRA ranks)
+  provides `reply_spec(node_id, default)`, and each reply is held to its node's spec;
 - a round with fewer accepted updates than `min_accepted` stops the run with a
   `FederationError` instead of silently keeping the old adapter;
-- optional update-norm clipping: a client's update (its delta minus the global one)
+- optional update-norm clipping: a client's update (its delta minus the one it was sent)
   longer than `clip_update_norm` (L2 over all tensors) is scaled down to that length
   before aggregation, bounding what one client can move the global adapter;
 - bytes sent and received are counted per round;
@@ -43,6 +45,7 @@ from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS
+from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 
 log = logging.getLogger("fedpeft.server")
@@ -79,7 +82,8 @@ class DeltaValidation:
         self.max_delta_bytes = max_delta_bytes
         self.min_accepted = min_accepted
         self.clip_update_norm = clip_update_norm
-        self._global: dict[str, torch.Tensor] = {}
+        #: The delta each node of the current round was sent (for clipping its update).
+        self._sent: dict[int, dict[str, torch.Tensor]] = {}
         #: Opens sealed replies in place (see `sealed_replies`); None = plaintext replies.
         self.unseal: Callable[[Message, int], str | None] | None = None
         #: Rounds already completed before this process started (a resumed run).
@@ -90,10 +94,21 @@ class DeltaValidation:
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset  # clients (and their seeds) see the run's true round
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
+        self._sent = {}
         if self.clip_update_norm > 0:
-            self._global = dict(delta_from_arrayrecord(arrays))
-        self.traffic[server_round] = RoundTraffic(bytes_down=record_bytes(arrays) * len(messages), sent=len(messages))
+            decoded: dict[int, dict[str, torch.Tensor]] = {}  # messages usually share one record
+            for msg, record in zip(messages, downlinks, strict=True):
+                if id(record) not in decoded:
+                    decoded[id(record)] = dict(delta_from_arrayrecord(record))
+                self._sent[msg.metadata.dst_node_id] = decoded[id(record)]
+        self.traffic[server_round] = RoundTraffic(bytes_down=sum(record_bytes(r) for r in downlinks), sent=len(messages))
         return messages
+
+    def _expected_spec(self, node_id: int) -> DeltaSpec:
+        """The spec `node_id`'s reply must match (per node where the strategy says so)."""
+        per_node = getattr(super(), "reply_spec", None)
+        return per_node(node_id, self.spec) if per_node is not None else self.spec
 
     def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None]:
         """(problem, None) for a reply to leave out, or (None, its decoded delta).
@@ -115,7 +130,7 @@ class DeltaValidation:
             return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}", None
         try:
             delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
-            self.spec.validate(delta, source="client delta")
+            self._expected_spec(msg.metadata.src_node_id).validate(delta, source="client delta")
         except DeltaError as exc:
             return str(exc), None
         return None, delta
@@ -123,14 +138,15 @@ class DeltaValidation:
     def _clip(self, msg: Message, delta: dict[str, torch.Tensor]) -> bool:
         """Scale a reply's update (its already-validated `delta`) down to
         `clip_update_norm`, replacing the reply's arrays; True if clipped."""
-        if self.clip_update_norm <= 0 or not self._global:
+        sent = self._sent.get(msg.metadata.src_node_id)
+        if self.clip_update_norm <= 0 or sent is None:
             return False
-        updates = {k: delta[k].double() - self._global[k].double() for k in delta}
+        updates = {k: delta[k].double() - sent[k].double() for k in delta}
         norm = math.sqrt(sum(float((u ** 2).sum()) for u in updates.values()))
         if norm <= self.clip_update_norm:
             return False
         factor = self.clip_update_norm / norm
-        clipped = {k: (self._global[k].double() + updates[k] * factor).to(delta[k].dtype) for k in delta}
+        clipped = {k: (sent[k].double() + updates[k] * factor).to(delta[k].dtype) for k in delta}
         msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(clipped)
         log.warning("node %d: update norm %.3g clipped to %.3g", msg.metadata.src_node_id, norm, self.clip_update_norm)
         return True
@@ -270,23 +286,30 @@ def parse_strategy_options(name: str, options: dict[str, str]) -> dict[str, floa
     return parsed
 
 
-LORA_AGGREGATIONS = ("naive", "svd", "ffa")
+LORA_AGGREGATIONS = ("naive", "svd", "ffa", *HETERO_MODES)
 ValidatedLoraSvdFedAvg = type("ValidatedLoraSvdFedAvg", (DeltaValidation, LoraSvdFedAvg), {})
+ValidatedHeteroRankLoraFedAvg = type("ValidatedHeteroRankLoraFedAvg", (DeltaValidation, HeteroRankLoraFedAvg), {})
 
 
 def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options: dict[str, str] | None = None,
-                   lora_svd_scaling: float | None = None, **sampling: object) -> DeltaValidation:
+                   lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None,
+                   **sampling: object) -> DeltaValidation:
     """A validated Flower strategy by name, with algorithm options and sampling settings.
 
-    With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space; that
-    replaces FedAvg's array averaging, so it combines with `fedavg` only.
+    With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space, and with
+    `hetero` clients train per-client ranks; both replace FedAvg's array averaging, so
+    they combine with `fedavg` only.
     """
     parsed = parse_strategy_options(name, dict(options or {}))
+    if (lora_svd_scaling is not None or hetero is not None) and name != "fedavg":
+        raise ConfigError(f"{'heterogeneous-rank' if hetero else 'ΔW-space (svd)'} LoRA aggregation replaces "
+                          f"FedAvg's averaging; use it with strategy 'fedavg', not {name!r}")
     try:
+        if hetero is not None:
+            return ValidatedHeteroRankLoraFedAvg(  # type: ignore[return-value]
+                spec=spec, max_delta_bytes=max_delta_bytes, mode=hetero.mode, ranks=hetero.ranks,
+                scaling=hetero.scaling, **sampling)
         if lora_svd_scaling is not None:
-            if name != "fedavg":
-                raise ConfigError(f"ΔW-space (svd) LoRA aggregation replaces FedAvg's averaging; use it with "
-                                  f"strategy 'fedavg', not {name!r}")
             return ValidatedLoraSvdFedAvg(spec=spec, max_delta_bytes=max_delta_bytes,  # type: ignore[return-value]
                                           lora_scaling=lora_svd_scaling, **sampling)
         return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, **sampling, **parsed)  # type: ignore[return-value]

@@ -28,10 +28,20 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more ranks >= 1")
+    return ranks
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedpeft.common.methods import available_methods
     from fedpeft.common.models import DEFAULT_MODEL
-    from fedpeft.server.strategy import STRATEGIES
+    from fedpeft.server.strategy import LORA_AGGREGATIONS, STRATEGIES
     from fedpeft.simulations.config import SimulationConfig
 
     d = SimulationConfig()
@@ -66,9 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=d.strategy, help=f"aggregation: {', '.join(sorted(STRATEGIES))} (default %(default)s)")
     p.add_argument("--strategy-opt", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. --strategy fedprox --strategy-opt proximal_mu=0.01)")
-    p.add_argument("--lora-aggregation", default=d.lora_aggregation, choices=["naive", "svd", "ffa"],
+    p.add_argument("--lora-aggregation", default=d.lora_aggregation, choices=list(LORA_AGGREGATIONS),
                    help="naive: average A and B (FedIT); svd: exact mean of B·A re-factored to rank r; "
-                        "ffa: A frozen, only B trained (exact) (default %(default)s)")
+                        "ffa: A frozen, only B trained (exact); hetlora: per-client ranks, zero-padded A and B "
+                        "averaged; flexlora: per-client ranks, exact mean of B·A re-factored by SVD to each "
+                        "client's rank (default %(default)s)")
+    p.add_argument("--client-ranks", type=_ranks, default=[], metavar="R1,R2,...",
+                   help="hetlora/flexlora: LoRA ranks cycled over the clients, e.g. 2,4,8 (the global rank is the max)")
     p.add_argument("--clip-update-norm", type=float, default=d.clip_update_norm,
                    help="clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -90,7 +104,7 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
-        resume=args.resume,
+        resume=args.resume, client_ranks=args.client_ranks,
     )
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.common.errors import ConfigError, FedPeftError
-from fedpeft.common.methods import make_config
+from fedpeft.common.methods import MethodConfig, make_config
+from fedpeft.common.methods.lora import LoraMethodConfig
 from fedpeft.common.models import DEFAULT_MODEL
 from fedpeft.common.partition import PartitionSpec
 from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available, resolve_quantize  # noqa: F401
+from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 
@@ -57,7 +59,11 @@ class SimulationConfig:
     clip_update_norm: float = 0.0
     """L2 bound on each client's update (delta minus global) before aggregation; 0 = off."""
     lora_aggregation: str = "naive"
-    """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen)."""
+    """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen) |
+    hetlora (per-client ranks, zero-padded factors averaged) | flexlora (per-client ranks,
+    exact ΔW mean, SVD to each client's rank)."""
+    client_ranks: list[int] = field(default_factory=list)
+    """hetlora/flexlora: LoRA ranks cycled over the clients (empty: all at the method's r)."""
     log_every: int = 4
     resume: str | None = None
     """Run dir of an interrupted run to continue from its last completed round."""
@@ -79,8 +85,17 @@ class SimulationConfig:
             found.append(f"--lora-aggregation {self.lora_aggregation!r}: choose one of {list(LORA_AGGREGATIONS)}")
         elif self.lora_aggregation != "naive" and self.method != "lora":
             found.append(f"--lora-aggregation {self.lora_aggregation} needs --method lora (got {self.method!r})")
-        elif self.lora_aggregation == "svd" and self.strategy != "fedavg":
-            found.append("--lora-aggregation svd replaces FedAvg's averaging; it needs --strategy fedavg")
+        elif self.lora_aggregation in ("svd", *HETERO_MODES) and self.strategy != "fedavg":
+            found.append(f"--lora-aggregation {self.lora_aggregation} replaces FedAvg's averaging; "
+                         "it needs --strategy fedavg")
+        if self.client_ranks:
+            if self.lora_aggregation not in HETERO_MODES:
+                found.append(f"--client-ranks needs --lora-aggregation {' or '.join(HETERO_MODES)}")
+            if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.client_ranks):
+                found.append(f"--client-ranks must be integers >= 1 (got {self.client_ranks})")
+            elif "r" in self.method_options and str(self.method_options["r"]) != str(max(self.client_ranks)):
+                found.append(f"-o r={self.method_options['r']} conflicts with --client-ranks: the global rank is "
+                             f"their maximum, {max(self.client_ranks)} (leave r out)")
         if not self.clip_update_norm >= 0:
             found.append(f"--clip-update-norm must be >= 0 (got {self.clip_update_norm})")
         if self.gpus_per_client < 0:
@@ -101,6 +116,8 @@ class SimulationConfig:
             if path and not Path(path).is_file():
                 found.append(f"data file {path} does not exist")
         for check in (lambda: make_config(self.method, self.effective_method_options()),
+                      lambda: (self.method == "lora" and self.lora_aggregation in HETERO_MODES
+                               and self.hetero_ranks(make_config("lora", self.effective_method_options()))),
                       lambda: PartitionSpec.parse(self.partition),
                       lambda: parse_strategy_options(self.strategy, self.strategy_options)):
             try:
@@ -137,7 +154,17 @@ class SimulationConfig:
         """Method options with what --lora-aggregation implies (ffa freezes A)."""
         if self.lora_aggregation == "ffa":
             return {**self.method_options, "freeze_a": "true"}
+        if self.client_ranks and all(isinstance(r, int) for r in self.client_ranks):
+            return {**self.method_options, "r": str(max(self.client_ranks))}  # the server's (global) rank
         return dict(self.method_options)
+
+    def hetero_ranks(self, method_config: MethodConfig) -> HeteroRanks | None:
+        """The per-client rank settings of hetlora/flexlora runs (None for other modes)."""
+        if self.lora_aggregation not in HETERO_MODES:
+            return None
+        if not isinstance(method_config, LoraMethodConfig):
+            raise ConfigError(f"--lora-aggregation {self.lora_aggregation} needs --method lora")
+        return HeteroRanks.for_lora(self.lora_aggregation, self.client_ranks or [method_config.r], method_config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -128,8 +128,9 @@ def run_simulation(config: SimulationConfig,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
         strategy=config.strategy, strategy_options=dict(config.strategy_options), min_accepted=config.min_clients,
         on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),
-        lora_svd_scaling=(method_config.alpha / method_config.r  # type: ignore[attr-defined]
+        lora_svd_scaling=(method_config.scaling  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
+        hetero=config.hetero_ranks(method_config),
     )
     client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
                          torch_threads=max(1, int(config.cpus_per_client)))

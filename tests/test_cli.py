@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.common.methods import make_config
 from fedpeft.simulations.cli import main
 
 
@@ -84,3 +85,28 @@ def test_new_catalogue_methods_are_accepted_and_their_options_checked(capsys, me
     assert main(["--method", method, *options]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "unknown PEFT method" not in err
+
+
+def test_client_ranks_are_parsed_and_set_the_global_rank():
+    from fedpeft.simulations.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--lora-aggregation", "flexlora", "--client-ranks", "2,4,8"]))
+    assert config.client_ranks == [2, 4, 8] and config.problems() == []
+    assert config.effective_method_options()["r"] == "8"
+    hetero = config.hetero_ranks(make_config("lora", config.effective_method_options()))
+    assert hetero.mode == "flexlora" and hetero.ranks == (2, 4, 8)
+    assert hetero.scaling(2) == pytest.approx(16 / 2) and hetero.scaling(8) == pytest.approx(16 / 8)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--client-ranks", "2,x"])
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--client-ranks", "2,4"], "--client-ranks needs --lora-aggregation hetlora or flexlora"),
+    (["--lora-aggregation", "hetlora", "--client-ranks", "2,4", "-o", "r=16"], "-o r=16 conflicts with --client-ranks"),
+    (["--lora-aggregation", "flexlora", "--strategy", "fedmedian"], "it needs --strategy fedavg"),
+    (["--lora-aggregation", "hetlora", "--client-ranks", "2,4", "-o", "use_dora=true"], "need plain LoRA"),
+    (["--lora-aggregation", "flexlora", "--method", "ia3"], "needs --method lora"),
+])
+def test_bad_heterogeneous_rank_settings_are_reported(capsys, argv, fragment):
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 from fedpeft.common.methods.base import MethodConfig, require
@@ -27,6 +28,8 @@ class LoraMethodConfig(MethodConfig):
     freeze_a: bool = False
     """FFA-LoRA: keep A at its (seeded, identical everywhere) initialization and train
     only B, so averaging B averages the clients' updates B·A exactly."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -38,6 +41,17 @@ class LoraMethodConfig(MethodConfig):
             "all-linear" not in self.target_modules or len(self.target_modules) == 1,
             owner, "target_modules", "'all-linear' cannot be combined with module names",
         )
+
+    @property
+    def scaling(self) -> float:
+        """peft's factor s in ΔW = s·B·A for this config's rank."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """peft's LoRA scale for rank `r`: alpha/r, or alpha/sqrt(r) with rsLoRA. With mixed
+    client ranks it differs per client, so aggregation must use each client's own."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 @register
@@ -71,6 +85,7 @@ class LoraMethod(PeftLibraryMethod):
             lora_dropout=config.dropout,
             target_modules=targets,
             use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
             bias="none",
             task_type=self.task_type,
         )

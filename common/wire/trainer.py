@@ -32,9 +32,10 @@ def arrays_from_proto(arrays: Iterable[trainer_pb2.FlowerArray]) -> ArrayRecord:
     ))
 
 
-def train_request(plan_json: str, server_round: int, proximal_mu: float, global_delta: ArrayRecord) -> trainer_pb2.TrainRequest:
+def train_request(plan_json: str, server_round: int, proximal_mu: float, global_delta: ArrayRecord,
+                  lora_rank: int = 0) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(plan_json=plan_json, server_round=server_round, proximal_mu=proximal_mu,
-                                    global_delta=arrays_to_proto(global_delta))
+                                    global_delta=arrays_to_proto(global_delta), lora_rank=lora_rank)
 
 
 def train_reply(delta: ArrayRecord, metrics: Mapping[str, float]) -> trainer_pb2.TrainReply:

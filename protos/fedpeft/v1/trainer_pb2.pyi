@@ -23,16 +23,18 @@ class FlowerArray(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., stype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("plan_json", "server_round", "proximal_mu", "global_delta")
+    __slots__ = ("plan_json", "server_round", "proximal_mu", "global_delta", "lora_rank")
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_DELTA_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     plan_json: str
     server_round: int
     proximal_mu: float
     global_delta: _containers.RepeatedCompositeFieldContainer[FlowerArray]
-    def __init__(self, plan_json: _Optional[str] = ..., server_round: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., global_delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ...) -> None: ...
+    lora_rank: int
+    def __init__(self, plan_json: _Optional[str] = ..., server_round: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., global_delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., lora_rank: _Optional[int] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("delta", "metrics")
