@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--partition-id", type=int, help="seed offset for local training (default: from builtin:K/N, else 0)")
     start.add_argument("--threads", type=int, default=0, help="torch threads (0 = half the cores)")
     start.add_argument("--seed", type=int, default=0, help="seed of the built-in task's split (builtin:K/N only)")
+    start.add_argument("--once", action="store_true",
+                       help="exit when the SuperNode exits (default: reconnect, e.g. across a server restart)")
     return p
 
 
@@ -67,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client(ClientOptions(
             superlink=args.superlink, data=args.data, model=args.model, key_dir=args.keys,
             root_cert=None if args.insecure else args.root_cert, workdir=args.workdir, quantize=args.quantize,
-            partition_id=args.partition_id, clientappio_port=args.port, torch_threads=args.threads, seed=args.seed))
+            partition_id=args.partition_id, clientappio_port=args.port, torch_threads=args.threads, seed=args.seed,
+            once=args.once))
     except FedPeftError as exc:
         print(f"peft-client: error: {exc}", file=sys.stderr)
         return exc.exit_code

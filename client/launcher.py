@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,8 @@ from fedpeft.common.quantization import resolve_quantize, validate_quantize
 
 log = logging.getLogger("fedpeft.client")
 BUILTIN_PREFIX = "builtin:"
-MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 108 bytes
+MAX_SOCKET_PATH = 100
+RECONNECT_MIN_S, RECONNECT_MAX_S = 2.0, 30.0  # AF_UNIX paths are limited to 108 bytes
 
 
 def load_client_rows(data: str, seed: int = 0, builtin_train_rows: int = 800) -> tuple[list[Record], int]:
@@ -67,6 +71,8 @@ class ClientOptions:
     clientappio_port: int = 9094
     torch_threads: int = 0
     seed: int = 0
+    once: bool = False
+    """Exit when the SuperNode exits, instead of reconnecting."""
 
 
 def _socket_path(workdir: Path) -> Path:
@@ -109,17 +115,46 @@ def run_client(options: ClientOptions) -> int:
     cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
                             clientappio_port=options.clientappio_port,
                             node_config={"trainer-address": socket_address(sock), "partition-id": partition})
-    node = start_process(cmd, flower_env(options.workdir / "flwr-home"))
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop_process(node))
     try:
-        code = node.wait()
-    except KeyboardInterrupt:
-        stop_process(node)
-        code = node.wait()
+        code = _supervise(cmd, flower_env(options.workdir / "flwr-home"), options.once)
+    finally:
+        server.stop(grace=5)
+    log.info("client stopped after %d trained round(s)", state.rounds_trained)
+    return code
+
+
+def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
+    """Keep a SuperNode connected: Flower's SuperNode exits when its SuperLink goes away
+    (a coordinator restart, `peft-server run --resume`), so restart it with backoff while
+    the trainer (and its loaded model) stays up. SIGTERM/Ctrl-C stop both."""
+    stopping = threading.Event()
+    node: subprocess.Popen[bytes] | None = None
+
+    def stop(*_: object) -> None:
+        stopping.set()
+        if node is not None:
+            stop_process(node)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    backoff = RECONNECT_MIN_S
+    try:
+        while True:
+            started = time.monotonic()
+            node = start_process(cmd, env)
+            try:
+                code = node.wait()
+            except KeyboardInterrupt:
+                stop()
+                code = node.wait()
+            if stopping.is_set():
+                return 0
+            if once:
+                if code != 0:
+                    raise FederationError(f"SuperNode exited with code {code} (not registered? wrong CA? SuperLink gone?)")
+                return 0
+            backoff = RECONNECT_MIN_S if time.monotonic() - started > 60 else min(backoff * 2, RECONNECT_MAX_S)
+            log.warning("SuperNode exited (code %s); reconnecting in %.0f s (Ctrl-C to stop)", code, backoff)
+            if stopping.wait(backoff):
+                return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.stop(grace=5)
-    log.info("SuperNode exited with code %s after %d trained round(s)", code, state.rounds_trained)
-    if code not in (0, -signal.SIGTERM):
-        raise FederationError(f"SuperNode exited with code {code} (not registered? wrong CA? SuperLink gone?)")
-    return 0

@@ -103,21 +103,31 @@ def run_flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 12
     return result
 
 
-def start_process(cmd: Sequence[str], env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a long-running Flower process in its own process group (so stopping it stops its children)."""
+def start_process(cmd: Sequence[str], env: Mapping[str, str], log_path: Path | None = None, *,
+                  own_group: bool = True) -> subprocess.Popen[bytes]:
+    """Start a long-running Flower process. In its own process group (`own_group`), stopping
+    it stops its children; in ours, a signal to our group (Ctrl-C, a SIGKILL of the whole
+    coordinator) reaches it too."""
     out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115  (owned by the child)
     log.info("starting %s", " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd)))
     return subprocess.Popen(list(cmd), env=dict(env), stdout=out, stderr=subprocess.STDOUT if out else None,
-                            start_new_session=True)
+                            start_new_session=own_group)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
     if proc.poll() is not None:
         return
+    try:
+        own_group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(proc.pid, sig)
+            if own_group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
         except ProcessLookupError:
             return
         try:

@@ -137,7 +137,7 @@ def launch(options: LaunchOptions) -> Path:
             cmd = superlink_command(host=options.host, port=options.port,
                                     tls=(tls.ca_cert, tls.server_cert, tls.server_key) if tls else None,
                                     node_auth=options.clients_dir is not None)
-            superlink = start_process(cmd, env, run_dir / "superlink.log")
+            superlink = start_process(cmd, env, run_dir / "superlink.log", own_group=False)  # dies with us
             wait_for_port("127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host, options.port,
                           proc=superlink)
             log.info("SuperLink up on %s (TLS %s, node auth %s); its Control API shares this port: firewall it",
