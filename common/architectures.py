@@ -1,7 +1,8 @@
 """Where things are inside each supported transformer family, keyed by `model_type`.
 
-Methods that insert modules of their own (bottleneck, parallel and fusion adapters; offsite and split
-topologies later) look positions up here instead of branching on model classes.
+Methods that insert modules of their own (bottleneck, parallel and fusion adapters, UniPELT's gated
+LoRA and prefix gates; offsite and split topologies later) look positions up here instead of
+branching on model classes.
 """
 
 from __future__ import annotations
@@ -38,15 +39,22 @@ class ArchitectureSpec:
     """The projection that ends the feed-forward sublayer, before the residual add."""
     ffn_parallel: ParallelSite
     """Where a parallel FFN adapter attaches."""
+    query_value: tuple[str, ...]
+    """The attention's query and value projections (GPT-2: its fused query/key/value projection)."""
+    backbone: str
+    """The transformer body below any head: the module called with the 2-D padding `attention_mask`."""
     classifier: str = "score"
     """The sequence-classification head (trained with every method when present)."""
 
 
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
-                             ffn_parallel=ParallelSite("mlp"))
+                             ffn_parallel=ParallelSite("mlp"), query_value=("self_attn.q_proj", "self_attn.v_proj"),
+                             backbone="model")
 _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
                               ffn_output="output.dense",
-                              ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True), classifier="classifier")
+                              ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True),
+                              query_value=("attention.self.query", "attention.self.value"), backbone="bert",
+                              classifier="classifier")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -56,7 +64,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj",
-                             ffn_parallel=ParallelSite("mlp")),
+                             ffn_parallel=ParallelSite("mlp"), query_value=("attn.c_attn",), backbone="transformer"),
     "bert": _BERT_LIKE,
 }
 

@@ -80,6 +80,7 @@ def test_methods_without_4bit_support_fail_before_anything_starts(capsys, tmp_pa
     ("adalora", [], "AdaLoraMethodConfig.total_step"),
     ("adapter_fusion", ["-o", "adapter_dirs=only-one"], "AdapterFusionMethodConfig.adapter_dirs"),
     ("mam", ["-o", "r=4"], "unknown option(s) ['r']"),
+    ("unipelt", ["-o", "lora_r=0"], "UniPeltMethodConfig.lora_r"),
 ])
 def test_new_catalogue_methods_are_accepted_and_their_options_checked(capsys, method, options, fragment):
     assert main(["--method", method, *options]) == 2

@@ -33,6 +33,7 @@ def test_model_kind_is_read_from_the_checkpoint(tiny_bert_dir, tiny_model_dir):
 @pytest.mark.parametrize(("method", "options"), [("lora", {"r": "4"}), ("bottleneck", {"style": "houlsby"}),
                                                  ("bottleneck", {"style": "parallel"}),
                                                  ("mam", {"num_virtual_tokens": "4"}),
+                                                 ("unipelt", {"num_virtual_tokens": "4", "lora_r": "4"}),
                                                  ("adalora", {"total_step": "15", "init_r": "4", "target_r": "2",
                                                               "target_modules": "query,value"}),
                                                  ("bitfit", {}), ("prefix", {"num_virtual_tokens": "4"}),

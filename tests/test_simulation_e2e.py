@@ -236,6 +236,26 @@ def test_mam_composite_federates_and_its_final_adapter_reloads(tiny_model_dir, t
     torch.testing.assert_close(_probe_logits(reloaded), captured["logits"], rtol=0, atol=1e-5)
 
 
+def test_unipelt_federates_and_its_final_adapter_reloads(tiny_model_dir, tmp_path):
+    """Gated LoRA + gated prefix + gated adapter cross the wire as one delta."""
+    from fedpeft.common.methods import get_method
+
+    config = SimulationConfig(model=str(tiny_model_dir), method="unipelt",
+                              method_options={"num_virtual_tokens": "4", "lora_r": "4", "reduction_factor": "4"},
+                              clients=2, rounds=2, local_steps=6, learning_rate=5e-3, quantize="none",
+                              out=str(tmp_path / "run"), builtin_train_rows=120, eval_limit=32, seed=3)
+    captured: dict[str, torch.Tensor] = {}
+    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    final_delta = load_delta_file(result.out_dir / "checkpoints" / "global-round-0002.safetensors")
+    assert any(".prefix_gate." in n for n in final_delta) and any(".lora_gate." in n for n in final_delta)
+    final = result.out_dir / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "FEDPEFT_UNIPELT"
+    reloaded = get_method("unipelt").load_adapter(load_base_model(tiny_model_dir, "none"), final)
+    torch.testing.assert_close(_probe_logits(reloaded), captured["logits"], rtol=0, atol=1e-5)
+
+
 def test_adalora_federates_with_a_global_step_schedule(tiny_model_dir, tmp_path):
     """total_step spans rounds × local steps: by the end every client pruned to budget,
     so the averaged E keeps at most clients × target_r ranks per matrix on average

@@ -142,7 +142,7 @@ class ParallelAdaptedSublayer(AdapterSite):
         return out + branch.to(out.dtype)
 
 
-def _output_features(layer: nn.Module) -> int:
+def output_features(layer: nn.Module) -> int:
     for attr in ("out_features", "nf"):  # nn.Linear / bnb Linear4bit, GPT-2 Conv1D
         if isinstance(getattr(layer, attr, None), int):
             return getattr(layer, attr)
@@ -178,19 +178,19 @@ def place_bottleneck_adapters(model: nn.Module, config: BottleneckMethodConfig) 
             continue
         if config.style == "parallel":
             site = spec.ffn_parallel
-            parent, attr, base_layer = _site(block, site.module)
+            parent, attr, base_layer = sublayer_site(block, site.module)
             adapter = _new_adapter(model.config.hidden_size, config, base_layer)
             setattr(parent, attr, ParallelAdaptedSublayer(base_layer, adapter, index, site, config.scaling))
             continue
         for path in [spec.ffn_output] if config.style == "pfeiffer" else [spec.attention_output, spec.ffn_output]:
-            parent, attr, base_layer = _site(block, path)
-            adapter = _new_adapter(_output_features(base_layer), config, base_layer)
+            parent, attr, base_layer = sublayer_site(block, path)
+            adapter = _new_adapter(output_features(base_layer), config, base_layer)
             setattr(parent, attr, AdaptedSublayerOutput(base_layer, adapter, index))
     if not adapted_sublayers(model):
         raise ConfigError(f"BottleneckMethodConfig.drop_lowest={config.drop_lowest} leaves no block with an adapter")
 
 
-def _site(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
+def sublayer_site(block: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module]:
     """(parent module, attribute name, module) of the dotted `path` inside `block`."""
     parent_path, _, attr = path.rpartition(".")
     parent = block.get_submodule(parent_path) if parent_path else block

@@ -24,7 +24,7 @@ from fedpeft.common.architectures import is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.bottleneck import ACTIVATIONS, BottleneckMethodConfig, place_bottleneck_adapters
-from fedpeft.common.methods.native import CONFIG_ATTR, NativeMethod
+from fedpeft.common.methods.native import PeftWrappedNativeMethod
 from fedpeft.common.methods.registry import register
 
 
@@ -62,24 +62,12 @@ class MamMethodConfig(MethodConfig):
 
 
 @register
-class MamMethod(NativeMethod):
+class MamMethod(PeftWrappedNativeMethod):
     """Prefix tuning (peft) + scaled parallel FFN adapter (in-house)."""
 
     name: ClassVar[str] = "mam"
     config_cls: ClassVar[type[MethodConfig]] = MamMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_MAM"
-
-    def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
-        # peft's wrapper, not the base model, is returned, and peft trains the task
-        # head itself (SEQ_CLS modules_to_save), so NativeMethod.build's tail is skipped.
-        self.check_config(config)
-        if hasattr(model, CONFIG_ATTR):
-            raise ConfigError(f"model already carries a {type(getattr(model, CONFIG_ATTR)).__name__}; build on a fresh base")
-        for param in model.parameters():
-            param.requires_grad_(False)
-        wrapped = self.attach(model, config)
-        setattr(wrapped, CONFIG_ATTR, config)
-        return wrapped
 
     def attach(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         from peft import PrefixTuningConfig, get_peft_model

@@ -67,3 +67,20 @@ class NativeMethod(PeftMethod):
         names = self.delta_names(model)
         apply_delta(model, load_delta_file(adapter_dir / ADAPTER_WEIGHTS_FILE), DeltaSpec.of_model(model, names))
         return model
+
+
+class PeftWrappedNativeMethod(NativeMethod):
+    """A native method whose `attach` places in-house modules and then wraps the model in
+    HF peft (prefix tuning for MAM and UniPELT). peft's wrapper, not the base model, is
+    returned, and peft trains the task head itself (SEQ_CLS `modules_to_save`), so
+    `NativeMethod.build`'s head handling is skipped."""
+
+    def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        self.check_config(config)
+        if hasattr(model, CONFIG_ATTR):
+            raise ConfigError(f"model already carries a {type(getattr(model, CONFIG_ATTR)).__name__}; build on a fresh base")
+        for param in model.parameters():
+            param.requires_grad_(False)
+        wrapped = self.attach(model, config)
+        setattr(wrapped, CONFIG_ATTR, config)
+        return wrapped
