@@ -32,7 +32,15 @@ from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecor
 from fedpeft.common.logs import setup_logging
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import model_fingerprint
-from fedpeft.common.plan import PLAN_KEY, RANK_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY, FederationPlan
+from fedpeft.common.plan import (
+    PLAN_KEY,
+    RANK_KEY,
+    REPLY_ARRAYS_KEY,
+    REPLY_METRICS_KEY,
+    UNIT_WEIGHT_KEY,
+    WEIGHT_KEY,
+    FederationPlan,
+)
 from fedpeft.common.quantization import validate_quantize
 
 log = logging.getLogger("fedpeft.client")
@@ -108,6 +116,7 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
              stats.first_loss, stats.last_loss, sent / 1e6)
     metrics = {
         WEIGHT_KEY: len(rows),
+        UNIT_WEIGHT_KEY: 1,
         "train-loss": stats.mean_loss,
         "train-loss-last": stats.last_loss,
         "train-seconds": stats.seconds,
@@ -133,24 +142,31 @@ def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
     return plan, adapted, load_seconds, time.perf_counter() - start
 
 
-def build_client_app(setup: ClientSetup) -> ClientApp:
-    """A ClientApp bound to one local model location and data provider (simulation)."""
-    app = ClientApp()
+def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
+    """One Message API train message, handled in this process: plan -> model -> train -> reply."""
+    config = msg.content.config_records.get("config")
+    if config is None or PLAN_KEY not in config:
+        raise ConfigError("message from server carries no federation plan")
+    plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
+                                                 config.get(RANK_KEY))
+    server_round = int(config.get("server-round", 0))
+    partition = int(context.node_config.get("partition-id", context.node_id))
+    proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
+    reply_arrays, metrics = train_round(setup, plan, adapted, setup.data(context), server_round=server_round,
+                                        partition=partition, proximal_mu=proximal_mu, load_seconds=load_s,
+                                        swap_seconds=swap_s)
+    return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_client_app(setup: ClientSetup, dp: bool = False) -> ClientApp:
+    """A ClientApp bound to one local model location and data provider (simulation); with
+    `dp`, Flower's `fixedclipping_mod` clips each update (the server's DP wrapper adds noise)."""
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    app = ClientApp(mods=[fixedclipping_mod] if dp else [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content.config_records.get("config")
-        if config is None or PLAN_KEY not in config:
-            raise ConfigError("message from server carries no federation plan")
-        plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
-                                                     config.get(RANK_KEY))
-        server_round = int(config.get("server-round", 0))
-        partition = int(context.node_config.get("partition-id", context.node_id))
-        proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
-        reply_arrays, metrics = train_round(setup, plan, adapted, setup.data(context), server_round=server_round,
-                                            partition=partition, proximal_mu=proximal_mu, load_seconds=load_s,
-                                            swap_seconds=swap_s)
-        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}),
-                       reply_to=msg)
+        return handle_train(setup, msg, context)
 
     return app

@@ -82,7 +82,7 @@ def _train_message(msg: Message, context: Context) -> Message:
     arrays = msg.content.array_records["arrays"]
     delta, metrics = _train(context, str(config[PLAN_KEY]), int(config.get("server-round", 0)),
                             float(config.get("proximal-mu", 0.0)), arrays, int(config.get(RANK_KEY, 0) or 0))
-    metrics = {k: (int(v) if k == "num-examples" else v) for k, v in metrics.items()}
+    metrics = {k: (int(v) if k in ("num-examples", "unit-weight") else v) for k, v in metrics.items()}
     return Message(RecordDict({"arrays": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

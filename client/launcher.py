@@ -75,6 +75,10 @@ class ClientOptions:
     """Exit when the SuperNode exits, instead of reconnecting."""
 
 
+def _absolute(data: str) -> str:
+    return data if data.startswith(BUILTIN_PREFIX) else str(Path(data).resolve())
+
+
 def _socket_path(workdir: Path) -> Path:
     path = workdir.resolve() / "trainer.sock"
     if len(str(path)) > MAX_SOCKET_PATH:
@@ -114,7 +118,10 @@ def run_client(options: ClientOptions) -> int:
              quantize, sock)
     cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
                             clientappio_port=options.clientappio_port,
-                            node_config={"trainer-address": socket_address(sock), "partition-id": partition})
+                            node_config={"trainer-address": socket_address(sock), "partition-id": partition,
+                                         # what fedpeft.client.inprocess_app needs (the benchmark's baseline)
+                                         "model-dir": str(model_dir), "quantize": quantize, "data": _absolute(options.data),
+                                         "data-seed": options.seed, "torch-threads": threads})
     try:
         code = _supervise(cmd, flower_env(options.workdir / "flwr-home"), options.once)
     finally:
@@ -140,7 +147,7 @@ def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
     try:
         while True:
             started = time.monotonic()
-            node = start_process(cmd, env)
+            node = start_process(cmd, env, own_group=False)  # a signal to peft-client's group reaches it
             try:
                 code = node.wait()
             except KeyboardInterrupt:

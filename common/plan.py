@@ -21,10 +21,12 @@ PLAN_KEY = "fedpeft-plan"
 REPLY_ARRAYS_KEY = "arrays"
 REPLY_METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
+UNIT_WEIGHT_KEY = "unit-weight"
+"""Always 1: the weight key of unweighted FedAvg (what DP's sensitivity bound assumes)."""
 # Train-config entry with the LoRA rank the server assigned this client (heterogeneous
 # ranks); absent when every client trains the plan's own rank.
 RANK_KEY = "lora-rank"
-TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss", "train-loss-last", "train-seconds", "load-seconds",
+TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, UNIT_WEIGHT_KEY, "train-loss", "train-loss-last", "train-seconds", "load-seconds",
                                "swap-seconds", "bytes-up"})
 
 

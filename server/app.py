@@ -21,7 +21,7 @@ from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecor
 from fedpeft.common.methods import MethodConfig
 from fedpeft.common.models import model_fingerprint
 from fedpeft.common.objectives import objective_for
-from fedpeft.common.plan import PLAN_KEY, FederationPlan
+from fedpeft.common.plan import PLAN_KEY, UNIT_WEIGHT_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
@@ -107,6 +107,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         fraction_evaluate=0.0,
         min_train_nodes=setup.clients_per_round,
         min_available_nodes=setup.num_clients,
+        # DP's noise is calibrated to the clipping norm over an unweighted mean
+        **({"weighted_by_key": UNIT_WEIGHT_KEY} if setup.dp is not None else {}),
     )
     offset = strategy.round_offset = done or 0
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()

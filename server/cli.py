@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and ServerAppIo APIs)")
     run.add_argument("--attach", help="use the SuperLink at this address instead of starting one")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last completed round")
+    run.add_argument("--client-app", help="override the ClientApp component, e.g. fedpeft.client.inprocess_app:app "
+                                          "(loads the model per message; for benchmarks)")
     return p
 
 
@@ -72,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.clients is not None and args.insecure:
                 raise ConfigError("--clients (SuperNode authentication) needs TLS: Flower refuses node auth with --insecure")
             final = launch(LaunchOptions(config_path=args.config, run_dir=args.run_dir, tls_dir=args.tls, host=args.host,
-                                         port=args.port, clients_dir=args.clients, attach=args.attach, resume=args.resume))
+                                         port=args.port, clients_dir=args.clients, attach=args.attach, resume=args.resume,
+                                         clientapp=args.client_app))
             print(f"final adapter: {final}")
     except FedPeftError as exc:
         print(f"peft-server: error: {exc}", file=sys.stderr)

@@ -47,7 +47,7 @@ def clientapp_component(config: RunConfig) -> str:
     return "fedpeft.client.flower_app:plain_app"
 
 
-def write_app_dir(run_dir: Path, config_path: Path, config: RunConfig, resume: bool) -> Path:
+def write_app_dir(run_dir: Path, config_path: Path, config: RunConfig, resume: bool, clientapp: str | None = None) -> Path:
     """The Flower App `flwr run` bundles: only a pyproject; the code is the installed fedpeft."""
     app_dir = run_dir / "flower-app" / APP_NAME
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ publisher = "fedpeft"
 
 [tool.flwr.app.components]
 serverapp = "fedpeft.server.deploy_app:app"
-clientapp = "{clientapp_component(config)}"
+clientapp = "{clientapp or clientapp_component(config)}"
 
 [tool.flwr.app.config]
 {CONFIG_KEY} = {json.dumps(str(config_path.resolve()))}
@@ -92,6 +92,8 @@ class LaunchOptions:
     """Address of a running SuperLink to use instead of starting one."""
     resume: bool = False
     timeout: float = 24 * 3600.0
+    clientapp: str | None = None
+    """Override the ClientApp component (benchmarks: fedpeft.client.inprocess_app:app)."""
 
 
 def _register_nodes(clients_dir: Path, env: dict[str, str]) -> list[str]:
@@ -145,7 +147,7 @@ def launch(options: LaunchOptions) -> Path:
         if options.clients_dir is not None:
             names = _register_nodes(options.clients_dir, env)
             log.info("registered %d client node key(s): %s", len(names), ", ".join(names))
-        app_dir = write_app_dir(run_dir, options.config_path, config, options.resume)
+        app_dir = write_app_dir(run_dir, options.config_path, config, options.resume, options.clientapp)
         started = time.perf_counter()
         result = run_flwr(["run", str(app_dir), FEDERATION, "--stream"], env, timeout=options.timeout, check=False,
                           stream=True)

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its last completed round (its saved settings are used)")
     p.add_argument("--min-clients", type=int, default=d.min_clients,
                    help="fewest accepted client updates per round; fewer stops the run (default %(default)s)")
+    p.add_argument("--dp-clip", type=float, default=d.dp_clipping_norm,
+                   help="differential privacy: clip each client's update to this L2 norm on the client and add "
+                        "Gaussian noise to the mean (Flower's DP wrapper + fixedclipping_mod); 0 = off")
+    p.add_argument("--dp-noise", type=float, default=d.dp_noise_multiplier,
+                   help="DP noise multiplier (noise std = multiplier x clip / clients per round)")
+    p.add_argument("--dp-delta", type=float, default=d.dp_target_delta, help="DP delta at which epsilon is reported")
     return p
 
 
@@ -104,7 +110,8 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
-        resume=args.resume, client_ranks=args.client_ranks,
+        resume=args.resume, client_ranks=args.client_ranks, dp_clipping_norm=args.dp_clip,
+        dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta,
     )
 
 

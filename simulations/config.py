@@ -67,6 +67,10 @@ class SimulationConfig:
     log_every: int = 4
     resume: str | None = None
     """Run dir of an interrupted run to continue from its last completed round."""
+    dp_clipping_norm: float = 0.0
+    """> 0 turns on central DP with client-side clipping to this L2 norm."""
+    dp_noise_multiplier: float = 1.0
+    dp_target_delta: float = 1e-5
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -98,6 +102,9 @@ class SimulationConfig:
                              f"their maximum, {max(self.client_ranks)} (leave r out)")
         if not self.clip_update_norm >= 0:
             found.append(f"--clip-update-norm must be >= 0 (got {self.clip_update_norm})")
+        if self.dp_clipping_norm:
+            found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
+                      .replace("target_delta", "delta") for p in self.dp_problems()]
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -125,6 +132,26 @@ class SimulationConfig:
             except FedPeftError as exc:
                 found.append(str(exc))
         return found
+
+    def dp_section(self):  # -> DpSection | None
+        """The run's DP settings (None when off), in the deployment run config's terms."""
+        from fedpeft.server.run_config import DpSection
+
+        if not self.dp_clipping_norm:
+            return None
+        return DpSection(enabled=True, noise_multiplier=self.dp_noise_multiplier, clipping_norm=self.dp_clipping_norm,
+                         target_delta=self.dp_target_delta, population=self.clients)
+
+    def dp_problems(self) -> list[str]:
+        from fedpeft.server.run_config import RunConfig
+
+        config = RunConfig.from_dict({
+            "federation": {"clients": self.clients, "clients_per_round": self.clients_per_round, "strategy": self.strategy,
+                           "lora_aggregation": self.lora_aggregation, "method": self.method},
+            "dp": {"enabled": True, "noise_multiplier": self.dp_noise_multiplier, "clipping_norm": self.dp_clipping_norm,
+                   "target_delta": self.dp_target_delta},
+        })
+        return [p for p in config.problems() if p.startswith("dp")]
 
     def validate(self) -> None:
         found = self.problems()

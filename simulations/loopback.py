@@ -25,6 +25,19 @@ from fedpeft.common.errors import FederationError
 _CLIENT_KEYS = ("keys", "nodes", "trusted")
 
 
+def _pids_with_argument(marker: str) -> list[int]:
+    """Processes of this user whose command line contains `marker` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (bound and released)."""
     with socket.socket() as sock:
@@ -97,12 +110,12 @@ class LoopbackDeployment:
         return out
 
     def start_server(self, config: Path, run_dir: Path, *, secure: bool = True, resume: bool = False,
-                     name: str = "server") -> subprocess.Popen[bytes]:
+                     name: str = "server", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         args = ["run", "--config", str(config), "--run-dir", str(run_dir), "--port", str(self.port)]
         args += ["--tls", "tls", "--clients", "nodes"] if secure else ["--insecure"]
         if resume:
             args.append("--resume")
-        return self._start(name, [sys.executable, "-m", "fedpeft.server.cli", *args])
+        return self._start(name, [sys.executable, "-m", "fedpeft.server.cli", *args, *extra])
 
     def start_client(self, name: str, data: str, *, secure: bool = True, keys: bool = True, threads: int = 1,
                      extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
@@ -138,18 +151,31 @@ class LoopbackDeployment:
             time.sleep(0.5)
         raise FederationError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a process's whole group (a server's SuperLink and ServerApp die with it)."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, grace: float = 30.0) -> None:
+        """Signal a process's whole group (a server's SuperLink and ServerApp, a client's
+        SuperNode die with it); SIGKILL the group if it outlives `grace`."""
         proc = self.processes[name]
-        if proc.poll() is None:
+        for s in (sig, signal.SIGKILL):
+            if proc.poll() is not None:
+                return
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, s)
             except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+                return
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
     def stop_all(self) -> None:
+        """Stop everything started here, then anything still attached to this SuperLink port
+        (Flower's detached helper processes)."""
         for name in list(self.processes):
             self.kill(name, signal.SIGTERM)
-        for name in list(self.processes):
-            self.kill(name, signal.SIGKILL)
+        marker = f"127.0.0.1:{self.port}"
+        for pid in _pids_with_argument(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -130,7 +130,7 @@ def run_simulation(config: SimulationConfig,
         on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),
         lora_svd_scaling=(method_config.scaling  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
-        hetero=config.hetero_ranks(method_config),
+        hetero=config.hetero_ranks(method_config), dp=config.dp_section(),
     )
     client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
                          torch_threads=max(1, int(config.cpus_per_client)))
@@ -138,8 +138,9 @@ def run_simulation(config: SimulationConfig,
         "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": config.gpus_per_client},
         "init_args": {"include_dashboard": False},
     }
-    flower_run_simulation(server_app=build_server_app(server), client_app=build_client_app(client),
-                          num_supernodes=config.clients, backend_config=backend_config)
+    client_app = build_client_app(client, dp=server.dp is not None)
+    flower_run_simulation(server_app=build_server_app(server), client_app=client_app, num_supernodes=config.clients,
+                          backend_config=backend_config)
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     if len(rows) != config.rounds + 1:

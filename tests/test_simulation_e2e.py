@@ -291,3 +291,27 @@ def test_heterogeneous_client_ranks_run_end_to_end(tiny_model_dir, tmp_path, agg
     assert adapter_config["r"] == 8
     stock = PeftModel.from_pretrained(load_base_model(tiny_model_dir, "none"), str(result.final_dir))
     torch.testing.assert_close(_probe_logits(stock), captured["logits"], rtol=0, atol=0)
+
+
+def test_differential_privacy_reports_the_epsilon_flowers_accountant_gives(tiny_model_dir, tmp_path):
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
+                              local_steps=3, learning_rate=5e-3, quantize="4bit", out=str(tmp_path / "dp"),
+                              builtin_train_rows=240, eval_limit=32, seed=3, dp_clipping_norm=0.5,
+                              dp_noise_multiplier=0.8)
+    rows = run_simulation(config).rows
+    assert all(r["clients_accepted"] == 3 for r in rows[1:])
+    accountant = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    for row in rows[1:]:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.8, sample_size=3, population_size=3))
+        assert row["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5)) and row["dp_delta"] == 1e-5
+    assert rows[2]["dp_epsilon"] > rows[1]["dp_epsilon"] > 0
+    # the noise is real: the same seed without DP gives another adapter
+    plain = run_simulation(SimulationConfig(**{**config.to_dict(), "dp_clipping_norm": 0.0, "out": str(tmp_path / "p")}))
+    dp_final = load_delta_file(tmp_path / "dp" / "checkpoints" / "global-round-0002.safetensors")
+    plain_final = load_delta_file(plain.out_dir / "checkpoints" / "global-round-0002.safetensors")
+    assert any(not torch.equal(dp_final[k], plain_final[k]) for k in dp_final)
