@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--partition-id", type=int, help="seed offset for local training (default: from builtin:K/N, else 0)")
     start.add_argument("--threads", type=int, default=0, help="torch threads (0 = half the cores)")
     start.add_argument("--seed", type=int, default=0, help="seed of the built-in task's split (builtin:K/N only)")
+    start.add_argument("--server-key", type=Path,
+                       help="the server's public.json (peft-server keys): seal every delta to this key only and "
+                            "refuse to send plaintext deltas")
     start.add_argument("--once", action="store_true",
                        help="exit when the SuperNode exits (default: reconnect, e.g. across a server restart)")
     return p
@@ -70,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             superlink=args.superlink, data=args.data, model=args.model, key_dir=args.keys,
             root_cert=None if args.insecure else args.root_cert, workdir=args.workdir, quantize=args.quantize,
             partition_id=args.partition_id, clientappio_port=args.port, torch_threads=args.threads, seed=args.seed,
-            once=args.once))
+            once=args.once, server_key=args.server_key))
     except FedPeftError as exc:
         print(f"peft-client: error: {exc}", file=sys.stderr)
         return exc.exit_code

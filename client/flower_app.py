@@ -89,17 +89,25 @@ def _train_message(msg: Message, context: Context) -> Message:
 def seal_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
     """Replace the reply's plaintext delta by an envelope sealed to the server's key,
     when the server's config asks for it (`fedpeft-seal-to`)."""
-    reply = call_next(msg, context)
     config = msg.content.config_records.get("config")
-    if reply.has_error() or config is None or SEAL_TO_KEY not in config:
+    if config is None or SEAL_TO_KEY not in config:
+        status = _call(context, "Health", wire.health_request()).status  # type: ignore[attr-defined]
+        if status == "sealed-only":  # the client pinned a server key: never send a plaintext delta
+            raise PermissionError("the server did not ask for a sealed reply, but this client only sends sealed "
+                                  "deltas (peft-client --server-key): refusing to train")
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if reply.has_error():
         return reply
     delta = reply.content.array_records["arrays"]
+    metrics = reply.content.metric_records["metrics"]
     request = wire.seal_request(str(config[RUN_ID_KEY]), int(config.get("server-round", 0)), str(config[METHOD_KEY]),
-                                bytes.fromhex(str(config[SEAL_TO_KEY])), delta)
+                                bytes.fromhex(str(config[SEAL_TO_KEY])), delta, {k: float(v) for k, v in metrics.items()})
     sealed = _call(context, "Seal", request)
     content = RecordDict({
-        "metrics": reply.content.metric_records["metrics"],
-        ENVELOPE_RECORD: ConfigRecord({"envelope": sealed.envelope, "client-id": sealed.client_id}),  # type: ignore[attr-defined]
+        "metrics": metrics,
+        ENVELOPE_RECORD: ConfigRecord({"envelope": sealed.envelope, "client-id": sealed.client_id,  # type: ignore[attr-defined]
+                                       "metrics-signature": sealed.metrics_signature}),  # type: ignore[attr-defined]
     })
     return Message(content, reply_to=msg)
 

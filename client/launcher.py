@@ -23,9 +23,9 @@ from fedpeft.client.app import ClientSetup
 from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address
 from fedpeft.common.builtin_task import builtin_splits
 from fedpeft.common.data import Record, read_records
-from fedpeft.common.envelope import PeerIdentity
+from fedpeft.common.envelope import PeerIdentity, PublicKeys
 from fedpeft.common.errors import ConfigError, DataError, FederationError
-from fedpeft.common.flower_deploy import flower_env, start_process, stop_process, supernode_command
+from fedpeft.common.flower_deploy import flower_env, start_process, supernode_command
 from fedpeft.common.models import resolve_model_dir
 from fedpeft.common.partition import PartitionSpec, partition_records
 from fedpeft.common.pki import NODE_KEY
@@ -34,7 +34,8 @@ from fedpeft.common.quantization import resolve_quantize, validate_quantize
 log = logging.getLogger("fedpeft.client")
 BUILTIN_PREFIX = "builtin:"
 MAX_SOCKET_PATH = 100
-RECONNECT_MIN_S, RECONNECT_MAX_S = 2.0, 30.0  # AF_UNIX paths are limited to 108 bytes
+RECONNECT_MIN_S, RECONNECT_MAX_S = 2.0, 30.0
+QUICK_EXIT_S, MAX_QUICK_FAILURES = 10.0, 5  # AF_UNIX paths are limited to 108 bytes
 
 
 def load_client_rows(data: str, seed: int = 0, builtin_train_rows: int = 800) -> tuple[list[Record], int]:
@@ -73,6 +74,8 @@ class ClientOptions:
     seed: int = 0
     once: bool = False
     """Exit when the SuperNode exits, instead of reconnecting."""
+    server_key: Path | None = None
+    """The server's public.json (`peft-server keys`): seal every delta to it, never send plaintext."""
 
 
 def _absolute(data: str) -> str:
@@ -110,7 +113,15 @@ def run_client(options: ClientOptions) -> int:
     options.workdir.mkdir(parents=True, exist_ok=True)
     threads = options.torch_threads or max(1, (os.cpu_count() or 2) // 2)
     setup = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=lambda _ctx: rows, torch_threads=threads)
-    state = TrainerState(setup=setup, rows=rows, partition=partition, identity=identity)
+    server_x25519 = None
+    if options.server_key is not None:
+        if identity is None:
+            raise ConfigError("--server-key needs --keys (the identity that signs the sealed deltas)")
+        try:
+            server_x25519 = PublicKeys.from_json(options.server_key.read_text(encoding="utf-8")).x25519
+        except OSError as exc:
+            raise ConfigError(f"--server-key {options.server_key}: {exc}") from exc
+    state = TrainerState(setup=setup, rows=rows, partition=partition, identity=identity, server_x25519=server_x25519)
     sock = _socket_path(options.workdir)
     server = serve_trainer(state, socket_address(sock))
     log.info("client %s: %d local examples from %s, model %s (%s); trainer on %s",
@@ -133,17 +144,18 @@ def run_client(options: ClientOptions) -> int:
 def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
     """Keep a SuperNode connected: Flower's SuperNode exits when its SuperLink goes away
     (a coordinator restart, `peft-server run --resume`), so restart it with backoff while
-    the trainer (and its loaded model) stays up. SIGTERM/Ctrl-C stop both."""
+    the trainer (and its loaded model) stays up. SIGTERM/Ctrl-C stop both. A SuperNode
+    that keeps failing right away (unregistered key, wrong CA) ends the client with an error."""
     stopping = threading.Event()
     node: subprocess.Popen[bytes] | None = None
 
-    def stop(*_: object) -> None:
+    def stop(*_: object) -> None:  # signal handler: no waiting here (the main loop waits)
         stopping.set()
-        if node is not None:
-            stop_process(node)
+        if node is not None and node.poll() is None:
+            os.kill(node.pid, signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, stop)
-    backoff = RECONNECT_MIN_S
+    backoff, quick_failures = RECONNECT_MIN_S, 0
     try:
         while True:
             started = time.monotonic()
@@ -155,11 +167,16 @@ def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
                 code = node.wait()
             if stopping.is_set():
                 return 0
+            lived = time.monotonic() - started
             if once:
                 if code != 0:
                     raise FederationError(f"SuperNode exited with code {code} (not registered? wrong CA? SuperLink gone?)")
                 return 0
-            backoff = RECONNECT_MIN_S if time.monotonic() - started > 60 else min(backoff * 2, RECONNECT_MAX_S)
+            quick_failures = quick_failures + 1 if code != 0 and lived < QUICK_EXIT_S else 0
+            if quick_failures >= MAX_QUICK_FAILURES:
+                raise FederationError(f"SuperNode failed {quick_failures} times in a row within {QUICK_EXIT_S:.0f} s of "
+                                      f"starting (last exit code {code}): see its log above (not registered? wrong CA?)")
+            backoff = RECONNECT_MIN_S if lived > 60 else min(backoff * 2, RECONNECT_MAX_S)
             log.warning("SuperNode exited (code %s); reconnecting in %.0f s (Ctrl-C to stop)", code, backoff)
             if stopping.wait(backoff):
                 return 0

@@ -22,7 +22,7 @@ import grpc
 
 from fedpeft.client.app import ClientSetup, receive_plan, train_round
 from fedpeft.common.data import Record
-from fedpeft.common.envelope import PeerIdentity, seal_delta
+from fedpeft.common.envelope import PeerIdentity, key_id, seal_delta, sign_metrics
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.flower_io import delta_from_arrayrecord
 from fedpeft.common.wire import trainer as wire
@@ -39,6 +39,8 @@ class TrainerState:
     rows: Sequence[Record]
     partition: int = 0
     identity: PeerIdentity | None = None
+    server_x25519: bytes | None = None
+    """The server's pinned X25519 key (`--server-key`): seal only to it, never send plaintext."""
     rounds_trained: int = 0
 
 
@@ -72,18 +74,25 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
         if identity is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "the server asks for sealed deltas but this client has no identity (peft-client --identity)")
+        pinned = self.state.server_x25519
+        if pinned is not None and bytes(request.recipient_public_key) != pinned:
+            log.error("round %d: the server asked to seal to X25519 key %s, not the pinned %s: refusing to send",
+                      request.server_round, key_id(bytes(request.recipient_public_key)), key_id(pinned))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "seal-to key differs from the pinned server key")
         try:
             delta = delta_from_arrayrecord(wire.arrays_from_proto(request.delta))
             envelope = seal_delta(delta, run_id=request.run_id, round=int(request.server_round),
                                   client_id=identity.public_keys.key_id, method=request.method, sender=identity,
                                   recipient_public_x25519=bytes(request.recipient_public_key))
+            signature = sign_metrics(envelope, dict(request.metrics), identity)
         except FedPeftError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return wire.seal_reply(envelope_to_bytes(envelope), identity.public_keys.key_id)
+        return wire.seal_reply(envelope_to_bytes(envelope), identity.public_keys.key_id, signature)
 
     def Health(self, request, context):  # noqa: N802
         client_id = self.state.identity.public_keys.key_id if self.state.identity else ""
-        return wire.health_reply("ready", client_id)
+        # "sealed-only": the ClientApp must refuse any reply the server did not ask to seal
+        return wire.health_reply("sealed-only" if self.state.server_x25519 else "ready", client_id)
 
 
 def socket_address(path: Path) -> str:

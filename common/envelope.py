@@ -54,6 +54,7 @@ MAX_PROBLEMS_SHOWN = 8
 _HEADER_DOMAIN = b"fedpeft.v1.DeltaEnvelope/header\x00"
 _SIGNATURE_DOMAIN = b"fedpeft.v1.DeltaEnvelope/signature\x00"
 _KDF_DOMAIN = b"fedpeft.v1.DeltaEnvelope/key\x00"
+_METRICS_DOMAIN = b"fedpeft.v1.DeltaEnvelope/metrics\x00"
 _U64_MAX = 2**64 - 1
 _Key = TypeVar("_Key", Ed25519PrivateKey, X25519PrivateKey)
 
@@ -290,6 +291,29 @@ def _signed_message(header: bytes, ciphertext: bytes) -> bytes:
     return _SIGNATURE_DOMAIN + header + hashlib.sha256(ciphertext).digest()
 
 
+def _metrics_message(envelope: Envelope, metrics: Mapping[str, float]) -> bytes:
+    body = json.dumps({k: float(v) for k, v in metrics.items()}, sort_keys=True).encode()
+    return _METRICS_DOMAIN + _signed_message(canonical_header(envelope), envelope.ciphertext) + _lp(body)
+
+
+def sign_metrics(envelope: Envelope, metrics: Mapping[str, float], sender: PeerIdentity) -> bytes:
+    """Sign a reply's metrics (its FedAvg weight among them) together with `envelope`, so
+    nobody between client and server can change one without the other."""
+    if envelope.sender_public_key != sender.public_ed25519:
+        raise ConfigError("metrics must be signed by the envelope's sender")
+    return sender._signing_key.sign(_metrics_message(envelope, metrics))
+
+
+def verify_metrics(envelope: Envelope, metrics: Mapping[str, float], signature: bytes) -> None:
+    """Raise `EnvelopeError(TAMPERED)` unless `signature` is the envelope sender's over
+    `metrics` and this very envelope (call after `open_delta` trusted the sender)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(envelope.sender_public_key).verify(signature, _metrics_message(envelope, metrics))
+    except (InvalidSignature, ValueError) as exc:
+        raise EnvelopeError(Rejection.TAMPERED, f"reply metrics of client {envelope.client_id!r} are not the ones it "
+                            "signed (weight or metrics altered in transit)") from exc
+
+
 def _derive_key(shared: bytes, envelope: Envelope) -> bytes:
     info = _KDF_DOMAIN + _u32(envelope.format_version) + _text(envelope.run_id)
     info += _u64(envelope.round) + _text(envelope.client_id)
@@ -500,6 +524,11 @@ class ReplayGuard:
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._seen
+
+    def keys(self) -> set[ReplayKey]:
+        """Every accepted key (a copy)."""
+        with self._lock:
+            return set(self._seen)
 
     def __len__(self) -> int:
         return len(self._seen)

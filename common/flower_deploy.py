@@ -9,6 +9,7 @@ SuperNode launch `flower-superexec` / `flwr-serverapp` / `flwr-clientapp` by nam
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -78,6 +79,9 @@ def supernode_command(*, superlink: str, root_cert: Path | None, auth_key: Path 
     cmd += ["--root-certificates", str(root_cert)] if root_cert is not None else ["--insecure"]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
+    bad = [f"{k}={v!r}" for k, v in node_config.items() if isinstance(v, str) and any(c in v for c in '"\\\n')]
+    if bad:
+        raise ConfigError(f"node config values cannot contain quotes, backslashes or newlines: {', '.join(bad)}")
     pairs = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items())
     cmd += ["--node-config", pairs]
     return cmd
@@ -86,7 +90,8 @@ def supernode_command(*, superlink: str, root_cert: Path | None, auth_key: Path 
 def write_cli_config(flwr_home: Path, name: str, address: str, root_cert: Path | None) -> None:
     """The `flwr` CLI's connection entry `[superlink.NAME]` in $FLWR_HOME/config.toml."""
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
-    lines.append(f'root-certificates = "{Path(root_cert).resolve()}"' if root_cert is not None else "insecure = true")
+    lines.append(f"root-certificates = {json.dumps(str(Path(root_cert).resolve()))}" if root_cert is not None
+                 else "insecure = true")
     Path(flwr_home).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(flwr_home) / "config.toml", ("\n".join(lines) + "\n").encode())
 
@@ -96,8 +101,11 @@ def run_flwr(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 12
     """Call the `flwr` CLI; raises `FederationError` with its output when it fails."""
     cmd = [flower_executable("flwr"), *args]
     log.debug("$ %s", " ".join(cmd))
-    result = subprocess.run(cmd, env=dict(env), text=True, timeout=timeout, check=False,
-                            stdout=None if stream else subprocess.PIPE, stderr=None if stream else subprocess.STDOUT)
+    try:
+        result = subprocess.run(cmd, env=dict(env), text=True, timeout=timeout, check=False,
+                                stdout=None if stream else subprocess.PIPE, stderr=None if stream else subprocess.STDOUT)
+    except subprocess.TimeoutExpired:
+        raise FederationError(f"`flwr {' '.join(args)}` did not finish within {timeout:.0f} s") from None
     if check and result.returncode != 0:
         raise FederationError(f"`flwr {' '.join(args)}` failed (exit {result.returncode}):\n{result.stdout or ''}")
     return result

@@ -47,8 +47,9 @@ class TlsFiles:
         d = Path(directory)
         return cls(d / CA_CERT, d / SERVER_CERT, d / SERVER_KEY)
 
-    def check(self) -> None:
-        missing = [str(p) for p in (self.ca_cert, self.server_cert, self.server_key) if not p.is_file()]
+    def check(self, ca_only: bool = False) -> None:
+        needed = (self.ca_cert,) if ca_only else (self.ca_cert, self.server_cert, self.server_key)
+        missing = [str(p) for p in needed if not p.is_file()]
         if missing:
             raise ConfigError(f"TLS material missing: {', '.join(missing)} (make it with `peft-server certs --out DIR`)")
 

@@ -4,6 +4,7 @@ deltas, evaluates the global adapter centrally, and exports the result."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,15 +18,16 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, FederationError
+from fedpeft.common.files import atomic_write_bytes
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import MethodConfig
 from fedpeft.common.models import model_fingerprint
 from fedpeft.common.objectives import objective_for
-from fedpeft.common.plan import PLAN_KEY, UNIT_WEIGHT_KEY, FederationPlan
+from fedpeft.common.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.quantization import Quantize
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
-from fedpeft.server.privacy import wrap_with_dp
+from fedpeft.server.privacy import build_dp_strategy, privacy_spent
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.sealed_replies import EnvelopeOpener
 from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
@@ -94,27 +96,31 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                           train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint())
     done = _resume_point(setup) if setup.resume else None
     recorder = RunRecorder(out_dir, resume_from=done)
-    strategy = build_strategy(
-        setup.strategy,
-        spec=adapted.spec,
-        max_delta_bytes=setup.max_delta_bytes,
-        options=setup.strategy_options,
-        min_accepted=setup.min_accepted,
-        lora_svd_scaling=setup.lora_svd_scaling,
-        hetero=setup.hetero,
-        clip_update_norm=setup.clip_update_norm,
-        fraction_train=setup.clients_per_round / setup.num_clients,
-        fraction_evaluate=0.0,
-        min_train_nodes=setup.clients_per_round,
-        min_available_nodes=setup.num_clients,
-        # DP's noise is calibrated to the clipping norm over an unweighted mean
-        **({"weighted_by_key": UNIT_WEIGHT_KEY} if setup.dp is not None else {}),
-    )
+    strategy: Any
+    if setup.dp is not None:
+        strategy = build_dp_strategy(spec=adapted.spec, max_delta_bytes=setup.max_delta_bytes,
+                                     min_accepted=setup.min_accepted, clip_update_norm=setup.clip_update_norm,
+                                     dp=setup.dp, clients_per_round=setup.clients_per_round,
+                                     population=setup.num_clients)
+    else:
+        strategy = build_strategy(
+            setup.strategy,
+            spec=adapted.spec,
+            max_delta_bytes=setup.max_delta_bytes,
+            options=setup.strategy_options,
+            min_accepted=setup.min_accepted,
+            lora_svd_scaling=setup.lora_svd_scaling,
+            hetero=setup.hetero,
+            clip_update_norm=setup.clip_update_norm,
+            fraction_train=setup.clients_per_round / setup.num_clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=setup.clients_per_round,
+            min_available_nodes=setup.num_clients,
+        )
     offset = strategy.round_offset = done or 0
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
-    dp_wrapper: Any = None
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     started = time.perf_counter()
 
@@ -153,10 +159,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         error_bounds = getattr(strategy, "error_bounds", {})
         if server_round in error_bounds:
             row["secagg_error_bound"] = error_bounds[server_round]
-        if dp_wrapper is not None and local_round > 0:
-            spent = dp_wrapper.privacy_spent()
-            if spent is not None:
-                row["dp_epsilon"], row["dp_delta"] = spent.epsilon, spent.delta
+        spent = privacy_spent(strategy) if local_round > 0 else None
+        if spent is not None:
+            row["dp_epsilon"], row["dp_delta"] = spent
         rank_errors = getattr(strategy, "rank_errors", {}).get(server_round)
         if rank_errors:  # FlexLoRA: the error of what each rank was sent; the max is the worst client's
             row.update({f"svd_relative_error_r{r}": e for r, e in rank_errors.items()})
@@ -181,7 +186,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     train_config: dict[str, Any] = {PLAN_KEY: plan.to_json()}
     if setup.envelopes is not None:
         identity, trusted = setup.envelopes
-        opener = EnvelopeOpener(identity, trusted, run_id=setup.run_name, spec=adapted.spec,
+        opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=adapted.spec,
                                 replay_path=out_dir / "replay-guard.json")
         strategy.unseal = opener
         train_config.update(opener.seal_config(setup.method))
@@ -195,11 +200,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         strategy = secagg_strategy  # type: ignore[assignment]  (evaluate_global reads its traffic and error bounds)
         final_arrays = run_secagg_rounds(grid, _require(context), secagg_strategy, setup.num_rounds - offset, setup.secagg)
     else:
-        runner: Any = strategy
-        if setup.dp is not None:
-            runner = wrap_with_dp(strategy, setup.dp, setup.clients_per_round, setup.num_clients)
-            dp_wrapper = runner
-        result = runner.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=delta_to_arrayrecord(initial),
             num_rounds=setup.num_rounds - offset,
@@ -218,6 +219,15 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.on_complete is not None:
         setup.on_complete(adapted)
     return final_dir
+
+
+def persistent_run_id(out_dir: Path) -> str:
+    """A random id for this run dir, created once and kept across `--resume`: envelopes of
+    a deleted and re-created run dir with the same name cannot be replayed into it."""
+    path = out_dir / "run-id"
+    if not path.exists():
+        atomic_write_bytes(path, f"{out_dir.name}-{secrets.token_hex(8)}\n".encode())
+    return path.read_text().strip()
 
 
 def _require(context: Context | None) -> Context:

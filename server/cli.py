@@ -66,8 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             identity = PeerIdentity.generate()
             identity.save(args.out, overwrite=args.overwrite)
-            print(f"server identity {identity.public_keys.key_id} in {args.out} "
-                  f"(clients need {args.out / PeerIdentity.PUBLIC_FILE} only if they verify the server)")
+            print(f"server identity {identity.public_keys.key_id} in {args.out}: give "
+                  f"{args.out / PeerIdentity.PUBLIC_FILE} to clients (peft-client start --server-key) so they seal "
+                  "deltas to this key only")
         else:
             from fedpeft.server.launcher import LaunchOptions, launch
 

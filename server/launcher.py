@@ -96,6 +96,10 @@ class LaunchOptions:
     """Override the ClientApp component (benchmarks: fedpeft.client.inprocess_app:app)."""
 
 
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def _register_nodes(clients_dir: Path, env: dict[str, str]) -> list[str]:
     names = []
     for pub in sorted(Path(clients_dir).glob("*.pub")):
@@ -112,6 +116,9 @@ def _register_nodes(clients_dir: Path, env: dict[str, str]) -> list[str]:
 def launch(options: LaunchOptions) -> Path:
     """Run the federation to the end; returns the final adapter dir."""
     config = RunConfig.from_toml(options.config_path)
+    if options.clientapp and (config.secagg.enabled or config.dp.enabled or config.envelopes.enabled):
+        raise ConfigError("--client-app replaces the ClientApp that implements SecAgg+, DP clipping and sealing; "
+                          "it cannot be combined with [secagg], [dp] or [envelopes]")
     run_dir = options.run_dir.resolve()
     if options.resume:
         done = last_completed_round(run_dir)
@@ -124,14 +131,15 @@ def launch(options: LaunchOptions) -> Path:
     write_json_atomic(run_dir / "run-config.json", config.to_dict())
     tls = TlsFiles.in_dir(options.tls_dir) if options.tls_dir is not None else None
     if tls is not None:
-        tls.check()
+        tls.check(ca_only=options.attach is not None)  # attached: only the CLI's trust root is needed
     else:
         log.warning("running WITHOUT TLS (--insecure): deltas and node traffic travel in plaintext; "
                     "use this only on a trusted loopback or lab network")
     flwr_home = run_dir / "flwr-home"
     env = flower_env(flwr_home)
+    wildcard = options.host in ("0.0.0.0", "::", "")
     address = options.attach or f"{options.host}:{options.port}"
-    control = address if options.attach else f"127.0.0.1:{options.port}"
+    control = address if options.attach else f"{'127.0.0.1' if wildcard else _bracket(options.host)}:{options.port}"
     write_cli_config(flwr_home, FEDERATION, control, tls.ca_cert if tls else None)
     superlink = None
     try:
@@ -140,8 +148,7 @@ def launch(options: LaunchOptions) -> Path:
                                     tls=(tls.ca_cert, tls.server_cert, tls.server_key) if tls else None,
                                     node_auth=options.clients_dir is not None)
             superlink = start_process(cmd, env, run_dir / "superlink.log", own_group=False)  # dies with us
-            wait_for_port("127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host, options.port,
-                          proc=superlink)
+            wait_for_port("127.0.0.1" if wildcard else options.host, options.port, proc=superlink)
             log.info("SuperLink up on %s (TLS %s, node auth %s); its Control API shares this port: firewall it",
                      address, "on" if tls else "OFF", "on" if options.clients_dir else "off")
         if options.clients_dir is not None:

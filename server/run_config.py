@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +84,13 @@ class SecAggSection:
     reconstruction_threshold: int = 2
     clipping_range: float = 8.0
     quantization_range: int = 4194304
-    max_weight: float = 100000.0
+    max_weight: float = 1000.0
+    """Largest num-examples a client may report (SecAgg+ weights values by n / max_weight
+    before quantizing, so a tight bound keeps the quantization error small)."""
     timeout: float = 600.0
+    round_attempts: int = 5
+    """Tries per round: a client dead before sharing its keys halts a SecAgg+ round."""
+    retry_wait: float = 20.0
 
 
 @dataclass
@@ -159,6 +166,12 @@ class RunConfig:
             bad = sorted(set(values) - names)
             if bad:
                 found.append(f"[{name}]: unknown key(s) {bad}; valid keys are {sorted(names)}")
+                continue
+            hints = typing.get_type_hints(section_cls)
+            wrong = [f"{name}.{key} = {value!r} is not {_describe(hints[key])}"
+                     for key, value in values.items() if not _matches(value, hints[key])]
+            if wrong:
+                found += wrong
                 continue
             try:
                 sections[name] = section_cls(**values)
@@ -241,6 +254,31 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a TOML value has the field's declared type (TOML has real bools and ints:
+    `enabled = "false"` or `num_shares = 3.0` are mistakes, not values to coerce)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
+            dict: "a table"}.get(origin, str(hint))
 
 
 def load_eval_task(task: TaskSection, seed: int) -> tuple[TaskSpec, list[Record]]:

@@ -6,7 +6,12 @@ plaintext ArrayRecord: the SuperLink that relays and stores messages cannot read
 alter a delta, and the server knows which registered client produced each one. An
 envelope that is truncated, tampered, replayed, sealed to another key, signed by an
 unregistered client or for another run/round is rejected with the reason; the round
-goes on with the other clients.
+goes on with the other clients. The reply's metrics (its FedAvg weight among them) are
+signed with the envelope, so they cannot be changed in transit either.
+
+The server's private key is loaded by the ServerApp, which Flower runs on the SuperLink's
+host: envelopes protect deltas in the SuperLink's messages and state and on the network,
+not against a compromised coordinator host.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pathlib import Path
 from flwr.app import Message, RecordDict
 
 from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.envelope import EnvelopeError, PeerIdentity, PublicKeys, ReplayGuard, envelope_size_limit, open_delta
+from fedpeft.common.envelope import (
+    EnvelopeError,
+    PeerIdentity,
+    PublicKeys,
+    ReplayGuard,
+    envelope_size_limit,
+    open_delta,
+    verify_metrics,
+)
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.flower_io import delta_to_arrayrecord
 from fedpeft.common.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY
@@ -52,6 +65,9 @@ class EnvelopeOpener:
         self.spec = spec
         self.max_bytes = envelope_size_limit(spec)
         self.guard = ReplayGuard(replay_path)
+        # One accepted envelope per client and round, whatever its nonce (a client with
+        # two registered nodes must not count twice). Rebuilt from the guard on restart.
+        self._accepted: set[tuple[int, str]] = {(k.round, k.client_id) for k in self.guard.keys() if k.run_id == run_id}
 
     def seal_config(self, method: str) -> dict[str, str]:
         """What clients need in each train config to seal their reply to this server."""
@@ -66,18 +82,26 @@ class EnvelopeOpener:
         data = record["envelope"]
         if not isinstance(data, bytes):
             return "envelope entry is not bytes"
-        try:
-            envelope = envelope_from_bytes(data, max_bytes=self.max_bytes)
-            delta = open_delta(envelope, recipient=self.identity, trusted_senders=self.trusted, replay_guard=self.guard,
-                               expected_spec=self.spec, expected_run_id=self.run_id, expected_round=server_round,
-                               max_bytes=self.max_bytes)
-        except (EnvelopeError, DeltaError) as exc:
-            return str(exc)
         if set(content.array_records):
             return f"sealed reply also carries plaintext arrays {sorted(content.array_records)}"
         metrics = content.metric_records.get(REPLY_METRICS_KEY)
         if metrics is None:
             return f"sealed reply has no {REPLY_METRICS_KEY!r} record"
+        signature = record.get("metrics-signature")
+        try:
+            envelope = envelope_from_bytes(data, max_bytes=self.max_bytes)
+            if (server_round, envelope.client_id) in self._accepted:
+                return (f"envelope rejected (replayed): client {envelope.client_id!r} already delivered an update "
+                        f"for round {server_round}")
+            delta = open_delta(envelope, recipient=self.identity, trusted_senders=self.trusted, replay_guard=self.guard,
+                               expected_spec=self.spec, expected_run_id=self.run_id, expected_round=server_round,
+                               max_bytes=self.max_bytes)
+            if not isinstance(signature, bytes):
+                return f"sealed reply from client {envelope.client_id!r} has no metrics signature"
+            verify_metrics(envelope, {k: float(v) for k, v in metrics.items()}, signature)  # type: ignore[arg-type]
+        except (EnvelopeError, DeltaError) as exc:
+            return str(exc)
+        self._accepted.add((server_round, envelope.client_id))
         msg.content = RecordDict({REPLY_ARRAYS_KEY: delta_to_arrayrecord(delta), REPLY_METRICS_KEY: metrics})
         log.debug("round %d: opened envelope from client %s", server_round, envelope.client_id)
         return None

@@ -34,7 +34,7 @@ from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import DeltaError, FederationError
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.plan import PLAN_KEY
-from fedpeft.server.strategy import RoundTraffic
+from fedpeft.server.strategy import RoundTraffic, relax_minimums
 
 if TYPE_CHECKING:
     from fedpeft.server.run_config import SecAggSection
@@ -43,7 +43,7 @@ log = logging.getLogger("fedpeft.server")
 TENSOR_NAMES_KEY = "fedpeft-tensor-names"
 MAX_WEIGHT_KEY = "fedpeft-secagg-max-weight"
 CLIPPING_RANGE_KEY = "fedpeft-secagg-clipping-range"
-MODULUS_RANGE = 2**30  # SecAggPlusWorkflow's default modulus
+MODULUS_RANGE = 2**32  # SecAggPlusWorkflow's default modulus_range
 
 
 def secagg_problems(settings: SecAggSection, per_round: int, min_clients: int) -> list[str]:
@@ -63,12 +63,16 @@ def secagg_problems(settings: SecAggSection, per_round: int, min_clients: int) -
     if not (settings.clipping_range > 0 and math.isfinite(settings.clipping_range)):
         found.append("secagg.clipping_range must be a finite number > 0")
     q = settings.quantization_range
-    if not 2 <= q < MODULUS_RANGE or n * q > MODULUS_RANGE:
-        found.append(f"secagg.quantization_range must be in [2, {MODULUS_RANGE}) with num_shares * range <= 2**30 (got {q})")
+    # The masked sum of per_round clients' values in [0, q) must not wrap around the modulus.
+    if not 2 <= q or per_round * q > MODULUS_RANGE:
+        found.append(f"secagg.quantization_range {q}: clients per round ({per_round}) x range must be <= 2**32, "
+                     "or the masked sum wraps around")
     if not settings.max_weight >= 1:
         found.append("secagg.max_weight must be >= 1 (the largest num-examples any client may report)")
     if not settings.timeout > 0:
         found.append("secagg.timeout must be > 0 seconds")
+    if settings.round_attempts < 1 or settings.retry_wait < 0:
+        found.append("secagg.round_attempts must be >= 1 and secagg.retry_wait >= 0")
     return found
 
 
@@ -101,9 +105,13 @@ class SecAggFedAvg(LegacyFedAvg):
         self.traffic: dict[int, RoundTraffic] = {}
         self.error_bounds: dict[int, float] = {}
         self._aggregated: set[int] = set()
+        self._rounds_configured = 0
         self.final: ArrayRecord | None = None
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        if self._rounds_configured:
+            relax_minimums(self, "min_fit_clients", "min_available_clients", self.min_accepted)
+        self._rounds_configured += 1
         instructions = super().configure_fit(server_round, parameters, client_manager)
         true_round = server_round + self.round_offset
         size = sum(len(t) for t in parameters.tensors)
@@ -130,7 +138,7 @@ class SecAggFedAvg(LegacyFedAvg):
         traffic.bytes_up = sum(int(r.metrics.get("bytes-up", 0)) for _, r in results)
         traffic.client_metrics = [{k: float(v) for k, v in r.metrics.items() if isinstance(v, int | float)}
                                   for _, r in results]
-        total = sum(counts)
+        total = sum(counts) or 1
         traffic.train_metrics = {"train-loss": sum(float(r.metrics.get("train-loss", 0.0)) * r.num_examples
                                                    for _, r in results) / total}
         traffic.seconds = time.perf_counter() - traffic.started
@@ -167,13 +175,43 @@ def _array(ndarray: np.ndarray) -> Any:
     return Array(ndarray)
 
 
+class RetryingSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ that retries a halted round instead of giving it up.
+
+    Flower's SecAgg+ can only recover a client that drops *after* sharing its keys; one
+    that is dead before (e.g. killed between rounds, before the SuperLink's heartbeat
+    timeout marks it offline) halts the round ("Not enough shares"). The retry samples
+    again from the nodes still connected, so the round completes with the survivors down
+    to `min_clients` and the reconstruction threshold.
+    """
+
+    def __init__(self, *, attempts: int, retry_wait: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attempts = attempts
+        self.retry_wait = retry_wait
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        strategy = context.strategy  # type: ignore[attr-defined]
+        for attempt in range(1, self.attempts + 1):
+            before = set(strategy._aggregated)
+            super().__call__(grid, context)
+            if set(strategy._aggregated) != before:
+                return
+            if attempt < self.attempts:
+                log.warning("SecAgg+ round halted (a sampled client dropped before sharing its keys); retrying with "
+                            "the connected clients in %.0f s (attempt %d of %d)", self.retry_wait, attempt + 1,
+                            self.attempts)
+                time.sleep(self.retry_wait)
+
+
 def run_secagg_rounds(grid: Grid, context: Context, strategy: SecAggFedAvg, num_rounds: int,
                       settings: SecAggSection) -> ArrayRecord | None:
     """Run `num_rounds` SecAgg+ rounds; returns the final global delta."""
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds, round_timeout=settings.timeout),
                            strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+    workflow = DefaultWorkflow(fit_workflow=RetryingSecAggPlusWorkflow(
+        attempts=settings.round_attempts, retry_wait=settings.retry_wait, num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
         max_weight=settings.max_weight, clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range, timeout=settings.timeout))
     workflow(grid, legacy)

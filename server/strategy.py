@@ -84,6 +84,10 @@ class DeltaValidation:
         self.clip_update_norm = clip_update_norm
         #: The delta each node of the current round was sent (for clipping its update).
         self._sent: dict[int, dict[str, torch.Tensor]] = {}
+        self._rounds_configured = 0
+        #: DP: aggregate only when every sampled client's update was accepted (else release
+        #: nothing), and keep sampling exactly the configured number of clients.
+        self.all_or_nothing = False
         #: Opens sealed replies in place (see `sealed_replies`); None = plaintext replies.
         self.unseal: Callable[[Message, int], str | None] | None = None
         #: Rounds already completed before this process started (a resumed run).
@@ -93,6 +97,9 @@ class DeltaValidation:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset  # clients (and their seeds) see the run's true round
+        if self._rounds_configured and not self.all_or_nothing:
+            relax_minimums(self, "min_train_nodes", "min_available_nodes", self.min_accepted)
+        self._rounds_configured += 1
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         self._sent = {}
@@ -179,6 +186,12 @@ class DeltaValidation:
                 f"round {server_round}: only {traffic.accepted} client update(s) accepted, need {self.min_accepted} "
                 f"({traffic.failed} failed, {len(traffic.rejected)} rejected"
                 + (f": {traffic.rejected[0]}" if traffic.rejected else "") + ")")
+        if self.all_or_nothing and (traffic.failed or traffic.rejected):
+            log.error("round %d: %d failed and %d rejected of %d sampled; under DP the round releases nothing "
+                      "(the noise is calibrated to every sampled client's clipped update)", server_round,
+                      traffic.failed, len(traffic.rejected), traffic.sent)
+            traffic.seconds = time.perf_counter() - traffic.started
+            return None, None
         # Replies arrive in any order; sorting them by content makes the float sums (and
         # so a resumed run) bit-for-bit reproducible.
         usable.sort(key=_reply_order)
@@ -187,6 +200,19 @@ class DeltaValidation:
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+
+def relax_minimums(strategy: object, train_attr: str, available_attr: str, min_accepted: int) -> None:
+    """After the first round, go on with the clients still connected, down to `min_accepted`.
+
+    `clients` nodes must connect before round 1; a client that dies later would otherwise
+    make every following round wait for it forever (Flower's sampling waits for
+    `min_available_nodes`). Lowering the minimums to `min_accepted` lets the run go on
+    with the survivors, and `min_accepted` still stops it when too few are left.
+    """
+    floor = max(min_accepted, 1)
+    for attr in (train_attr, available_attr):
+        setattr(strategy, attr, min(getattr(strategy, attr), floor))
 
 
 def _reply_bytes(msg: Message) -> int:

@@ -12,7 +12,9 @@ Modes:
   the long-lived trainer removes).
 
 Ratios are taken within one run: secagg / plain and inprocess / plain round time, and
-bytes on the wire per client per round / the full base model's size. Results: a
+bytes on the wire per client per round / the full base model's size. Bytes are the
+delta each client sends (its .npy tensors); under SecAgg+ the masked vector has the
+same number of values, as 64-bit integers, plus a few hundred bytes of key shares. Results: a
 Markdown table on stdout, `results.csv`, `results.md` and `round_time.png` in --out.
 
     peft-bench-deploy --clients 5,10,20 --out runs/bench-deploy
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -58,12 +61,16 @@ def base_model_bytes(model_dir: Path) -> int:
 
 
 def secagg_shares(clients: int) -> tuple[int, int]:
-    """SecAgg+ (num_shares, reconstruction_threshold) for N clients: odd, at most 5."""
+    """SecAgg+ (num_shares, reconstruction_threshold) for N >= 3 clients: odd, at most 5."""
+    if clients < 3:
+        raise FedPeftError(f"SecAgg+ needs at least 3 clients per round (got {clients})")
     shares = min(5, clients if clients % 2 else clients - 1)
     return shares, max(2, shares // 2 + 1)
 
 
 def run_one(root: Path, model_dir: Path, clients: int, mode: str, rounds: int, local_steps: int) -> DeployRow:
+    if root.exists():  # a previous benchmark's keys, certs and run dir
+        shutil.rmtree(root)
     dep = LoopbackDeployment(root, model=str(model_dir))
     dep.make_tls()
     for k in range(clients):

@@ -46,10 +46,13 @@ def test_a_valid_run_config_reads_relative_paths_from_its_folder(tmp_path):
     ({"dp": {"enabled": True, "clipping_norm": 0}}, "dp.clipping_norm must be > 0"),
     ({"federation": {"clients": 3, "method": "nope"}}, "unknown PEFT method"),
     ({"federation": {"clients": 2, "min_clients": 3}}, "min_clients 3 exceeds"),
+    ({"dp": {"enabled": "false"}}, "dp.enabled = 'false' is not a boolean"),
+    ({"secagg": {"num_shares": 3.0}}, "secagg.num_shares = 3.0 is not an integer"),
+    ({"federation": {"rounds": "3"}}, "federation.rounds = '3' is not an integer"),
 ])
 def test_bad_run_configs_name_the_key(sections, fragment):
     with pytest.raises(ConfigError) as info:
-        _config(**sections).validate()
+        RunConfig.from_dict({"federation": {"clients": 3}} | sections).validate()
     assert fragment in str(info.value)
 
 
@@ -80,7 +83,7 @@ def test_secaggplus_error_bound_holds_for_flowers_own_quantization():
 def test_secagg_settings_flower_would_crash_on_are_refused():
     assert secagg_problems(SecAggSection(num_shares=3, reconstruction_threshold=2), 3, 2) == []
     assert any("odd" in p for p in secagg_problems(SecAggSection(num_shares=4, reconstruction_threshold=2), 5, 2))
-    assert any("quantization_range" in p for p in secagg_problems(SecAggSection(quantization_range=2**30), 3, 2))
+    assert any("quantization_range" in p for p in secagg_problems(SecAggSection(quantization_range=2**31), 3, 2))
 
 
 def test_dev_certificates_carry_the_loopback_sans_flower_needs(tmp_path):
@@ -145,24 +148,35 @@ def test_sealing_over_the_local_channel_gives_an_envelope_the_server_opens(tmp_p
     import torch
 
     from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address, wait_until_ready
-    from fedpeft.common.envelope import PeerIdentity, open_delta
+    from fedpeft.common.envelope import EnvelopeError, PeerIdentity, open_delta, verify_metrics
     from fedpeft.common.flower_io import delta_to_arrayrecord
     from fedpeft.common.wire import envelope_from_bytes
     from fedpeft.common.wire import trainer as wire
 
     client, server_identity = PeerIdentity.generate(), PeerIdentity.generate()
     address = socket_address(tmp_path / "t.sock")
-    server = serve_trainer(TrainerState(setup=None, rows=[], identity=client), address)  # type: ignore[arg-type]
+    state = TrainerState(setup=None, rows=[], identity=client, server_x25519=server_identity.public_x25519)  # type: ignore[arg-type]
+    server = serve_trainer(state, address)
     try:
         assert wait_until_ready(address, timeout=10) == client.public_keys.key_id
         delta = {"w": torch.arange(6, dtype=torch.float32).view(2, 3)}
+        metrics = {"num-examples": 12.0, "train-loss": 0.5}
         with grpc.insecure_channel(address) as channel:
-            reply = wire.trainer_stub(channel).Seal(wire.seal_request("run", 3, "lora", server_identity.public_x25519,
-                                                                      delta_to_arrayrecord(delta)))
-        opened = open_delta(envelope_from_bytes(reply.envelope), recipient=server_identity,
+            stub = wire.trainer_stub(channel)
+            reply = stub.Seal(wire.seal_request("run", 3, "lora", server_identity.public_x25519,
+                                                delta_to_arrayrecord(delta), metrics))
+            with pytest.raises(grpc.RpcError) as refused:  # a seal-to key other than the pinned one
+                stub.Seal(wire.seal_request("run", 3, "lora", PeerIdentity.generate().public_x25519,
+                                            delta_to_arrayrecord(delta), metrics))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        envelope = envelope_from_bytes(reply.envelope)
+        opened = open_delta(envelope, recipient=server_identity,
                             trusted_senders={client.public_keys.key_id: client.public_ed25519}, replay_guard=None,
                             expected_run_id="run", expected_round=3)
         assert torch.equal(opened["w"], delta["w"]) and reply.client_id == client.public_keys.key_id
+        verify_metrics(envelope, metrics, reply.metrics_signature)
+        with pytest.raises(EnvelopeError, match="altered"):
+            verify_metrics(envelope, {**metrics, "num-examples": 1e9}, reply.metrics_signature)
     finally:
         server.stop(grace=None)
 

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.envelope import PeerIdentity, seal_delta
+from fedpeft.common.envelope import PeerIdentity, seal_delta, sign_metrics
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.plan import TRAIN_METRIC_KEYS
 from fedpeft.common.wire import envelope_to_bytes
@@ -34,19 +34,29 @@ def _request(node: int) -> Message:
 
 
 def _sealed_reply(node: int, sender: PeerIdentity, delta=None, *, rnd: int = 1, run: str = RUN, to: PeerIdentity = SERVER,
-                  data: bytes | None = None) -> Message:
+                  data: bytes | None = None, examples: int = 10, claimed: int | None = None) -> Message:
+    """A reply as the client's trainer seals it; `claimed` = a weight changed after signing."""
+    signature = b"\x00" * 64
     if data is None:
         envelope = seal_delta(delta if delta is not None else _delta(1.0), run_id=run, round=rnd,
                               client_id=sender.public_keys.key_id, method="lora", sender=sender,
                               recipient_public_x25519=to.public_x25519)
         data = envelope_to_bytes(envelope)
-    content = RecordDict({"metrics": _metrics(), "envelope": ConfigRecord({"envelope": data, "client-id": "x"})})
+        signature = sign_metrics(envelope, {k: float(v) for k, v in _metrics(examples).items()}, sender)
+    metrics = _metrics(claimed if claimed is not None else examples)
+    content = RecordDict({"metrics": metrics, "envelope": ConfigRecord({"envelope": data, "client-id": "x",
+                                                                        "metrics-signature": signature})})
     return Message(content, reply_to=_request(node))
+
+
+FIRST_GOOD_CLIENT: list[PeerIdentity] = []
 
 
 @pytest.fixture()
 def clients():
-    return [PeerIdentity.generate() for _ in range(2)]
+    made = [PeerIdentity.generate() for _ in range(3)]
+    FIRST_GOOD_CLIENT[:] = [made[0]]
+    return made
 
 
 @pytest.fixture()
@@ -90,6 +100,8 @@ BAD = {
     "oversized": (lambda c: _sealed_reply(9, c, data=b"\x0a" * 200_000), "oversized"),
     "wrong shape": (_bad_shape, "shape (3, 2) != expected (2, 3)"),
     "inf": (_nan, "1 inf values"),
+    "weight altered": (lambda c: _sealed_reply(9, c, claimed=10**9), "weight or metrics altered"),
+    "second update": (lambda c: _sealed_reply(9, FIRST_GOOD_CLIENT[0], _delta(9.0)), "already delivered an update"),
     "plaintext": (lambda c: Message(RecordDict({"arrays": delta_to_arrayrecord(_delta(1.0)), "metrics": _metrics()}),
                                     reply_to=_request(9)), "no sealed envelope"),
 }
@@ -98,7 +110,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_bad_envelope_is_rejected_with_its_reason_and_the_round_completes(strategy, clients, case, caplog):
     make, reason = BAD[case]
-    replies = [_sealed_reply(1, clients[0], _delta(1.0)), make(clients[1]), _sealed_reply(2, clients[1], _delta(4.0))]
+    replies = [_sealed_reply(1, clients[0], _delta(1.0)), _sealed_reply(2, clients[1], _delta(4.0)), make(clients[2])]
     arrays, _ = strategy.aggregate_train(1, replies)
     merged = delta_from_arrayrecord(arrays)
     assert torch.allclose(merged["a"], torch.full((2, 3), 2.5))  # the two good replies, equally weighted
@@ -117,7 +129,7 @@ def test_a_replayed_envelope_is_rejected_even_across_a_restart(strategy, clients
                            min_available_nodes=1, fraction_evaluate=0.0)
     fresh.unseal = EnvelopeOpener(SERVER, strategy.unseal.trusted, RUN, strategy.unseal.spec,
                                   replay_path=tmp_path / "replay.json")  # a restarted server reads the guard back
-    fresh.aggregate_train(1, [copy, _sealed_reply(4, clients[1])])
+    fresh.aggregate_train(1, [copy, _sealed_reply(4, clients[2])])
     assert "replayed" in fresh.traffic[1].rejected[0]
 
 

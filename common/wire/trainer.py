@@ -42,14 +42,15 @@ def train_reply(delta: ArrayRecord, metrics: Mapping[str, float]) -> trainer_pb2
     return trainer_pb2.TrainReply(delta=arrays_to_proto(delta), metrics={k: float(v) for k, v in metrics.items()})
 
 
-def seal_request(run_id: str, server_round: int, method: str, recipient_public_key: bytes,
-                 delta: ArrayRecord) -> trainer_pb2.SealRequest:
+def seal_request(run_id: str, server_round: int, method: str, recipient_public_key: bytes, delta: ArrayRecord,
+                 metrics: Mapping[str, float] | None = None) -> trainer_pb2.SealRequest:
     return trainer_pb2.SealRequest(run_id=run_id, server_round=server_round, method=method,
-                                   recipient_public_key=recipient_public_key, delta=arrays_to_proto(delta))
+                                   recipient_public_key=recipient_public_key, delta=arrays_to_proto(delta),
+                                   metrics={k: float(v) for k, v in (metrics or {}).items()})
 
 
-def seal_reply(envelope: bytes, client_id: str) -> trainer_pb2.SealReply:
-    return trainer_pb2.SealReply(envelope=envelope, client_id=client_id)
+def seal_reply(envelope: bytes, client_id: str, metrics_signature: bytes = b"") -> trainer_pb2.SealReply:
+    return trainer_pb2.SealReply(envelope=envelope, client_id=client_id, metrics_signature=metrics_signature)
 
 
 def health_reply(status: str, client_id: str) -> trainer_pb2.HealthReply:

@@ -52,26 +52,37 @@ class TrainReply(_message.Message):
     def __init__(self, delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SealRequest(_message.Message):
-    __slots__ = ("run_id", "server_round", "method", "recipient_public_key", "delta")
+    __slots__ = ("run_id", "server_round", "method", "recipient_public_key", "delta", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     server_round: int
     method: str
     recipient_public_key: bytes
     delta: _containers.RepeatedCompositeFieldContainer[FlowerArray]
-    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., method: _Optional[str] = ..., recipient_public_key: _Optional[bytes] = ..., delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, run_id: _Optional[str] = ..., server_round: _Optional[int] = ..., method: _Optional[str] = ..., recipient_public_key: _Optional[bytes] = ..., delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SealReply(_message.Message):
-    __slots__ = ("envelope", "client_id")
+    __slots__ = ("envelope", "client_id", "metrics_signature")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     envelope: bytes
     client_id: str
-    def __init__(self, envelope: _Optional[bytes] = ..., client_id: _Optional[str] = ...) -> None: ...
+    metrics_signature: bytes
+    def __init__(self, envelope: _Optional[bytes] = ..., client_id: _Optional[str] = ..., metrics_signature: _Optional[bytes] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
