@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="5,10,20", help="comma-separated client counts")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
-    p.add_argument("--model", help="HF model dir (default: a tiny random Llama built in --out: system overhead only)")
+    p.add_argument("--model", help="built-in name, .gguf or HF dir (default: a tiny random Llama built in --out, "
+                                   "which measures system overhead only)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-deploy"))
@@ -165,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown mode(s) {unknown}; choose from {MODES}")
     out = args.out.resolve()
     if args.model:
-        model_dir = Path(args.model).resolve()
+        from fedpeft.common.models import resolve_model_dir
+
+        model_dir = resolve_model_dir(args.model).resolve()  # built-in name, .gguf or HF dir
     else:
         from fedpeft.simulations.tiny_models import build_tiny_llama
 
