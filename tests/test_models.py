@@ -61,3 +61,20 @@ def test_builtin_smollm2_converts_once_then_loads_from_cache(smollm2_cache):
     assert not (first / "model.safetensors").is_symlink()
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert BUILTIN_MODELS[DEFAULT_MODEL].gguf_file.endswith(".gguf")
+
+
+def test_every_package_directory_is_listed_for_installation():
+    """A subpackage missing from pyproject's explicit list is left out of wheels (and turns
+    an editable install into one that exposes bare top-level packages)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, directory in setuptools["package-dir"].items():
+        for init in (root / directory).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                relative = init.parent.relative_to(root / directory).parts
+                found.add(".".join((name, *relative)))
+    assert found == set(setuptools["packages"])
