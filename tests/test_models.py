@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -43,7 +44,11 @@ def test_no_bare_top_level_packages_are_installed(tmp_path):
     code = ("import importlib.util as u; "
             "print([n for n in ('common','client','server','simulations') if u.find_spec(n)]); "
             "print(all(u.find_spec('fedpeft.' + n) for n in ('common','client','server','simulations')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    # Flower's Ray backend exports the driver's sys.path (pytest's rootdir included) as
+    # PYTHONPATH when an earlier test ran a simulation in-process: test the install, not that.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env=env).stdout
     assert out.split("\n")[:2] == ["[]", "True"]
 
 
