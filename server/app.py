@@ -31,6 +31,7 @@ from fedpeft.server.privacy import build_dp_strategy, privacy_spent
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.sealed_replies import EnvelopeOpener
 from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
+from fedpeft.server.serving.publishing import RegistryTarget, publish_round
 from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class ServerSetup:
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
     resume: bool = False
+    publish: RegistryTarget | None = None
+    """Publish the global adapter to this registry after every round (serving hot-loads it)."""
     """Continue the run in `out_dir` from its last completed round (checkpoint + metrics)."""
     on_complete: Callable[[AdaptedModel], None] | None = None
     """Called with the server's in-process model holding the final adapter (for checks)."""
@@ -89,6 +92,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     out_dir = Path(setup.out_dir)
     adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed,
                                 num_labels=setup.task.num_labels)
+    if setup.publish is not None:
+        setup.publish.check(adapted.method.peft_backed)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
@@ -175,6 +180,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             row["client_model_loads"] = sum(1 for c in per_client if c.get("load-seconds", 0.0) > 0)
             row["client_load_seconds_max"] = max(c.get("load-seconds", 0.0) for c in per_client)
         recorder.record(row)
+        if setup.publish is not None and server_round > 0:  # round 0 is the untrained initial adapter
+            row_version = publish_round(adapted, setup.publish, server_round, row)
+            log.info("round %d published as %s version %d", server_round, setup.publish.adapter_id, row_version)
         acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
         log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB | %.1f s", server_round, setup.num_rounds,
                  result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, row["seconds"])

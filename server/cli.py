@@ -4,6 +4,10 @@
     peft-server keys --out server-id/                               # identity for sealed envelopes
     peft-server run --config run.toml --run-dir runs/r1 --tls tls/ --clients keys/
     peft-server run --config run.toml --run-dir runs/r1 --tls tls/ --clients keys/ --resume
+    peft-server serve --registry registry/ --tls tls/ [--keys server-id/] [--tokens tokens.json]
+    peft-server publish --registry registry/ --adapter-id support --from runs/r1/final
+    peft-server rollback --registry registry/ --adapter-id support --version 2
+    peft-server token --file tokens.json --tenant acme --adapters support,triage
 
 TLS is on by default: `run` needs `--tls DIR` or an explicit `--insecure` (which logs a
 warning). With `--clients DIR` every `*.pub` node key in it is registered and SuperNode
@@ -48,7 +52,64 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last completed round")
     run.add_argument("--client-app", help="override the ClientApp component, e.g. fedpeft.client.inprocess_app:app "
                                           "(loads the model per message; for benchmarks)")
+    serve = sub.add_parser("serve", help="serve the registry's adapters over one base model (gRPC AdapterServing)")
+    serve.add_argument("--registry", type=Path, required=True, help="adapter registry dir (training publishes into it)")
+    serve.add_argument("--model", help="base model: built-in name, .gguf file or HF dir (default: the built-in SmolLM2)")
+    serve.add_argument("--quantize", default="none", help="none | 4bit | auto (NF4 base via bitsandbytes)")
+    serve.add_argument("--keys", type=Path, help="registry identity dir (peft-server keys): versions sealed at rest")
+    serve_security = serve.add_mutually_exclusive_group(required=True)
+    serve_security.add_argument("--tls", type=Path, help="dir with ca.crt, server.pem, server.key (peft-server certs)")
+    serve_security.add_argument("--insecure", action="store_true", help="no TLS (loopback/lab only; logs a warning)")
+    serve.add_argument("--tokens", type=Path, help="tenant tokens file (peft-server token); enables per-tenant auth")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=9300)
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1024)
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask")
+    serve.add_argument("--adapter-memory-mb", type=float, default=1024.0, help="cap on loaded adapters (LRU eviction)")
+    serve.add_argument("--max-request-kb", type=int, default=1024, help="larger requests get RESOURCE_EXHAUSTED")
+    serve.add_argument("--poll-seconds", type=float, default=1.0, help="how often new registry versions are noticed")
+    publish = sub.add_parser("publish", help="add a PEFT adapter dir to the registry as the next (current) version")
+    publish.add_argument("--registry", type=Path, required=True)
+    publish.add_argument("--adapter-id", required=True)
+    publish.add_argument("--from", dest="source", type=Path, required=True, help="PEFT adapter dir, e.g. RUN/final")
+    publish.add_argument("--keys", type=Path, help="registry identity dir: seal the version at rest")
+    rollback = sub.add_parser("rollback", help="point an adapter's 'latest' at an earlier version")
+    rollback.add_argument("--registry", type=Path, required=True)
+    rollback.add_argument("--adapter-id", required=True)
+    rollback.add_argument("--version", type=int, required=True)
+    token = sub.add_parser("token", help="create a tenant token (printed once; the file keeps its SHA-256)")
+    token.add_argument("--file", type=Path, required=True)
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--adapters", required=True, help="comma-separated adapter ids the tenant may use, or '*'")
     return p
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from fedpeft.common.serving_api import EngineLimits
+    from fedpeft.server.serving.launch import ServeOptions, serve
+
+    limits = EngineLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                          max_new_tokens=args.max_new_tokens,
+                          adapter_memory_bytes=int(args.adapter_memory_mb * 1024 * 1024))
+    if limits.max_batch < 1 or limits.max_queue < 1 or limits.max_prompt_tokens < 1 or limits.max_new_tokens < 1:
+        raise ConfigError("--max-batch, --max-queue, --max-prompt-tokens and --max-new-tokens must be >= 1")
+    serve(ServeOptions(model=args.model, registry_dir=args.registry, quantize=args.quantize, keys_dir=args.keys,
+                       host=args.host, port=args.port, tls_dir=args.tls, tokens_file=args.tokens, limits=limits,
+                       max_request_bytes=args.max_request_kb * 1024, poll_seconds=args.poll_seconds))
+
+
+def _registry_command(args: argparse.Namespace) -> None:
+    from fedpeft.server.serving.launch import open_registry
+
+    if args.command == "publish":
+        version = open_registry(args.registry, args.keys).publish(args.adapter_id, args.source,
+                                                                   {"source": str(args.source)})
+        print(f"published {args.adapter_id} version {version} (now current)")
+    else:
+        version = open_registry(args.registry, None).rollback(args.adapter_id, args.version)
+        print(f"{args.adapter_id}: latest is now version {version}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"server identity {identity.public_keys.key_id} in {args.out}: give "
                   f"{args.out / PeerIdentity.PUBLIC_FILE} to clients (peft-client start --server-key) so they seal "
                   "deltas to this key only")
+        elif args.command == "serve":
+            _serve(args)
+        elif args.command in ("publish", "rollback"):
+            _registry_command(args)
+        elif args.command == "token":
+            from fedpeft.server.serving.service import TenantTokens
+
+            adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+            token = TenantTokens.add(args.file, args.tenant, adapters)
+            print(f"token for tenant {args.tenant} (shown once; send as 'authorization: Bearer <token>'):\n{token}")
         else:
             from fedpeft.server.launcher import LaunchOptions, launch
 

@@ -24,6 +24,7 @@ from fedpeft.common.quantization import resolve_quantize, validate_quantize
 from fedpeft.server.app import ServerSetup, run_federation
 from fedpeft.server.run_config import RunConfig, load_eval_task
 from fedpeft.server.sealed_replies import load_trusted_clients
+from fedpeft.server.serving.publishing import RegistryTarget
 
 log = logging.getLogger("fedpeft.server")
 CONFIG_KEY = "fedpeft-config"
@@ -53,6 +54,8 @@ def server_setup(config: RunConfig, run_dir: Path, resume: bool) -> ServerSetup:
                           if f.lora_aggregation == "svd" else None),
         secagg=config.secagg if config.secagg.enabled else None, dp=config.dp if config.dp.enabled else None,
         envelopes=envelopes,
+        publish=(RegistryTarget(str(config.registry.dir), config.registry.adapter_id or run_dir.name, config.registry.keys)
+                 if config.registry.enabled else None),
     )
 
 

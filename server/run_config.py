@@ -116,8 +116,22 @@ class EnvelopeSection:
     """Directory of client `*.json` public keys allowed to send deltas."""
 
 
+@dataclass
+class RegistrySection:
+    """Publish the global adapter to an adapter registry after every round (`peft-server serve` hot-loads it)."""
+
+    enabled: bool = False
+    dir: str | None = None
+    """Registry directory (shared with the serving process)."""
+    adapter_id: str | None = None
+    """Adapter id in the registry (default: the run dir's name)."""
+    keys: str | None = None
+    """Registry identity dir (`peft-server keys`): versions are sealed at rest."""
+
+
 SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainConfig, "task": TaskSection,
-                             "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection}
+                             "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection,
+                             "registry": RegistrySection}
 
 
 @dataclass
@@ -128,6 +142,7 @@ class RunConfig:
     secagg: SecAggSection = field(default_factory=SecAggSection)
     dp: DpSection = field(default_factory=DpSection)
     envelopes: EnvelopeSection = field(default_factory=EnvelopeSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
     source: str = "<defaults>"
 
     @classmethod
@@ -140,7 +155,8 @@ class RunConfig:
             raise ConfigError(f"cannot read run config {path}: {exc}") from exc
         config = cls.from_dict(data, source=str(path))
         base = path.resolve().parent
-        for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients")):
+        for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients"),
+                             ("registry", "dir"), ("registry", "keys")):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute():
                 setattr(getattr(config, section), key, str(base / value))
@@ -239,6 +255,11 @@ class RunConfig:
                     found.append(f"envelopes.{key} is required when envelopes are enabled")
                 elif not Path(value).is_dir():
                     found.append(f"envelopes.{key}: directory {value} does not exist")
+        if self.registry.enabled:
+            if not self.registry.dir:
+                found.append("registry.dir is required when the registry is enabled")
+            if self.registry.keys and not Path(self.registry.keys).is_dir():
+                found.append(f"registry.keys: directory {self.registry.keys} does not exist")
         return found
 
     def validate(self) -> None:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-noise", type=float, default=d.dp_noise_multiplier,
                    help="DP noise multiplier (noise std = multiplier x clip / clients per round)")
     p.add_argument("--dp-delta", type=float, default=d.dp_target_delta, help="DP delta at which epsilon is reported")
+    p.add_argument("--publish-to", metavar="REGISTRY_DIR",
+                   help="publish the global adapter to this registry after every round (peft-server serve hot-loads it)")
+    p.add_argument("--adapter-id", help="registry adapter id (default: the run dir's name)")
+    p.add_argument("--registry-keys", metavar="DIR", help="registry identity (peft-server keys): seal versions at rest")
     return p
 
 
@@ -111,7 +115,8 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
         resume=args.resume, client_ranks=args.client_ranks, dp_clipping_norm=args.dp_clip,
-        dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta,
+        dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta, publish_to=args.publish_to,
+        adapter_id=args.adapter_id, registry_keys=args.registry_keys,
     )
 
 

@@ -71,6 +71,12 @@ class SimulationConfig:
     """> 0 turns on central DP with client-side clipping to this L2 norm."""
     dp_noise_multiplier: float = 1.0
     dp_target_delta: float = 1e-5
+    publish_to: str | None = None
+    """Adapter registry dir: every finished round publishes the global adapter there (serving hot-loads it)."""
+    adapter_id: str | None = None
+    """Registry adapter id (default: the run dir's name)."""
+    registry_keys: str | None = None
+    """Registry identity dir: published versions are sealed at rest."""
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -105,6 +111,15 @@ class SimulationConfig:
         if self.dp_clipping_norm:
             found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
                       .replace("target_delta", "delta") for p in self.dp_problems()]
+        if self.publish_to is not None:
+            from fedpeft.common.methods import get_method
+
+            try:
+                self.registry_target("run").check(get_method(self.method).peft_backed)
+            except FedPeftError as exc:
+                found.append(f"--publish-to: {exc}")
+        elif self.adapter_id or self.registry_keys:
+            found.append("--adapter-id and --registry-keys need --publish-to")
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -132,6 +147,14 @@ class SimulationConfig:
             except FedPeftError as exc:
                 found.append(str(exc))
         return found
+
+    def registry_target(self, run_name: str):  # -> RegistryTarget | None
+        """Where each round is published (None without --publish-to)."""
+        from fedpeft.server.serving.publishing import RegistryTarget
+
+        if self.publish_to is None:
+            return None
+        return RegistryTarget(self.publish_to, self.adapter_id or run_name, self.registry_keys)
 
     def dp_section(self):  # -> DpSection | None
         """The run's DP settings (None when off), in the deployment run config's terms."""

@@ -131,6 +131,7 @@ def run_simulation(config: SimulationConfig,
         lora_svd_scaling=(method_config.scaling  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
         hetero=config.hetero_ranks(method_config), dp=config.dp_section(),
+        publish=config.registry_target(out_dir.name),
     )
     client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
                          torch_threads=max(1, int(config.cpus_per_client)))
