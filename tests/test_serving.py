@@ -370,3 +370,60 @@ def test_four_bit_base_serves_the_same_as_peft_on_the_same_base(tiny_model_dir, 
     finally:
         engine.stop()
     assert tokens == expected
+
+
+def test_cli_publish_rollback_token_and_a_real_serve_process(tiny_model_dir, registry_dir, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from fedpeft.server.cli import main as server_main
+
+    registry = tmp_path / "reg"
+    assert server_main(["publish", "--registry", str(registry), "--adapter-id", "cli",
+                        "--from", str(version_dir(registry_dir, "alice", 1))]) == 0
+    assert server_main(["publish", "--registry", str(registry), "--adapter-id", "cli",
+                        "--from", str(version_dir(registry_dir, "alice", 2))]) == 0
+    assert server_main(["rollback", "--registry", str(registry), "--adapter-id", "cli", "--version", "1"]) == 0
+    assert AdapterRegistry(registry).current("cli") == 1
+    assert server_main(["rollback", "--registry", str(registry), "--adapter-id", "cli", "--version", "7"]) != 0
+    assert server_main(["publish", "--registry", str(registry), "--adapter-id", "../evil",
+                        "--from", str(version_dir(registry_dir, "alice", 1))]) == 2
+    assert server_main(["token", "--file", str(tmp_path / "t.json"), "--tenant", "acme", "--adapters", "cli"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft.server.cli", "serve", "--insecure", "--registry", str(registry),
+                             "--model", str(tiny_model_dir), "--port", str(port), "--tokens", str(tmp_path / "t.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        channel = channel_to(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=120)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        code, _ = _code(lambda: wire.serving_stub(channel).Generate(
+            wire.generate_request(GenerateParams("cli", 0, "Label:", 3))))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    assert "serving" in output and "WITHOUT TLS" in output
+
+
+def test_serving_benchmark_runs_all_three_ways(tiny_model_dir, tmp_path):
+    import csv
+
+    from fedpeft.simulations.serving_benchmark import main as bench_main
+
+    assert bench_main(["--model", str(tiny_model_dir), "--adapters", "1,3", "--requests", "6", "--new-tokens", "3",
+                       "--max-batch", "4", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(r["adapters"], r["way"]) for r in rows] == [("1", "merged"), ("1", "mixed"), ("1", "swap"),
+                                                         ("3", "mixed"), ("3", "swap")]
+    assert all(int(r["tokens"]) == 18 and float(r["tokens_per_second"]) > 0 for r in rows)
+    assert (tmp_path / "throughput.png").is_file()

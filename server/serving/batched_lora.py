@@ -9,8 +9,8 @@ adapter ("slot") and, for a batch whose rows use slots s_1..s_n, computes
     y = base(x) + ((x @ A_cat^T) * M) @ B_cat^T
 
 with A_cat / B_cat the factors of the distinct slots in the batch concatenated along
-the rank axis and M a per-row mask that keeps only the row's own slot's rank block,
-scaled by that adapter's alpha/r. That is two dense matmuls per layer whatever the
+the rank axis (B scaled by each adapter's alpha/r) and M a per-row 0/1 mask that keeps
+only the row's own slot's rank block (no mask when all rows share one adapter). That is two dense matmuls per layer whatever the
 number of adapters, and the concatenation is rebuilt only when the batch's set of rows
 changes (requests joining or finishing), not every decode step. Adapters stay
 separate from the frozen base (nothing is merged), so loading, replacing and evicting
@@ -129,28 +129,31 @@ class BatchedLoraLinear(nn.Module):
             return y
         a_cat, b_cat, mask = plan
         h = F.linear(x.to(a_cat.dtype), a_cat)
-        h = h * (mask if h.ndim == 3 else mask[:, 0])
-        return y + F.linear(h, b_cat).to(y.dtype)
+        if mask is not None:  # rows use different adapters: keep each row's own rank block
+            h = h * (mask if h.ndim == 3 else mask[:, 0])
+        return y.add_(F.linear(h, b_cat).to(y.dtype))
 
-    def _plan(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _plan(self, rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """A_cat, scale-folded B_cat and the 0/1 row mask (None when every row uses the same adapter)."""
         key = (self.context.generation, rows)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         present = sorted({s for s in rows if s in self.slots})
-        if not present:
-            plan = None
-        else:
+        plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        if present:
             offsets, total = {}, 0
             for s in present:
                 offsets[s] = (total, total + self.slots[s].a.shape[0])
                 total = offsets[s][1]
             a_cat = torch.cat([self.slots[s].a for s in present], dim=0)
-            b_cat = torch.cat([self.slots[s].b for s in present], dim=1)
-            mask = torch.zeros(len(rows), 1, total, dtype=a_cat.dtype, device=a_cat.device)
-            for i, s in enumerate(rows):
-                if s in offsets:
-                    lo, hi = offsets[s]
-                    mask[i, 0, lo:hi] = self.slots[s].scale
+            b_cat = torch.cat([self.slots[s].b * self.slots[s].scale for s in present], dim=1)
+            mask = None
+            if len(present) > 1 or len(set(rows)) > 1:
+                mask = torch.zeros(len(rows), 1, total, dtype=a_cat.dtype, device=a_cat.device)
+                for i, s in enumerate(rows):
+                    if s in offsets:
+                        lo, hi = offsets[s]
+                        mask[i, 0, lo:hi] = 1.0
             plan = (a_cat, b_cat, mask)
         self._cached = (key, plan)
         return plan

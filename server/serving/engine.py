@@ -69,6 +69,8 @@ class GenerationJob:
         self.slot = BASE_SLOT
         self.generator: torch.Generator | None = None
         self.cancelled = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.finished_at: float | None = None
 
     @property
     def key(self) -> tuple[str, int] | None:
@@ -368,6 +370,7 @@ class ServingEngine:
                 delta, job.emitted_text = text[len(job.emitted_text):], text
             job.events.put(TokenEvent([token], delta, done=bool(reason), finish_reason=reason))
             if reason:
+                job.finished_at = time.perf_counter()
                 finished.append(offset + i)
         if finished:
             done = set(finished)
