@@ -5,6 +5,8 @@
                                                    # (give keys/identity/public.json too)
     peft-client start --superlink coordinator:9092 --root-cert ca.crt --keys keys/ \\
                       --data my-data.jsonl [--model smollm2-135m-instruct] [--quantize auto]
+    peft-client generate --server coordinator:9300 --root-cert ca.crt --adapter support \
+                         [--version 3] [--token TOKEN] "My printer is offline"
 
 Only PEFT deltas and training metrics leave the machine; `start` prints what it sends
 each round. TLS is on by default: `start` needs `--root-cert` or an explicit
@@ -48,7 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
                             "refuse to send plaintext deltas")
     start.add_argument("--once", action="store_true",
                        help="exit when the SuperNode exits (default: reconnect, e.g. across a server restart)")
+    gen = sub.add_parser("generate", help="ask `peft-server serve` for text with one adapter (streams to stdout)")
+    gen.add_argument("--server", required=True, help="serving address host:port")
+    gen_security = gen.add_mutually_exclusive_group(required=True)
+    gen_security.add_argument("--root-cert", type=Path, help="CA certificate of the serving endpoint")
+    gen_security.add_argument("--insecure", action="store_true", help="no TLS (loopback/lab only)")
+    gen.add_argument("--adapter", default="", help="adapter id (empty: the base model)")
+    gen.add_argument("--version", type=int, default=0, help="adapter version (0 = latest)")
+    gen.add_argument("--token", help="tenant token (peft-server token)")
+    gen.add_argument("--max-new-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("prompt")
     return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedpeft.client.serving_client import open_stub, stream_text
+    from fedpeft.common.serving_api import GenerateParams, Sampling
+
+    params = GenerateParams(args.adapter, args.version, args.prompt, args.max_new_tokens,
+                            Sampling(args.temperature, args.top_p, args.top_k, args.seed))
+    for piece in stream_text(open_stub(args.server, None if args.insecure else args.root_cert), params, args.token):
+        print(piece, end="", flush=True)
+    print()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"identity {identity.public_keys.key_id}: {args.out / 'identity' / PeerIdentity.PUBLIC_FILE} "
                   "(the operator's envelopes.trusted_clients dir)")
             return 0
+        if args.command == "generate":
+            return _generate(args)
         from fedpeft.client.launcher import ClientOptions, run_client
 
         return run_client(ClientOptions(

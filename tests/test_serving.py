@@ -392,6 +392,7 @@ def test_cli_publish_rollback_token_and_a_real_serve_process(tiny_model_dir, reg
     assert server_main(["publish", "--registry", str(registry), "--adapter-id", "../evil",
                         "--from", str(version_dir(registry_dir, "alice", 1))]) == 2
     assert server_main(["token", "--file", str(tmp_path / "t.json"), "--tenant", "acme", "--adapters", "cli"]) == 0
+    token = TenantTokens.add(tmp_path / "t.json", "cli-user", ["cli"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -408,6 +409,11 @@ def test_cli_publish_rollback_token_and_a_real_serve_process(tiny_model_dir, reg
         code, _ = _code(lambda: wire.serving_stub(channel).Generate(
             wire.generate_request(GenerateParams("cli", 0, "Label:", 3))))
         assert code == grpc.StatusCode.UNAUTHENTICATED
+        from fedpeft.client.cli import main as client_main
+
+        common = ["generate", "--server", f"127.0.0.1:{port}", "--insecure", "--token", token, "--max-new-tokens", "3"]
+        assert client_main([*common, "--adapter", "cli", "Label:"]) == 0
+        assert client_main([*common, "--adapter", "nobody", "Label:"]) == 7  # PERMISSION_DENIED, reported
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=60)[0]
