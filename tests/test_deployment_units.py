@@ -49,6 +49,8 @@ def test_a_valid_run_config_reads_relative_paths_from_its_folder(tmp_path):
     ({"dp": {"enabled": "false"}}, "dp.enabled = 'false' is not a boolean"),
     ({"secagg": {"num_shares": 3.0}}, "secagg.num_shares = 3.0 is not an integer"),
     ({"federation": {"rounds": "3"}}, "federation.rounds = '3' is not an integer"),
+    ({"registry": {"enabled": True}}, "registry.dir is required"),
+    ({"registry": {"enabled": True, "dir": "r", "keys": "/nonexistent-keys"}}, "registry.keys: directory"),
 ])
 def test_bad_run_configs_name_the_key(sections, fragment):
     with pytest.raises(ConfigError) as info:
@@ -128,6 +130,26 @@ def test_the_app_bundle_names_our_server_app_and_the_client_app_the_run_needs(tm
     assert components == {"serverapp": "fedpeft.server.deploy_app:app", "clientapp": clientapp_component(config)}
     assert components["clientapp"].endswith(app)
     assert project["tool"]["flwr"]["app"]["config"]["fedpeft-run-dir"] == str((tmp_path / "run").resolve())
+
+
+def test_a_registry_section_makes_every_round_publish(tmp_path):
+    from fedpeft.server.deploy_app import server_setup
+
+    (tmp_path / "run.toml").write_text('[federation]\nmodel = "tiny"\nquantize = "none"\n'
+                                       '[registry]\nenabled = true\ndir = "registry"\nadapter_id = "support"\n')
+    from fedpeft.simulations.tiny_models import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "tiny")
+    config = RunConfig.from_toml(tmp_path / "run.toml")
+    assert config.registry.dir == str(tmp_path / "registry")
+    setup = server_setup(config, tmp_path / "run", resume=False)
+    assert setup.publish is not None and setup.publish.adapter_id == "support"
+    assert setup.publish.registry_dir == str(tmp_path / "registry")
+
+
+def test_the_serving_client_does_not_import_torch():
+    code = "import sys, fedpeft.client.serving_client; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False"]
 
 
 def test_the_deployment_client_app_does_not_import_torch():
