@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIN_TEMPERATURE = 0.01
+"""Smaller temperatures overflow logits / T to inf; use 0 (greedy) instead."""
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -20,8 +23,8 @@ class Sampling:
 
     def problems(self, vocab_size: int) -> list[str]:
         found = []
-        if not (self.temperature == self.temperature and 0.0 <= self.temperature <= 100.0):
-            found.append(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 100.0):  # NaN fails both
+            found.append(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100], got {self.temperature}")
         if not (self.top_p == self.top_p and 0.0 <= self.top_p <= 1.0):
             found.append(f"top_p must be in [0, 1], got {self.top_p}")
         if not 0 <= self.top_k <= vocab_size:
@@ -74,3 +77,5 @@ class EngineLimits:
     default_max_new_tokens: int = 64
     adapter_memory_bytes: int = 1 << 30
     max_continuations: int = 64
+    max_score_tokens: int = 16384
+    """Continuations x padded length one Score call may run."""

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record, TaskSpec
-from fedpeft.common.errors import ConfigError, FederationError
+from fedpeft.common.errors import ConfigError, FederationError, FedPeftError
 from fedpeft.common.files import atomic_write_bytes
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import MethodConfig
@@ -74,8 +74,6 @@ class ServerSetup:
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
     resume: bool = False
-    publish: RegistryTarget | None = None
-    """Publish the global adapter to this registry after every round (serving hot-loads it)."""
     """Continue the run in `out_dir` from its last completed round (checkpoint + metrics)."""
     on_complete: Callable[[AdaptedModel], None] | None = None
     """Called with the server's in-process model holding the final adapter (for checks)."""
@@ -85,6 +83,8 @@ class ServerSetup:
     """Central DP with client-side fixed clipping and an RDP accountant."""
     envelopes: tuple[PeerIdentity, dict[str, bytes]] | None = None
     """(server identity, {client id: Ed25519 key}): clients must reply with sealed envelopes."""
+    publish: RegistryTarget | None = None
+    """Publish the global adapter to this registry after every round (serving hot-loads it)."""
 
 
 def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = None) -> Path:
@@ -181,8 +181,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             row["client_load_seconds_max"] = max(c.get("load-seconds", 0.0) for c in per_client)
         recorder.record(row)
         if setup.publish is not None and server_round > 0:  # round 0 is the untrained initial adapter
-            row_version = publish_round(adapted, setup.publish, server_round, row)
-            log.info("round %d published as %s version %d", server_round, setup.publish.adapter_id, row_version)
+            try:
+                publish_round(adapted, setup.publish, server_round, row)
+            except (FedPeftError, OSError) as exc:  # serving misses one version; training goes on
+                log.error("round %d: publishing to %s failed: %s", server_round, setup.publish.registry_dir, exc)
         acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
         log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB | %.1f s", server_round, setup.num_rounds,
                  result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, row["seconds"])

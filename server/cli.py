@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--file", type=Path, required=True)
     token.add_argument("--tenant", required=True)
     token.add_argument("--adapters", required=True, help="comma-separated adapter ids the tenant may use, or '*'")
+    token.add_argument("--admin", action="store_true", help="operator token: may also LoadAdapter/UnloadAdapter/Rollback")
     return p
 
 
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedpeft.server.serving.service import TenantTokens
 
             adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
-            token = TenantTokens.add(args.file, args.tenant, adapters)
+            token = TenantTokens.add(args.file, args.tenant, adapters, admin=args.admin)
             print(f"token for tenant {args.tenant} (shown once; send as 'authorization: Bearer <token>'):\n{token}")
         else:
             from fedpeft.server.launcher import LaunchOptions, launch

@@ -77,8 +77,13 @@ def check_lora_config(config: Mapping[str, Any]) -> None:
 def lora_factors(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict[str, LoraFactors]:
     """{module path in the base model: factors} from a PEFT LoRA state dict."""
     check_lora_config(config)
-    alpha = float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora", False))
+    try:
+        alpha = float(config.get("lora_alpha", 8))
+    except (TypeError, ValueError):
+        raise AdapterIncompatibleError(f"lora_alpha {config.get('lora_alpha')!r} is not a number") from None
+    if not math.isfinite(alpha):
+        raise AdapterIncompatibleError(f"lora_alpha {alpha} is not finite")
+    rslora = config.get("use_rslora", False) is True
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         for suffix, which in _SUFFIXES.items():
@@ -186,14 +191,22 @@ class BatchedLoraModel:
             shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
             raise AdapterIncompatibleError(f"adapter does not fit the served base model: {shown}")
         size = 0
-        for module, f in factors.items():
-            layer = self._wrap(module)
-            a = f.a.to(self._device, self._dtype).contiguous()
-            b = f.b.to(self._device, self._dtype).contiguous()
-            layer.slots[slot] = LoraFactors(a, b, f.scale)
-            size += a.numel() * a.element_size() + b.numel() * b.element_size()
+        try:
+            for module, f in factors.items():
+                layer = self._wrap(module)
+                a = f.a.to(self._device, self._dtype).contiguous()
+                b = f.b.to(self._device, self._dtype).contiguous()
+                layer.slots[slot] = LoraFactors(a, b, f.scale)
+                size += a.numel() * a.element_size() + b.numel() * b.element_size()
+        except BaseException:
+            self.remove(slot)  # all or nothing: no half-loaded adapter stays behind
+            raise
         self.context.generation += 1
         return size
+
+    def bytes_needed(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """What `add` will hold for these tensors (in the served dtype)."""
+        return sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=self._dtype).element_size()
 
     def remove(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -236,4 +249,5 @@ def merge_lora_into(model: nn.Module, config: Mapping[str, Any], tensors: Mappin
         if not isinstance(linear, nn.Linear):
             raise AdapterIncompatibleError(f"{module}: only plain (unquantized) linear layers can be merged")
         with torch.no_grad():
-            linear.weight += f.scale * (f.b.to(linear.weight.dtype) @ f.a.to(linear.weight.dtype))
+            w = linear.weight
+            w += f.scale * (f.b.to(w.device, w.dtype) @ f.a.to(w.device, w.dtype))

@@ -11,7 +11,12 @@ version, queue the request and read its events.
   adapter in the same forward.
 - Adapter LRU: loaded versions are reference-counted by the requests using them;
   when loading one would exceed the memory cap, the least recently used unreferenced,
-  unpinned versions are evicted. A request whose adapter cannot fit yet waits.
+  unpinned versions are evicted. A request whose adapter cannot fit waits only while
+  running requests hold memory that will come free (other requests go ahead of it);
+  if pinned adapters alone leave no room it gets RESOURCE_EXHAUSTED at once.
+- Faults stay with their request: a corrupt adapter, a failing sampler or a failing
+  load fails that request only; every request always gets a final event (done,
+  cancelled or an error), also when the engine stops.
 - Hot-load: a watcher polls the registry's CURRENT pointers; a moved pointer preloads
   the new version, and requests resolve "latest" when queued, so in-flight requests
   finish on the version they started with and nothing is dropped.
@@ -43,10 +48,12 @@ from fedpeft.common.serving_api import (
 )
 from fedpeft.server.serving.batched_lora import BASE_SLOT, BatchedLoraModel
 from fedpeft.server.serving.errors import (
-    AdapterNotFoundError,
+    AdapterIncompatibleError,
+    DeadlineError,
     InvalidRequestError,
     OverloadedError,
     ServingError,
+    ShuttingDownError,
 )
 from fedpeft.server.serving.kv_batch import BatchState, decode_step, join, keep, prefill
 from fedpeft.server.serving.registry import AdapterRegistry
@@ -67,6 +74,7 @@ class GenerationJob:
         self.generated: list[int] = []
         self.emitted_text = ""
         self.slot = BASE_SLOT
+        self.holds_ref = False
         self.generator: torch.Generator | None = None
         self.cancelled = threading.Event()
         self.submitted_at = time.perf_counter()
@@ -79,7 +87,11 @@ class GenerationJob:
     def stream(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """Events until the job is done; raises the job's error, if any."""
         while True:
-            item = self.events.get(timeout=timeout)
+            try:
+                item = self.events.get(timeout=timeout)
+            except queue.Empty:
+                self.cancelled.set()
+                raise DeadlineError(f"no token within {timeout} s; request cancelled") from None
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -99,13 +111,15 @@ class ServingEngine:
     """Owns the base model (wrapped for batched LoRA) and serves registry adapters."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, registry: AdapterRegistry, limits: EngineLimits | None = None,
-                 poll_seconds: float = 1.0, base_name: str = "") -> None:
+                 poll_seconds: float = 1.0, base_name: str = "", base_fingerprint: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.registry = registry
         self.limits = limits or EngineLimits()
         self.poll_seconds = poll_seconds
         self.base_name = base_name
+        self.base_fingerprint = base_fingerprint
+        """`model_fingerprint` of the served base; adapters published for another base are refused."""
         self.lora = BatchedLoraModel(model)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -116,6 +130,7 @@ class ServingEngine:
         self._running: list[GenerationJob] = []
         self._state: BatchState | None = None
         self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
+        self._sizes: dict[tuple[str, int], int] = {}
         self._slot_ids = itertools.count()
         self._current_seen: dict[str, int] = {}
         self._stop = threading.Event()
@@ -136,11 +151,22 @@ class ServingEngine:
         return self
 
     def stop(self) -> None:
+        """Stop the threads; every queued, running or control request gets an UNAVAILABLE error."""
         self._stop.set()
         with self._wake:
             self._wake.notify_all()
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=30)
+        error = ShuttingDownError("the server is shutting down")
+        with self._wake:
+            pending, self._pending = list(self._pending), deque()
+            control, self._control = list(self._control), deque()
+        for job in pending + self._running:
+            job.events.put(error)
+        self._running, self._state = [], None
+        for _, future in control:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     def __enter__(self) -> ServingEngine:
         return self.start()
@@ -152,10 +178,12 @@ class ServingEngine:
 
     def submit(self, params: GenerateParams) -> GenerationJob:
         """Validate and queue a generation; errors are raised here, before queueing."""
+        if self._stop.is_set():
+            raise ShuttingDownError("the server is shutting down")
         if not params.prompt:
             raise InvalidRequestError("prompt is empty")
         problems = params.sampling.problems(self.vocab_size)
-        max_new = params.max_new_tokens or self.limits.default_max_new_tokens
+        max_new = params.max_new_tokens or min(self.limits.default_max_new_tokens, self.limits.max_new_tokens)
         if max_new > self.limits.max_new_tokens:
             problems.append(f"max_new_tokens {max_new} exceeds the limit {self.limits.max_new_tokens}")
         if problems:
@@ -195,6 +223,10 @@ class ServingEngine:
             if len(prompt_ids) + len(ids) > self.limits.max_prompt_tokens:
                 raise InvalidRequestError(f"prompt + continuation {i} has {len(prompt_ids) + len(ids)} tokens, "
                                           f"limit {self.limits.max_prompt_tokens}")
+        work = len(conts) * (len(prompt_ids) + max(len(c) for c in conts))
+        if work > self.limits.max_score_tokens:
+            raise InvalidRequestError(f"{len(conts)} continuations x {work // len(conts)} tokens exceed the limit of "
+                                      f"{self.limits.max_score_tokens} scored tokens per call")
         resolved = self.registry.resolve(adapter_id, version) if adapter_id else 0
         return self._call(lambda: self._score(adapter_id, resolved, prompt_ids, conts))
 
@@ -211,6 +243,7 @@ class ServingEngine:
         return self.status(adapter_id)
 
     def unload(self, adapter_id: str, version: int) -> bool:
+        """Unpin; free now if no request uses it (True), else it becomes evictable when they finish (False)."""
         resolved = self.registry.resolve(adapter_id, version)
 
         def run() -> bool:
@@ -241,13 +274,24 @@ class ServingEngine:
                              bool(meta.get("encrypted")))
 
     def adapters(self) -> list[AdapterStatus]:
-        return [self.status(a) for a in self.registry.adapter_ids()]
+        """Every readable adapter (a corrupt registry entry is logged and left out, not fatal)."""
+        found = []
+        for adapter_id in self.registry.adapter_ids():
+            try:
+                found.append(self.status(adapter_id))
+            except (ServingError, ValueError, TypeError) as exc:
+                log.warning("adapter %s is unreadable and not listed: %s", adapter_id, exc)
+        return found
 
     @property
     def adapter_memory(self) -> int:
         return sum(e.num_bytes for e in list(self._loaded.values()))
 
     def _call(self, fn: Callable[[], T], timeout: float = 300.0) -> T:
+        if self._stop.is_set():
+            raise ShuttingDownError("the server is shutting down")
+        if threading.current_thread() in self._threads[:1]:
+            return fn()  # already on the engine thread
         future: Future = Future()
         with self._wake:
             self._control.append((fn, future))
@@ -281,13 +325,13 @@ class ServingEngine:
                 if self._running:
                     self._decode()
                 elif not admitted:
-                    with self._wake:
-                        if not self._pending and not self._control and not self._stop.is_set():
+                    with self._wake:  # idle, or every queued request waits for memory: sleep until woken
+                        if not self._control and not self._stop.is_set():
                             self._wake.wait(timeout=0.5)
-            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
+            except Exception as exc:  # noqa: BLE001 - a failed step fails the running requests, not the server
                 log.exception("serving step failed")
                 for job in self._running:
-                    self._finish_with_error(job, exc)
+                    self._fail(job, exc)
                 self._running, self._state = [], None
 
     def _run_control(self) -> None:
@@ -303,42 +347,47 @@ class ServingEngine:
                     future.set_exception(exc)
 
     def _admit(self) -> list[GenerationJob]:
+        """Queued jobs that can start now, in arrival order; jobs waiting for memory are skipped."""
         admitted: list[GenerationJob] = []
-        while len(self._running) + len(admitted) < self.limits.max_batch:
-            with self._wake:
-                if not self._pending:
-                    break
-                job = self._pending[0]
+        with self._wake:
+            candidates = list(self._pending)
+        for job in candidates:
+            if len(self._running) + len(admitted) >= self.limits.max_batch:
+                break
             if job.cancelled.is_set():
-                with self._wake:
-                    self._pending.popleft()
+                self._dequeue(job)
+                job.events.put(TokenEvent([], "", done=True, finish_reason="cancelled"))
                 continue
             try:
                 entry = self._acquire(job.key, wait_ok=True) if job.key else None
-            except ServingError as exc:
-                with self._wake:
-                    self._pending.popleft()
-                job.events.put(exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. a corrupt adapter: only this request fails
+                self._dequeue(job)
+                job.events.put(_as_serving_error(exc))
                 continue
             if job.key and entry is None:
-                break  # its adapter does not fit until running requests release theirs
-            with self._wake:
-                self._pending.popleft()
-            job.slot = entry.slot if entry else BASE_SLOT
+                continue  # waits until running requests release memory; later jobs may go ahead
+            self._dequeue(job)
+            job.slot, job.holds_ref = (entry.slot, True) if entry else (BASE_SLOT, False)
             admitted.append(job)
         return admitted
+
+    def _dequeue(self, job: GenerationJob) -> None:
+        with self._wake:
+            self._pending.remove(job)
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
         try:
             with self.lora.rows(tuple(j.slot for j in jobs)):
                 state, logits = prefill(self.model, [j.prompt_ids for j in jobs], self.pad_id)
-        except Exception as exc:  # noqa: BLE001
+            joined = join(self._state, state)
+        except Exception as exc:  # noqa: BLE001 - the new requests fail; the running batch is untouched
+            log.exception("prefill failed")
             for job in jobs:
-                self._finish_with_error(job, exc)
+                self._fail(job, exc)
             return
         if self._running:
             self.joins_while_running += 1
-        self._state = join(self._state, state)
+        self._state = joined
         self._running += jobs
         self.max_adapters_in_batch = max(self.max_adapters_in_batch, len({j.slot for j in self._running}))
         self._emit(jobs, logits, offset=len(self._running) - len(jobs))
@@ -352,88 +401,100 @@ class ServingEngine:
         self._emit(self._running, logits, offset=0)
 
     def _emit(self, jobs: list[GenerationJob], logits: torch.Tensor, offset: int) -> None:
-        """Pick each job's next token, send it, and drop finished rows from the batch."""
+        """Pick each job's next token, send it, and drop finished (or failed) rows from the batch."""
         finished = []
         for i, job in enumerate(jobs):
-            token = choose_token(logits[i], job.params.sampling, job.generator)
-            job.generated.append(token)
-            reason = ""
-            if token in self.eos_ids and not job.params.ignore_eos:
-                reason = "eos"
-            elif len(job.generated) >= job.max_new_tokens:
-                reason = "length"
-            elif job.cancelled.is_set():
-                reason = "cancelled"
-            text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
-            delta = ""
-            if reason or not text.endswith("\ufffd"):  # hold back a half-decoded character
-                delta, job.emitted_text = text[len(job.emitted_text):], text
-            job.events.put(TokenEvent([token], delta, done=bool(reason), finish_reason=reason))
+            try:
+                token = choose_token(logits[i], job.params.sampling, job.generator)
+                job.generated.append(token)
+                reason = ""
+                if token in self.eos_ids and not job.params.ignore_eos:
+                    reason = "eos"
+                elif len(job.generated) >= job.max_new_tokens:
+                    reason = "length"
+                elif job.cancelled.is_set():
+                    reason = "cancelled"
+                text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+                delta = ""
+                if reason or not text.endswith("\ufffd"):  # hold back a half-decoded character
+                    delta, job.emitted_text = text[len(job.emitted_text):], text
+                if reason:
+                    job.finished_at = time.perf_counter()
+                    self._release(job)
+                job.events.put(TokenEvent([token], delta, done=bool(reason), finish_reason=reason))
+            except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
+                self._fail(job, exc)
+                reason = "error"
             if reason:
-                job.finished_at = time.perf_counter()
                 finished.append(offset + i)
         if finished:
             done = set(finished)
-            for index in finished:
-                self._release(self._running[index])
             keep_rows = [i for i in range(len(self._running)) if i not in done]
             self._running = [self._running[i] for i in keep_rows]
             self._state = keep(self._state, keep_rows) if self._state is not None else None
 
-    def _finish_with_error(self, job: GenerationJob, exc: BaseException) -> None:
+    def _fail(self, job: GenerationJob, exc: BaseException) -> None:
         self._release(job)
-        job.events.put(exc if isinstance(exc, ServingError) else ServingError(f"generation failed: {exc}"))
+        job.events.put(_as_serving_error(exc))
 
     def _release(self, job: GenerationJob) -> None:
-        if job.key and job.key in self._loaded and job.slot != BASE_SLOT:
-            self._loaded[job.key].refs -= 1
-            job.slot = BASE_SLOT
+        if job.holds_ref and job.key in self._loaded:
+            self._loaded[job.key].refs -= 1  # type: ignore[index]
+        job.holds_ref = False
 
     @torch.no_grad()
     def _score(self, adapter_id: str, version: int, prompt_ids: list[int], conts: list[list[int]]) -> ScoreResult:
         entry = self._acquire((adapter_id, version), wait_ok=False) if adapter_id else None
         try:
+            # Left-padded so every continuation ends at the last column: only the last
+            # max(len)+1 positions' logits are computed (not [n, width, vocab]).
             rows = [prompt_ids + c for c in conts]
             width = max(len(r) for r in rows)
+            keep_n = max(len(c) for c in conts) + 1
             device = next(self.model.parameters()).device
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, r in enumerate(rows):
-                ids[i, :len(r)] = torch.tensor(r)
-                mask[i, :len(r)] = 1
+                ids[i, width - len(r):] = torch.tensor(r)
+                mask[i, width - len(r):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             slot = entry.slot if entry else BASE_SLOT
             with self.lora.rows((slot,) * len(rows)):
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    position_ids=positions.to(device), logits_to_keep=keep_n).logits
             totals = []
             for i, c in enumerate(conts):
-                start = len(prompt_ids)
-                targets = torch.tensor(c, device=logprobs.device)
-                picked = logprobs[i, start - 1:start - 1 + len(c)].gather(-1, targets.view(-1, 1))
-                totals.append(float(picked.sum()))
+                # the logits predicting the continuation: columns width-len(c)-1 .. width-2
+                picked = logits[i, keep_n - len(c) - 1:keep_n - 1].float().log_softmax(-1)
+                targets = torch.tensor(c, device=picked.device).view(-1, 1)
+                totals.append(float(picked.gather(-1, targets).sum()))
             return ScoreResult(totals, [len(c) for c in conts], version)
         finally:
             if entry is not None:
                 entry.refs -= 1
 
     def _acquire(self, key: tuple[str, int], wait_ok: bool) -> _Loaded | None:
-        """Load `key` if needed (evicting LRU versions) and take a reference to it."""
+        """Load `key` if needed (evicting idle LRU versions) and take a reference to it.
+
+        Returns None (wait_ok) when the adapter fits only after running requests release
+        theirs; raises OverloadedError when it cannot fit at all.
+        """
         entry = self._loaded.get(key)
         if entry is None:
+            known = self._sizes.get(key)
+            if known is not None and not self._room_for(key, known, wait_ok):
+                return None
             stored = self.registry.read(*key)
-            need = stored.num_bytes
-            if need > self.limits.adapter_memory_bytes:
-                raise OverloadedError(f"adapter {key[0]!r} version {key[1]} needs {need} bytes, more than the adapter "
-                                      f"memory cap of {self.limits.adapter_memory_bytes}")
-            for victim in [k for k, e in self._loaded.items() if e.refs == 0 and not e.pinned]:
-                if self.adapter_memory + need <= self.limits.adapter_memory_bytes:
-                    break
-                self._evict(victim)
-            if self.adapter_memory + need > self.limits.adapter_memory_bytes:
-                if wait_ok:
-                    return None
-                raise OverloadedError(f"no room for adapter {key[0]!r} version {key[1]}: loaded adapters in use "
-                                      f"hold {self.adapter_memory} of {self.limits.adapter_memory_bytes} bytes")
+            produced_for = stored.meta.get("base_model_fingerprint")
+            if self.base_fingerprint and produced_for and produced_for != self.base_fingerprint:
+                raise AdapterIncompatibleError(f"adapter {key[0]!r} version {key[1]} was trained on base model "
+                                               f"{produced_for}, this server serves {self.base_fingerprint}")
+            need = self._sizes[key] = self.lora.bytes_needed(stored.tensors)
+            if not self._room_for(key, need, wait_ok):
+                return None
+            idle = [k for k, e in self._loaded.items() if e.refs == 0 and not e.pinned]
+            while self.adapter_memory + need > self.limits.adapter_memory_bytes and idle:
+                self._evict(idle.pop(0))
             slot = next(self._slot_ids)
             size = self.lora.add(slot, stored.config, stored.tensors)
             entry = _Loaded(slot, size)
@@ -442,6 +503,20 @@ class ServingEngine:
         self._loaded.move_to_end(key)
         entry.refs += 1
         return entry
+
+    def _room_for(self, key: tuple[str, int], need: int, wait_ok: bool) -> bool:
+        cap = self.limits.adapter_memory_bytes
+        who = f"adapter {key[0]!r} version {key[1]} ({need} bytes)"
+        if need > cap:
+            raise OverloadedError(f"{who} is larger than the adapter memory cap of {cap} bytes")
+        idle = sum(e.num_bytes for e in self._loaded.values() if e.refs == 0 and not e.pinned)
+        if self.adapter_memory - idle + need <= cap:
+            return True
+        pinned = sum(e.num_bytes for e in self._loaded.values() if e.pinned)
+        if pinned + need > cap or not wait_ok:
+            raise OverloadedError(f"no room for {who}: pinned adapters hold {pinned} and adapters in use "
+                                  f"{self.adapter_memory - idle - pinned} of the {cap}-byte cap (UnloadAdapter frees pins)")
+        return False
 
     def _evict(self, key: tuple[str, int]) -> None:
         entry = self._loaded.pop(key)
@@ -462,31 +537,38 @@ class ServingEngine:
         """Preload the version CURRENT points at, if it moved (hot-load)."""
         try:
             current = self.registry.current(adapter_id)
-        except AdapterNotFoundError:
+        except ServingError:
             return
         if self._current_seen.get(adapter_id) == current:
             return
         self._current_seen[adapter_id] = current
-        if (adapter_id, current) in self._loaded:
-            return
 
-        def preload() -> None:
+        def preload() -> bool:
+            if (adapter_id, current) in self._loaded:
+                return True
             entry = self._acquire((adapter_id, current), wait_ok=True)
             if entry is not None:
                 entry.refs -= 1
+            return entry is not None
 
         try:
-            self._call(preload)
-            log.info("hot-loaded adapter %s version %d", adapter_id, current)
+            if self._call(preload):
+                log.info("hot-loaded adapter %s version %d", adapter_id, current)
+            else:
+                log.info("adapter %s version %d is current; it loads when memory frees up", adapter_id, current)
         except ServingError as exc:
             log.warning("could not preload adapter %s version %d: %s", adapter_id, current, exc)
+
+
+def _as_serving_error(exc: BaseException) -> ServingError:
+    return exc if isinstance(exc, ServingError) else ServingError(f"request failed: {type(exc).__name__}: {exc}")
 
 
 def choose_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """Greedy for temperature 0, else temperature / top-k / top-p sampling with the request's generator."""
     if sampling.temperature == 0:
         return int(torch.argmax(logits))
-    scores = logits / sampling.temperature
+    scores = logits.double() / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(scores, sampling.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -495,7 +577,9 @@ def choose_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
         ordered, order = torch.sort(probs, descending=True)
         keep_mask = ordered.cumsum(-1) - ordered < sampling.top_p
         probs = torch.zeros_like(probs).scatter(0, order, ordered * keep_mask)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))  # degenerate distribution: fall back to greedy
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=generator))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -56,3 +56,15 @@ class PermissionDeniedError(ServingError):
     """The tenant's token does not cover the requested adapter."""
 
     status = "PERMISSION_DENIED"
+
+
+class DeadlineError(ServingError):
+    """The request produced nothing within the server's request timeout."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class ShuttingDownError(ServingError):
+    """The server stopped before the request finished."""
+
+    status = "UNAVAILABLE"

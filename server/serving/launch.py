@@ -44,7 +44,13 @@ def open_registry(registry_dir: Path, keys_dir: Path | None) -> AdapterRegistry:
 
 
 def build_engine(options: ServeOptions) -> ServingEngine:
-    from fedpeft.common.models import load_base_model, load_tokenizer, model_kind, resolve_model_dir
+    from fedpeft.common.models import (
+        load_base_model,
+        load_tokenizer,
+        model_fingerprint,
+        model_kind,
+        resolve_model_dir,
+    )
     from fedpeft.common.quantization import resolve_quantize
 
     model_dir = resolve_model_dir(options.model)
@@ -55,7 +61,7 @@ def build_engine(options: ServeOptions) -> ServingEngine:
     tokenizer = load_tokenizer(model_dir)
     registry = open_registry(options.registry_dir, options.keys_dir)
     return ServingEngine(model, tokenizer, registry, options.limits, options.poll_seconds,
-                         base_name=options.model or model_dir.name)
+                         base_name=options.model or model_dir.name, base_fingerprint=model_fingerprint(model_dir))
 
 
 def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
@@ -63,6 +69,8 @@ def serve(options: ServeOptions, ready: threading.Event | None = None) -> None:
     tokens = TenantTokens.load(options.tokens_file) if options.tokens_file else None
     if options.tls_dir is None:
         log.warning("serving WITHOUT TLS on %s:%d: use only on loopback or a trusted network", options.host, options.port)
+        if tokens is not None:
+            log.warning("tenant tokens travel in clear without TLS: anyone on the path can reuse them")
     engine = build_engine(options).start()
     handle = start_grpc_server(engine, f"{options.host}:{options.port}", options.tls_dir, tokens,
                                options.max_request_bytes)

@@ -22,6 +22,7 @@ publisher): nothing can be read or altered without the keys.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -30,7 +31,8 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from safetensors.torch import load_file
 from fedpeft.common.envelope import EnvelopeError, PeerIdentity, open_delta, seal_delta
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.files import atomic_write_bytes, write_json_atomic
-from fedpeft.server.serving.errors import AdapterCorruptError, AdapterNotFoundError
+from fedpeft.server.serving.errors import AdapterCorruptError, AdapterNotFoundError, ServingError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -142,9 +144,12 @@ class AdapterRegistry:
     def meta(self, adapter_id: str, version: int) -> dict[str, Any]:
         path = self._version_dir(adapter_id, version) / VERSION_META
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
             raise AdapterCorruptError(f"{path} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise AdapterCorruptError(f"{path} does not hold a JSON object")
+        return meta
 
     def read(self, adapter_id: str, version: int = 0) -> StoredAdapter:
         """Load and verify one version; DATA_LOSS errors name the file and the check."""
@@ -152,18 +157,30 @@ class AdapterRegistry:
         vdir = self._version_dir(adapter_id, version)
         meta = self.meta(adapter_id, version)
         where = f"adapter {adapter_id!r} version {version} ({vdir})"
-        if meta.get("encrypted"):
-            config, tensors = self._open_sealed(adapter_id, version, vdir, where)
-        else:
-            config, tensors = self._read_plain(vdir, meta, where)
-        for name, tensor in tensors.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise AdapterCorruptError(f"{where}: tensor {name} holds NaN or Inf")
+        try:
+            if self.identity is not None and meta.get("encrypted") is not True:
+                raise AdapterCorruptError(f"{where} is not sealed, but this registry is keyed: a plaintext version "
+                                          "could have been written without the key (refused)")
+            if meta.get("encrypted") is True:
+                config, tensors = self._open_sealed(adapter_id, version, vdir, where)
+            else:
+                config, tensors = self._read_plain(vdir, meta, where)
+            if not isinstance(config, dict):
+                raise AdapterCorruptError(f"{where}: adapter config is not a JSON object")
+            for name, tensor in tensors.items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise AdapterCorruptError(f"{where}: tensor {name} holds NaN or Inf")
+        except ServingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else wrong with stored files is corruption too
+            raise AdapterCorruptError(f"{where}: {type(exc).__name__}: {exc}") from exc
         return StoredAdapter(adapter_id, version, config, tensors, meta)
 
     def _read_plain(self, vdir: Path, meta: Mapping[str, Any], where: str
                     ) -> tuple[dict[str, Any], OrderedDict[str, torch.Tensor]]:
-        hashes = meta.get("sha256", {})
+        hashes = meta.get("sha256")
+        if not isinstance(hashes, dict):
+            raise AdapterCorruptError(f"{where}: {VERSION_META} has no sha256 table")
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             path = vdir / name
             if not path.is_file():
@@ -215,6 +232,11 @@ class AdapterRegistry:
                 raise DeltaError(f"refusing to publish {adapter_dir}: tensor {name} holds NaN or Inf")
         base = self._adapter_dir(adapter_id)
         base.mkdir(parents=True, exist_ok=True)
+        with _locked(base / ".publish.lock"):
+            return self._publish_locked(adapter_id, base, config, tensors, adapter_dir, metadata)
+
+    def _publish_locked(self, adapter_id: str, base: Path, config: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+                        adapter_dir: Path, metadata: Mapping[str, Any] | None) -> int:
         version = max(self.versions(adapter_id), default=0) + 1
         meta: dict[str, Any] = {
             "adapter_id": adapter_id,
@@ -255,9 +277,12 @@ class AdapterRegistry:
         write_envelope_file(directory / SEALED_WEIGHTS, envelope)
 
     def rollback(self, adapter_id: str, version: int) -> int:
-        """Make `version` the one "latest" means (any existing version, older or newer)."""
+        """Make `version` the one "latest" means (any existing version, older or newer).
+
+        The next publish moves "latest" to the new version again."""
         version = self.resolve(adapter_id, version) if version else self.current(adapter_id)
-        self._set_current(adapter_id, version)
+        with _locked(self._adapter_dir(adapter_id) / ".publish.lock"):
+            self._set_current(adapter_id, version)
         return version
 
     def _set_current(self, adapter_id: str, version: int) -> None:
@@ -274,6 +299,17 @@ class AdapterRegistry:
 
     def _version_dir(self, adapter_id: str, version: int) -> Path:
         return self._adapter_dir(adapter_id) / _version_dir_name(version)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock: concurrent publishers (two runs, a CLI) take turns."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sealed_run_id(adapter_id: str) -> str:

@@ -8,7 +8,10 @@ serving everyone else. Oversized requests are refused by gRPC itself
 
 Tenant auth (optional, `--tokens FILE`): each call carries `authorization: Bearer
 <token>`; the file stores only SHA-256 digests of tokens, each with the adapter ids it
-may use (`"*"` = all). Run it over TLS (`--tls DIR`) so tokens are not sent in clear.
+may use (`"*"` = all) and whether it is an operator (`admin`): only operators may
+LoadAdapter (pin), UnloadAdapter and Rollback, which act for every tenant. Without a
+tokens file there is no auth at all (loopback/lab use). Run it over TLS (`--tls DIR`)
+so tokens are not sent in clear.
 """
 
 from __future__ import annotations
@@ -48,25 +51,35 @@ def _digest(token: str) -> str:
 class TenantTokens:
     """{sha256(token): (tenant, allowed adapter ids)}; empty = auth off."""
 
-    tenants: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+    tenants: dict[str, tuple[str, frozenset[str], bool]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> TenantTokens:
         try:
             data = json.loads(Path(path).read_text())
-            entries = {t["token_sha256"]: (name, frozenset(t["adapters"])) for name, t in data["tenants"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            entries = {t["token_sha256"]: (name, frozenset(t["adapters"]), t.get("admin") is True)
+                       for name, t in data["tenants"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"tokens file {path} is unreadable: {exc} (make it with `peft-server token`)") from exc
+        if not entries:
+            raise ConfigError(f"tokens file {path} has no tenants")
         return cls(entries)
 
     @staticmethod
-    def add(path: Path, tenant: str, adapters: list[str]) -> str:
+    def add(path: Path, tenant: str, adapters: list[str], admin: bool = False) -> str:
         """Create a random token for `tenant` in `path`; returns it (shown once, stored hashed)."""
         data = json.loads(Path(path).read_text()) if Path(path).is_file() else {"tenants": {}}
         token = secrets.token_urlsafe(32)
-        data["tenants"][tenant] = {"token_sha256": _digest(token), "adapters": sorted(adapters)}
+        data["tenants"][tenant] = {"token_sha256": _digest(token), "adapters": sorted(adapters), "admin": admin}
         write_json_atomic(Path(path), data)
         return token
+
+    def check_admin(self, metadata: dict[str, str], adapter_id: str) -> None:
+        """Operators only (when auth is on): the call changes what every tenant gets."""
+        tenant = self.check(metadata, adapter_id)
+        if tenant is not None and not self.tenants[_digest(metadata["authorization"].removeprefix("Bearer ").strip())][2]:
+            raise PermissionDeniedError(f"tenant {tenant!r} is not an operator: LoadAdapter, UnloadAdapter and "
+                                        "Rollback need a token made with `peft-server token --admin`")
 
     def check(self, metadata: dict[str, str], adapter_id: str | None) -> str | None:
         """The tenant name (None when auth is off); raises when not allowed."""
@@ -79,7 +92,7 @@ class TenantTokens:
         match = next((v for k, v in self.tenants.items() if hmac.compare_digest(k, digest)), None)
         if match is None:
             raise UnauthenticatedError("unknown token")
-        tenant, allowed = match
+        tenant, allowed, _ = match
         if adapter_id is not None and "*" not in allowed and adapter_id not in allowed:
             raise PermissionDeniedError(f"tenant {tenant!r} may not use adapter {adapter_id!r}")
         return tenant
@@ -100,9 +113,14 @@ class AdapterServingService(wire.servicer_base()):  # type: ignore[misc]
         self.tokens = tokens or TenantTokens()
         self.request_timeout = request_timeout
 
-    def _guard(self, context: grpc.ServicerContext, adapter_id: str | None, fn: Callable[[], T]) -> T:
+    def _guard(self, context: grpc.ServicerContext, adapter_id: str | None, fn: Callable[[], T],
+               admin: bool = False) -> T:
         try:
-            self.tokens.check(dict(context.invocation_metadata()), adapter_id)
+            metadata = dict(context.invocation_metadata())
+            if admin:
+                self.tokens.check_admin(metadata, adapter_id or "")
+            else:
+                self.tokens.check(metadata, adapter_id)
             return fn()
         except ServingError as exc:
             context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
@@ -154,16 +172,16 @@ class AdapterServingService(wire.servicer_base()):  # type: ignore[misc]
     def LoadAdapter(self, request, context):  # noqa: N802
         ref = request.adapter
         return self._guard(context, ref.adapter_id,
-                           lambda: wire.adapter_info(self.engine.load(ref.adapter_id, ref.version)))
+                           lambda: wire.adapter_info(self.engine.load(ref.adapter_id, ref.version)), admin=True)
 
     def UnloadAdapter(self, request, context):  # noqa: N802
         ref = request.adapter
         return self._guard(context, ref.adapter_id,
-                           lambda: wire.unload_response(self.engine.unload(ref.adapter_id, ref.version)))
+                           lambda: wire.unload_response(self.engine.unload(ref.adapter_id, ref.version)), admin=True)
 
     def Rollback(self, request, context):  # noqa: N802
         return self._guard(context, request.adapter_id,
-                           lambda: wire.adapter_info(self.engine.rollback(request.adapter_id, request.version)))
+                           lambda: wire.adapter_info(self.engine.rollback(request.adapter_id, request.version)), admin=True)
 
 
 @dataclass
