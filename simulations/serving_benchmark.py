@@ -11,7 +11,9 @@ adapter handling differ):
   whatever their adapters, per-row batched LoRA;
 - `swap`: one request at a time in arrival order, the adapter's weights swapped into the
   single LoRA slot when it differs from the previous request's (what a one-adapter
-  server does);
+  server does; the issue's "swap per request" baseline);
+- `grouped`: a stronger single-adapter baseline: take the oldest request's adapter, batch
+  every queued request for that adapter (up to --max-batch, static batch), swap, run, repeat;
 - `merged`: one adapter merged into the base weights, served by the same engine with no
   LoRA at all: the upper bound (K = 1), measured once.
 
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-WAYS = ("mixed", "swap", "merged")
+WAYS = ("mixed", "swap", "grouped", "merged")
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ServeRow:
     p95_latency_s: float
     x_merged: float = float("nan")
     x_swap: float = float("nan")
+    x_grouped: float = float("nan")
 
 
 def load_prompts(path: Path | None, count: int, seed: int) -> list[str]:
@@ -130,9 +133,10 @@ def run_engine(model_dir: Path, registry, prompts: list[str], adapter_ids: list[
     return latencies, tokens, seconds
 
 
-def run_swap(model_dir: Path, registry, prompts: list[str], adapter_ids: list[str], new_tokens: int
-             ) -> tuple[list[float], int, float]:
-    """One request at a time; the request's adapter is swapped into the one LoRA slot when it changes."""
+def run_swap(model_dir: Path, registry, prompts: list[str], adapter_ids: list[str], new_tokens: int,
+             max_batch: int = 1) -> tuple[list[float], int, float]:
+    """Single-slot serving: the oldest request's adapter is swapped in and its request runs
+    alone (max_batch 1: `swap`) or with every queued request for the same adapter (`grouped`)."""
     import torch
 
     from fedpeft.common.models import load_base_model, load_tokenizer
@@ -145,22 +149,34 @@ def run_swap(model_dir: Path, registry, prompts: list[str], adapter_ids: list[st
     stored = {a: registry.read(a) for a in set(adapter_ids)}  # host memory, as the engine's loaded adapters
     pad = int(tokenizer.pad_token_id)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    active = None
-    latencies, tokens = [], 0
+
+    def run(group: list[int]) -> None:
+        with lora.rows((0,) * len(group)):
+            state, logits = prefill(model, [encoded[i] for i in group], pad)
+            token = torch.argmax(logits, -1)
+            for _ in range(new_tokens - 1):
+                token = torch.argmax(decode_step(model, state, token), -1)
+
+    lora.add(0, stored[adapter_ids[0]].config, stored[adapter_ids[0]].tensors)
+    run([0])  # warm-up, as the engine ways get
+    active = adapter_ids[0]
+    queue = list(range(len(prompts)))
+    latencies: list[float] = [0.0] * len(prompts)
     start = time.perf_counter()
-    for adapter_id, ids in zip(adapter_ids, encoded, strict=True):
+    while queue:
+        adapter_id = adapter_ids[queue[0]]
+        group = [i for i in queue if adapter_ids[i] == adapter_id][:max_batch]
+        queue = [i for i in queue if i not in group]
         if adapter_id != active:
             lora.remove(0)
             lora.add(0, stored[adapter_id].config, stored[adapter_id].tensors)
             active = adapter_id
-        with lora.rows((0,)):
-            state, logits = prefill(model, [ids], pad)
-            token = torch.argmax(logits, -1)
-            for _ in range(new_tokens - 1):
-                token = torch.argmax(decode_step(model, state, token), -1)
-        tokens += new_tokens
-        latencies.append(time.perf_counter() - start)
-    return latencies, tokens, time.perf_counter() - start
+        run(group)
+        if next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        for i in group:
+            latencies[i] = time.perf_counter() - start
+    return latencies, new_tokens * len(prompts), time.perf_counter() - start
 
 
 def write_results(rows: Sequence[ServeRow], out_dir: Path) -> str:
@@ -174,11 +190,14 @@ def write_results(rows: Sequence[ServeRow], out_dir: Path) -> str:
         writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(ServeRow)])
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    lines = ["| K adapters | way | requests | tokens/s | p50 latency s | p95 latency s | x merged | x swap |",
-             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        grouped = next((g for g in rows if g.way == "grouped" and g.adapters == r.adapters), None)
+        r.x_grouped = r.tokens_per_second / grouped.tokens_per_second if grouped else float("nan")
+    lines = ["| K adapters | way | requests | tokens/s | p50 latency s | p95 latency s | x merged | x swap | x grouped |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.adapters} | {r.way} | {r.requests} | {r.tokens_per_second:.1f} | {r.p50_latency_s:.2f} | "
-                     f"{r.p95_latency_s:.2f} | {r.x_merged:.2f} | {r.x_swap:.2f} |")
+                     f"{r.p95_latency_s:.2f} | {r.x_merged:.2f} | {r.x_swap:.2f} | {r.x_grouped:.2f} |")
     table = "\n".join(lines)
     (out_dir / "results.md").write_text(table + "\n")
     _plot(rows, out_dir / "throughput.png")
@@ -192,7 +211,7 @@ def _plot(rows: Sequence[ServeRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for way in ("mixed", "swap"):
+    for way in ("mixed", "grouped", "swap"):
         points = sorted((r.adapters, r.tokens_per_second) for r in rows if r.way == way)
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=way)
@@ -258,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if way == "mixed":
                         lat, tokens, secs = run_engine(model_dir, registry, prompts, ids, args.new_tokens, args.max_batch)
                     else:
-                        lat, tokens, secs = run_swap(model_dir, registry, prompts, ids, args.new_tokens)
+                        lat, tokens, secs = run_swap(model_dir, registry, prompts, ids, args.new_tokens,
+                                                     args.max_batch if way == "grouped" else 1)
                     rows.append(_row(k, way, lat, tokens, secs))
                     print(f"[bench] K={k} {way}: {rows[-1].tokens_per_second:.1f} tokens/s, "
                           f"p95 {rows[-1].p95_latency_s:.1f} s", flush=True)

@@ -544,7 +544,7 @@ def test_serving_benchmark_runs_all_three_ways(tiny_model_dir, tmp_path):
     assert bench_main(["--model", str(tiny_model_dir), "--adapters", "1,3", "--requests", "6", "--new-tokens", "3",
                        "--max-batch", "4", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert [(r["adapters"], r["way"]) for r in rows] == [("1", "merged"), ("1", "mixed"), ("1", "swap"),
-                                                         ("3", "mixed"), ("3", "swap")]
+    assert [(r["adapters"], r["way"]) for r in rows] == [("1", "merged"), ("1", "mixed"), ("1", "swap"), ("1", "grouped"),
+                                                         ("3", "mixed"), ("3", "swap"), ("3", "grouped")]
     assert all(int(r["tokens"]) == 18 and float(r["tokens_per_second"]) > 0 for r in rows)
     assert (tmp_path / "throughput.png").is_file()
