@@ -129,22 +129,11 @@ def write_results(rows: Sequence[DeployRow], out_dir: Path) -> str:
 
 
 def _plot(rows: Sequence[DeployRow], path: Path) -> None:
-    import matplotlib
+    from fedpeft.simulations.report import line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r.mode for r in rows):
-        points = sorted((r.clients, r.round_seconds) for r in rows if r.mode == mode)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
-    ax.set_xlabel("clients")
-    ax.set_ylabel("round time (s)")
-    ax.set_title("deployment round time on loopback")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    line_plot({mode: [(r.clients, r.round_seconds) for r in rows if r.mode == mode]
+               for mode in dict.fromkeys(r.mode for r in rows)}, path, "clients", "round time (s)",
+              "deployment round time on loopback")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

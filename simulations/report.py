@@ -77,6 +77,33 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
     return path
 
 
+def line_plot(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str,
+              reference: tuple[str, float] | None = None, log2_x: bool = False) -> Path:
+    """One line per named series of (x, y) points (benchmarks), plus an optional horizontal reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        if points:
+            points = sorted(points)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference[1], linestyle="--", color="gray", label=reference[0])
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def overhead_line(rows: Sequence[dict[str, Any]]) -> str:
     """How much a virtual client costs a worker that already holds the base model."""
     trained = [r for r in rows if r.get("client_swap_seconds") is not None]

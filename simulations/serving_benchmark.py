@@ -205,27 +205,13 @@ def write_results(rows: Sequence[ServeRow], out_dir: Path) -> str:
 
 
 def _plot(rows: Sequence[ServeRow], path: Path) -> None:
-    import matplotlib
+    from fedpeft.simulations.report import line_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for way in ("mixed", "grouped", "swap"):
-        points = sorted((r.adapters, r.tokens_per_second) for r in rows if r.way == way)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=way)
-    merged = [r for r in rows if r.way == "merged"]
-    if merged:
-        ax.axhline(merged[0].tokens_per_second, linestyle="--", color="gray", label="merged (1 adapter)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("distinct adapters K")
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title("multi-adapter serving throughput")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    merged = next((r for r in rows if r.way == "merged"), None)
+    line_plot({way: [(r.adapters, r.tokens_per_second) for r in rows if r.way == way]
+               for way in ("mixed", "grouped", "swap")}, path, "distinct adapters K", "generated tokens / s",
+              "multi-adapter serving throughput",
+              reference=("merged (1 adapter)", merged.tokens_per_second) if merged else None, log2_x=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
