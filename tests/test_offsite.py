@@ -1,0 +1,197 @@
+"""Offsite-Tuning: layer plan, emulator build, plug-in round trip, distillation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedpeft.common.architectures import blocks_of
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods import get_method, make_config
+from fedpeft.common.models import load_base_model
+from fedpeft.common.offsite import LayerMap, build_emulator, plug_in, read_layer_map
+from fedpeft.common.offsite.distill import distill_middle
+from fedpeft.common.offsite.emulator import load_full_model
+from fedpeft.common.topology import TOPOLOGIES, validate_topology
+
+
+@pytest.fixture(scope="module")
+def full_dir(tmp_path_factory) -> Path:
+    from tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("full8"), num_layers=8)
+
+
+@pytest.fixture(scope="module")
+def emulator_dir(full_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("emu") / "emulator"
+    build_emulator(full_dir, out, bottom=1, top=2, keep_every=2)
+    return out
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _adapter(model_dir: Path, layers: tuple[int, ...], out: Path, perturb: bool) -> Path:
+    """A LoRA adapter on `model_dir`'s blocks `layers`, saved; B randomized when `perturb`."""
+    torch.manual_seed(0)
+    config = make_config("lora", {"layers_to_transform": ",".join(map(str, layers))} if layers else {})
+    model = get_method("lora").build(load_base_model(model_dir, "none"), config)
+    if perturb:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_layer_plan_keeps_adapter_blocks_and_every_nth_middle_block():
+    plan = LayerMap.plan(30, bottom=2, top=2, keep_every=4)
+
+    assert plan.layers == (0, 1, 2, 6, 10, 14, 18, 22, 26, 28, 29)
+    assert plan.adapter == (0, 1, 9, 10)
+    assert [plan.to_full(i) for i in plan.adapter] == [0, 1, 28, 29]
+    assert LayerMap.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+@pytest.mark.parametrize(("bottom", "top", "every", "fragment"), [
+    (4, 4, 2, "leave no middle block"), (0, 0, 2, "at least one adapter block"), (1, 1, 0, "keep_every=0"),
+])
+def test_bad_layer_plans_name_the_problem(bottom, top, every, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        LayerMap.plan(8, bottom, top, every)
+
+
+def test_inconsistent_layer_map_and_middle_block_lookup_are_refused():
+    with pytest.raises(ConfigError, match="inconsistent"):
+        LayerMap(full_layers=8, bottom=1, top=1, keep_every=2, layers=(0, 3, 2, 7))
+    with pytest.raises(ConfigError, match="not an adapter block"):
+        LayerMap.plan(8, 1, 1, 2).to_full(2)
+
+
+def test_emulator_is_an_ordinary_model_dir_with_the_adapter_blocks_copied(full_dir, emulator_dir):
+    layer_map = read_layer_map(emulator_dir)
+    full, emulator = load_full_model(full_dir), load_full_model(emulator_dir)
+
+    assert layer_map.layers == (0, 1, 3, 5, 6, 7)
+    assert emulator.config.num_hidden_layers == len(blocks_of(emulator)) == 6
+    for emu_index, full_index in enumerate(layer_map.layers):
+        for (name, a), (_, b) in zip(blocks_of(emulator)[emu_index].state_dict().items(),
+                                     blocks_of(full)[full_index].state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(emulator.get_input_embeddings().weight, full.get_input_embeddings().weight)
+
+
+def test_emulator_keeping_every_block_computes_the_full_model(full_dir, tmp_path):
+    build_emulator(full_dir, tmp_path / "emu", bottom=2, top=2, keep_every=1)
+    with torch.no_grad():
+        assert torch.equal(load_full_model(tmp_path / "emu")(input_ids=_ids()).logits,
+                           load_full_model(full_dir)(input_ids=_ids()).logits)
+
+
+def test_plugging_the_untouched_adapter_back_gives_the_original_logits_exactly(full_dir, emulator_dir, tmp_path):
+    layer_map = read_layer_map(emulator_dir)
+    adapter = _adapter(emulator_dir, layer_map.adapter, tmp_path / "adapter", perturb=False)
+    full = load_base_model(full_dir, "none")
+    with torch.no_grad():
+        expected = full(input_ids=_ids()).logits.clone()
+
+    plugged = plug_in(full, adapter, layer_map, tmp_path / "plugged").eval()
+
+    with torch.no_grad():
+        assert torch.equal(plugged(input_ids=_ids()).logits, expected)
+    config = json.loads((tmp_path / "plugged" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [0, 6, 7]
+
+
+def test_trained_adapter_lands_on_the_same_blocks_of_the_full_model(full_dir, tmp_path):
+    # With keep_every=1 the emulator *is* the full model, so emulator+adapter and
+    # plugged full model must compute the same function.
+    layer_map = build_emulator(full_dir, tmp_path / "emu", bottom=2, top=1, keep_every=1)
+    adapter = _adapter(tmp_path / "emu", layer_map.adapter, tmp_path / "adapter", perturb=True)
+    from peft import PeftModel
+
+    on_emulator = PeftModel.from_pretrained(load_base_model(tmp_path / "emu", "none"), str(adapter)).eval()
+    plugged = plug_in(load_base_model(full_dir, "none"), adapter, layer_map, tmp_path / "plugged").eval()
+
+    with torch.no_grad():
+        torch.testing.assert_close(plugged(input_ids=_ids()).logits, on_emulator(input_ids=_ids()).logits)
+        assert not torch.equal(plugged(input_ids=_ids()).logits, load_base_model(full_dir, "none")(input_ids=_ids()).logits)
+
+
+def test_plug_in_changes_only_the_adapter_blocks(full_dir, emulator_dir, tmp_path):
+    layer_map = read_layer_map(emulator_dir)
+    adapter = _adapter(emulator_dir, layer_map.adapter, tmp_path / "adapter", perturb=True)
+    original = load_base_model(full_dir, "none")
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+
+    merged = plug_in(load_base_model(full_dir, "none"), adapter, layer_map, tmp_path / "plugged").merge_and_unload()
+
+    changed = {k.split(".")[2] for k, v in merged.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"0", "6", "7"}  # full-model indices of the adapter blocks
+
+
+def test_adapter_on_a_middle_block_is_refused(full_dir, emulator_dir, tmp_path):
+    adapter = _adapter(emulator_dir, (), tmp_path / "adapter", perturb=False)  # LoRA on every emulator block
+
+    with pytest.raises(ConfigError, match=r"layers\.1\..*not an adapter block"):
+        plug_in(load_base_model(full_dir, "none"), adapter, read_layer_map(emulator_dir), tmp_path / "plugged")
+
+
+def test_adapter_beyond_the_emulator_and_mismatched_full_model_are_refused(full_dir, emulator_dir, tmp_path):
+    from tiny_models import build_tiny_llama
+
+    layer_map = read_layer_map(emulator_dir)
+    adapter = _adapter(emulator_dir, layer_map.adapter, tmp_path / "adapter", perturb=False)
+    other = build_tiny_llama(tmp_path / "other", num_layers=4)
+    with pytest.raises(ConfigError, match="has 4 blocks but the layer map was built from a 8-block model"):
+        plug_in(load_base_model(other, "none"), adapter, layer_map, tmp_path / "p1")
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = {k.replace("layers.5.", "layers.9."): v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    with pytest.raises(ConfigError, match="emulator has only 6 blocks"):
+        plug_in(load_base_model(full_dir, "none"), adapter, layer_map, tmp_path / "p2")
+
+
+def test_distillation_moves_only_middle_blocks_toward_the_full_model(full_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    full = load_full_model(full_dir)
+    layer_map = LayerMap.plan(8, 1, 1, 3)
+    from fedpeft.common.offsite.emulator import keep_blocks
+
+    emulator = keep_blocks(load_full_model(full_dir), layer_map.layers)
+    before = {k: v.clone() for k, v in emulator.state_dict().items()}
+    texts = ["Support ticket: my invoice is wrong", "Department: billing", "the app crashes on login"] * 4
+
+    losses = distill_middle(emulator, full, layer_map, texts, AutoTokenizer.from_pretrained(full_dir), steps=12, lr=3e-3)
+
+    assert losses[-1] < losses[0]
+    changed = {k.split(".")[2] for k, v in emulator.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {str(i) for i in layer_map.middle}
+
+
+def test_four_bit_lora_on_the_emulator_trains_only_adapter_blocks(emulator_dir):
+    from fedpeft.common.adapted_model import AdaptedModel
+    from fedpeft.common.quantization import bitsandbytes_available
+
+    if not bitsandbytes_available():
+        pytest.skip("bitsandbytes not importable")
+    adapted = AdaptedModel.load(emulator_dir, "4bit", "lora", make_config("lora", {"layers_to_transform": "0,4,5"}))
+
+    assert {name.split(".")[4] for name in adapted.delta_names} == {"0", "4", "5"}
+
+
+def test_topology_names_are_validated():
+    assert validate_topology("offsite") == "offsite" and "split" in TOPOLOGIES
+    with pytest.raises(ConfigError, match="not a topology"):
+        validate_topology("ring")
+    with pytest.raises(ConfigError, match="not supported here"):
+        validate_topology("split", supported=("fl", "offsite"))
