@@ -195,3 +195,40 @@ def test_topology_names_are_validated():
         validate_topology("ring")
     with pytest.raises(ConfigError, match="not supported here"):
         validate_topology("split", supported=("fl", "offsite"))
+
+
+def test_peft_sim_refuses_bad_offsite_settings_before_anything_starts(capsys, full_dir, tmp_path):
+    from fedpeft.simulations.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--model", str(full_dir), "--topology", "offsite", "--offsite-bottom", "4", "--offsite-top", "4",
+                 "--quantize", "none", "--out", str(out)]) == 2
+    assert "leave no middle block to emulate in a 8-block model" in capsys.readouterr().err
+    assert main(["--topology", "offsite", "--method", "prefix", "--offsite-keep-every", "0", "--quantize", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "not --method prefix" in err and "--offsite-keep-every must be >= 1" in err
+    assert main(["--topology", "split", "--quantize", "none"]) == 2
+    assert "not supported here" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_offsite_simulation_plugs_the_federated_adapter_into_the_full_model(full_dir, tmp_path):
+    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.simulations.runner import run_simulation
+
+    config = SimulationConfig(model=str(full_dir), topology="offsite", offsite_bottom=1, offsite_top=1,
+                              offsite_keep_every=2, clients=2, rounds=1, local_steps=3, learning_rate=5e-3,
+                              quantize="none", out=str(tmp_path / "run"), eval_limit=24, builtin_train_rows=48)
+
+    result = run_simulation(config)
+
+    emulator = read_layer_map(result.out_dir / "emulator")
+    assert emulator.layers == (0, 1, 3, 5, 7) and emulator.adapter == (0, 4)
+    names = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert {n.split(".")[4] for n in names} == {"0", "4"}  # emulator blocks
+    plugged = load_file(str(result.out_dir / "plugged" / "adapter_model.safetensors"))
+    assert {n.split(".")[4] for n in plugged} == {"0", "7"}  # full-model blocks
+    assert set(result.offsite) >= {"full_zero_shot_accuracy", "plug_in_accuracy", "plug_in_loss"}
+    assert result.offsite["plug_in_loss"] != result.offsite["full_zero_shot_loss"]
+    assert "full model + adapter (plug-in)" in (result.out_dir / "summary.md").read_text()
