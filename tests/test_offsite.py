@@ -232,3 +232,50 @@ def test_offsite_simulation_plugs_the_federated_adapter_into_the_full_model(full
     assert set(result.offsite) >= {"full_zero_shot_accuracy", "plug_in_accuracy", "plug_in_loss"}
     assert result.offsite["plug_in_loss"] != result.offsite["full_zero_shot_loss"]
     assert "full model + adapter (plug-in)" in (result.out_dir / "summary.md").read_text()
+
+
+def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full_dir, tmp_path):
+    from fedpeft.server.deploy_app import finish_offsite, server_setup
+    from fedpeft.server.export import export_adapter
+    from fedpeft.server.run_config import RunConfig
+
+    (tmp_path / "run.toml").write_text(f'[federation]\nmodel = "{full_dir}"\ntopology = "offsite"\nquantize = "none"\n'
+                                       "[offsite]\nbottom = 1\ntop = 1\nkeep_every = 3\n[task]\neval_limit = 8\n")
+    config = RunConfig.from_toml(tmp_path / "run.toml")
+
+    setup = server_setup(config, tmp_path / "run", resume=False)
+
+    assert Path(setup.model_dir) == tmp_path / "run" / "emulator"
+    assert setup.method_config.layers_to_transform == (0, 3)
+    from fedpeft.common.adapted_model import AdaptedModel
+
+    adapted = AdaptedModel.load(Path(setup.model_dir), "none", "lora", setup.method_config)
+    final = export_adapter(adapted, tmp_path / "run" / "final", setup.base_model, {})
+    metrics = finish_offsite(config, setup, final)
+    assert metrics["plug_in_loss"] == metrics["full_zero_shot_loss"]  # untouched adapter: the full model itself
+    assert (tmp_path / "run" / "plugged" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("sections", "fragment"), [
+    ({"federation": {"topology": "ring"}}, "federation.topology 'ring' is not a topology"),
+    ({"federation": {"topology": "split"}}, "federation.topology 'split' is not supported here"),
+    ({"federation": {"topology": "offsite", "method": "ia3"}, "offsite": {"keep_every": 0}}, "offsite.keep_every"),
+    ({"federation": {"topology": "offsite", "method": "ia3"}}, "not method 'ia3'"),
+    ({"federation": {"topology": "offsite"}, "offsite": {"emulator": "/nowhere"}}, "has no offsite.json"),
+])
+def test_bad_offsite_run_configs_name_the_key(sections, fragment):
+    from fedpeft.server.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match=fragment):
+        RunConfig.from_dict(sections).validate()
+
+
+def test_offsite_build_command_writes_an_emulator_dir(capsys, full_dir, tmp_path):
+    from fedpeft.server.cli import main
+
+    assert main(["offsite-build", "--model", str(full_dir), "--out", str(tmp_path / "emu"), "--bottom", "2",
+                 "--top", "1", "--keep-every", "2"]) == 0
+    assert "adapter blocks [0, 1, 5] = full-model blocks [0, 1, 7]" in capsys.readouterr().out
+    assert read_layer_map(tmp_path / "emu").layers == (0, 1, 2, 4, 6, 7)
+    assert main(["offsite-build", "--model", str(full_dir), "--out", str(tmp_path / "emu")]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -92,6 +92,6 @@ def build_emulator(full_model_dir: Path, out_dir: Path, *, bottom: int = 2, top:
     emulator.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(full_model_dir, local_files_only=True).save_pretrained(out_dir)
     layer_map.save(out_dir)
-    log.info("offsite: emulator with %d of %d blocks (adapter %s, middle every %d-th) written to %s",
+    log.info("offsite: emulator with %d of %d blocks (adapter %s, keep_every=%d) written to %s",
              layer_map.emulator_layers, layer_map.full_layers, list(layer_map.adapter), keep_every, out_dir)
     return layer_map

@@ -129,6 +129,24 @@ def prepare_emulator(full_model_dir: Path, run_dir: Path, settings: OffsiteSetti
     return target, built
 
 
+def build_for_clients(model: str | None, out_dir: Path, settings: OffsiteSettings, overwrite: bool = False) -> LayerMap:
+    """`peft-server offsite-build`: validate `settings`, then write the emulator clients get."""
+    from fedpeft.common.models import resolve_model_dir
+    from fedpeft.common.offsite.emulator import build_emulator
+
+    problems = settings.problems(lambda key: f"--{key.replace('_', '-')}")
+    if settings.emulator:
+        problems.append("an emulator is being built here; do not name an existing one")
+    if problems:
+        raise ConfigError("invalid offsite settings:\n  - " + "\n  - ".join(problems))
+    full_dir = resolve_model_dir(model)
+    plan_layers(full_dir, settings)  # a bad plan fails before any weights load
+    texts = distill_texts(settings.distill_data) if settings.distill_steps and settings.distill_data else ()
+    return build_emulator(full_dir, Path(out_dir), bottom=settings.bottom, top=settings.top, keep_every=settings.keep_every,
+                          distill_texts=texts, distill_steps=settings.distill_steps, distill_lr=settings.distill_lr,
+                          overwrite=overwrite)
+
+
 def evaluate_plug_in(full_model_dir: Path, adapter_dir: Path, layer_map: LayerMap, quantize: str, task: TaskSpec,
                      eval_rows: Sequence[Record], max_length: int, out_dir: Path, base_model: str,
                      batch_size: int = 16) -> dict[str, Any]:
