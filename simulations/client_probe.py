@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_offline_env()
     spec = json.loads((argv or sys.argv[1:])[0])
-    _import_client_stack()
     probe = STEP_PROBES.get(spec["topology"])
     if probe is None:
         print(f"client_probe: no step probe for topology {spec['topology']!r}; known: {sorted(STEP_PROBES)}", file=sys.stderr)
         return 2
+    _import_client_stack()
     result = probe(spec)
     result["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(RESULT_MARK + json.dumps(result), flush=True)

@@ -279,3 +279,41 @@ def test_offsite_build_command_writes_an_emulator_dir(capsys, full_dir, tmp_path
     assert read_layer_map(tmp_path / "emu").layers == (0, 1, 2, 4, 6, 7)
     assert main(["offsite-build", "--model", str(full_dir), "--out", str(tmp_path / "emu")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_topology_benchmark_table_reports_ratios_to_plain_fl():
+    from fedpeft.simulations.topology_benchmark import OffsiteVariant, results_table
+
+    fl = {"topology": "fl", "emulator_blocks": "30/30", "client_peak_mb": 1000.0, "seconds_per_step": 2.0,
+          "bytes_per_step": 4000.0, "model_bytes": 2**20, "federated_acc": 0.8}
+    off = {"topology": "offsite 2+2, every 4", "emulator_blocks": "11/30", "client_peak_mb": 200.0,
+           "seconds_per_step": 0.5, "bytes_per_step": 1000.0, "model_bytes": 2**19, "plug_in_acc": 0.7}
+
+    table = results_table([fl, off])
+
+    row = "| offsite 2+2, every 4 | 11/30 | - | - | - | - | 0.700 | 200 | 5.000 | 0.500 | 0.500 | 0.250 | 1000 | 0.250 |"
+    assert row in table
+    assert OffsiteVariant.parse("0:2:4") == OffsiteVariant(0, 2, 4)
+    with pytest.raises(ConfigError, match="BOTTOM:TOP:KEEP_EVERY"):
+        OffsiteVariant.parse("2-2-4")
+
+
+@pytest.mark.slow
+def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulator_dir, tmp_path):
+    from fedpeft.common.errors import FedPeftError
+    from fedpeft.common.quantization import bitsandbytes_available
+    from fedpeft.simulations.topology_benchmark import ProbeSettings, measure_client_step
+
+    if not bitsandbytes_available():
+        pytest.skip("bitsandbytes not importable")
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"ticket {i} about billing\t{i % 2}\n" for i in range(16)))
+    probe = ProbeSettings(data=str(data), template="Support ticket: {sentence}", labels="0=negative,1=positive",
+                          batch_size=4, max_length=32, steps=2)
+
+    result = measure_client_step("offsite", emulator_dir, probe, {"layers_to_transform": "0,4,5"}, local_steps=4)
+
+    assert result["peak_reset"] and result["client_peak_mb"] > 0 and result["seconds_per_step"] > 0
+    assert result["bytes_per_step"] == 2 * result["delta_bytes"] / 4 and result["model_bytes"] > 0
+    with pytest.raises(FedPeftError, match="no step probe for topology 'split'"):
+        measure_client_step("split", emulator_dir, probe)
