@@ -8,6 +8,7 @@ the same input; forward hooks capture the middle output and stop the pass there.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from fedpeft.common.architectures import blocks_of
 from fedpeft.common.offsite.layer_map import LayerMap
+
+log = logging.getLogger("fedpeft.offsite")
 
 
 class _Stop(Exception):
@@ -68,6 +71,8 @@ def distill_middle(emulator: nn.Module, full: nn.Module, layer_map: LayerMap, te
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if len(losses) % 25 == 0 or len(losses) == steps:
+            log.info("offsite: distillation step %d/%d, middle-output MSE %.4g", len(losses), steps, losses[-1])
     for param in middle_params:
         param.requires_grad_(False)
     emulator.eval()
