@@ -88,6 +88,16 @@ def test_emulator_is_an_ordinary_model_dir_with_the_adapter_blocks_copied(full_d
     assert torch.equal(emulator.get_input_embeddings().weight, full.get_input_embeddings().weight)
 
 
+def test_emulators_with_the_same_block_count_but_other_blocks_have_other_fingerprints(full_dir, emulator_dir, tmp_path):
+    from fedpeft.common.models import model_fingerprint
+
+    other = build_emulator(full_dir, tmp_path / "other", bottom=2, top=2, keep_every=2)
+
+    assert other.emulator_layers == read_layer_map(emulator_dir).emulator_layers == 6
+    assert model_fingerprint(tmp_path / "other") != model_fingerprint(emulator_dir)  # clients with the wrong one are refused
+    assert model_fingerprint(emulator_dir) != model_fingerprint(full_dir)
+
+
 def test_emulator_keeping_every_block_computes_the_full_model(full_dir, tmp_path):
     build_emulator(full_dir, tmp_path / "emu", bottom=2, top=2, keep_every=1)
     with torch.no_grad():
@@ -317,3 +327,32 @@ def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulat
     assert result["bytes_per_step"] == 2 * result["delta_bytes"] / 4 and result["model_bytes"] > 0
     with pytest.raises(FedPeftError, match="no step probe for topology 'split'"):
         measure_client_step("split", emulator_dir, probe)
+
+
+@pytest.mark.slow
+def test_deployed_offsite_run_clients_hold_only_the_emulator(full_dir, emulator_dir, tmp_path):
+    from fedpeft.simulations.loopback import LoopbackDeployment, write_run_config
+
+    dep = LoopbackDeployment(tmp_path / "dep", model=str(emulator_dir))  # what every peft-client gets as --model
+    try:
+        dep.make_tls()
+        for k in range(2):
+            dep.make_client_keys(f"c{k}")
+        config = write_run_config(dep.root / "run.toml", {
+            "federation": {"model": str(full_dir), "topology": "offsite", "rounds": 1, "clients": 2, "quantize": "4bit",
+                           "method_options": {"r": 4}},
+            "offsite": {"emulator": str(emulator_dir)},
+            "training": {"local_steps": 3, "learning_rate": 0.005}, "task": {"eval_limit": 24}})
+        run_dir = dep.root / "runs" / "offsite"
+        dep.start_server(config, run_dir)
+        for k in range(2):
+            dep.start_client(f"c{k}", f"builtin:{k}/2")
+
+        assert dep.wait("server", timeout=600) == 0, dep.log("server")[-4000:]
+    finally:
+        dep.stop_all()
+    metrics = json.loads((run_dir / "offsite-metrics.json").read_text())
+    assert metrics["layer_map"]["layers"] == [0, 1, 3, 5, 6, 7]
+    assert metrics["plug_in_loss"] != metrics["full_zero_shot_loss"]
+    plugged = load_file(str(run_dir / "plugged" / "adapter_model.safetensors"))
+    assert {n.split(".")[4] for n in plugged} == {"0", "6", "7"}

@@ -8,6 +8,7 @@ loading, LoRA, envelopes — trains on it unchanged when given that dir as the m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import shutil
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ def build_emulator(full_model_dir: Path, out_dir: Path, *, bottom: int = 2, top:
                                 batch_size=distill_batch_size, max_length=max_length, seed=seed)
         log.info("offsite: distilled the emulator for %d steps (middle-output MSE %.4g -> %.4g)", distill_steps,
                  losses[0], losses[-1])
+        layer_map = dataclasses.replace(layer_map, distill_steps=distill_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     emulator.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(full_model_dir, local_files_only=True).save_pretrained(out_dir)

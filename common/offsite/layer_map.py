@@ -30,6 +30,8 @@ class LayerMap:
     layers: tuple[int, ...]
     full_fingerprint: str = ""
     """`fedpeft.common.models.model_fingerprint` of the full model (checked on plug-in)."""
+    distill_steps: int = 0
+    """Distillation steps the middle blocks got (part of the emulator's fingerprint)."""
 
     @classmethod
     def plan(cls, full_layers: int, bottom: int, top: int, keep_every: int, full_fingerprint: str = "") -> LayerMap:
@@ -96,7 +98,8 @@ class LayerMap:
         try:
             return cls(full_layers=int(data["full_layers"]), bottom=int(data["bottom"]), top=int(data["top"]),
                        keep_every=int(data["keep_every"]), layers=tuple(int(i) for i in data["layers"]),
-                       full_fingerprint=str(data.get("full_fingerprint", "")))
+                       full_fingerprint=str(data.get("full_fingerprint", "")),
+                       distill_steps=int(data.get("distill_steps", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: malformed offsite layer map ({exc!r})") from exc
 

@@ -6,6 +6,7 @@ deployment ServerApp so both compute the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -118,7 +119,7 @@ def prepare_emulator(full_model_dir: Path, run_dir: Path, settings: OffsiteSetti
     target = Path(run_dir) / EMULATOR_DIR
     if (target / LAYER_MAP_FILE).is_file():
         existing = read_layer_map(target)
-        if existing != layer_map:
+        if existing != dataclasses.replace(layer_map, distill_steps=settings.distill_steps):
             raise ConfigError(f"{target} holds an emulator with another layer plan ({list(existing.layers)}, "
                               f"asked for {list(layer_map.layers)})")
         return target, existing
