@@ -1,7 +1,7 @@
 """Where things are inside each supported transformer family, keyed by `model_type`.
 
 Methods that insert modules of their own (bottleneck, parallel and fusion adapters, UniPELT's gated
-LoRA and prefix gates; offsite and split topologies later) look positions up here instead of
+LoRA and prefix gates, the offsite emulator builder; split topology later) look positions up here instead of
 branching on model classes.
 """
 
@@ -45,6 +45,8 @@ class ArchitectureSpec:
     """The transformer body below any head: the module called with the 2-D padding `attention_mask`."""
     classifier: str = "score"
     """The sequence-classification head (trained with every method when present)."""
+    num_layers_key: str = "num_hidden_layers"
+    """The config attribute holding the number of blocks (rewritten when blocks are dropped)."""
 
 
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
@@ -64,7 +66,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gemma": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj",
-                             ffn_parallel=ParallelSite("mlp"), query_value=("attn.c_attn",), backbone="transformer"),
+                             ffn_parallel=ParallelSite("mlp"), query_value=("attn.c_attn",), backbone="transformer",
+                             num_layers_key="n_layer"),
     "bert": _BERT_LIKE,
 }
 

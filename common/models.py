@@ -260,4 +260,11 @@ def model_fingerprint(model_dir: Path) -> str:
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")
     ident = {k: config.get(k) for k in keys}
+    offsite = Path(model_dir) / "offsite.json"  # an Offsite-Tuning emulator: which blocks it kept matters too
+    if offsite.is_file():
+        try:
+            layer_map = json.loads(offsite.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"cannot read {offsite}: {exc}") from exc
+        ident["offsite"] = {k: layer_map.get(k) for k in ("layers", "full_fingerprint", "distill_steps")}
     return f"{ident['model_type']}-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]}"

@@ -8,6 +8,7 @@
     peft-server publish --registry registry/ --adapter-id support --from runs/r1/final
     peft-server rollback --registry registry/ --adapter-id support --version 2
     peft-server token --file tokens.json --tenant acme --adapters support,triage
+    peft-server offsite-build --out emulator/ --bottom 2 --top 2 --keep-every 4   # Offsite-Tuning emulator for clients
 
 TLS is on by default: `run` needs `--tls DIR` or an explicit `--insecure` (which logs a
 warning). With `--clients DIR` every `*.pub` node key in it is registered and SuperNode
@@ -39,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="make the server's identity keys (Ed25519 + X25519) for sealed envelopes")
     keys.add_argument("--out", type=Path, required=True)
     keys.add_argument("--overwrite", action="store_true")
+    off = sub.add_parser("offsite-build", help="build an Offsite-Tuning emulator (adapter blocks + thinned middle) "
+                                                "to give clients as their --model")
+    off.add_argument("--model", default=None, help="the full model: built-in name, .gguf file or HF dir (default SmolLM2)")
+    off.add_argument("--out", type=Path, required=True, help="emulator dir to write (an ordinary HF model dir + offsite.json)")
+    off.add_argument("--bottom", type=int, default=2, help="bottom adapter blocks (%(default)s)")
+    off.add_argument("--top", type=int, default=2, help="top adapter blocks (%(default)s)")
+    off.add_argument("--keep-every", type=int, default=4, help="keep every n-th middle block (%(default)s)")
+    off.add_argument("--distill-data", default=None, help="server-owned text file to distill the emulator on")
+    off.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0 = off)")
+    off.add_argument("--distill-lr", type=float, default=1e-4)
+    off.add_argument("--overwrite", action="store_true")
     run = sub.add_parser("run", help="start a SuperLink (or attach to one) and run a federation from a TOML config")
     run.add_argument("--config", type=Path, required=True, help="TOML run config (see fedpeft.server.run_config)")
     run.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, metrics and final/ go")
@@ -141,6 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
             token = TenantTokens.add(args.file, args.tenant, adapters, admin=args.admin)
             print(f"token for tenant {args.tenant} (shown once; send as 'authorization: Bearer <token>'):\n{token}")
+        elif args.command == "offsite-build":
+            from fedpeft.common.offsite.run import OffsiteSettings, build_for_clients
+
+            settings = OffsiteSettings(bottom=args.bottom, top=args.top, keep_every=args.keep_every,
+                                       distill_steps=args.distill_steps, distill_data=args.distill_data,
+                                       distill_lr=args.distill_lr)
+            layer_map = build_for_clients(args.model, args.out, settings, overwrite=args.overwrite)
+            print(f"emulator: {args.out} ({layer_map.emulator_layers} of {layer_map.full_layers} blocks; adapter blocks "
+                  f"{list(layer_map.adapter)} = full-model blocks {[layer_map.to_full(i) for i in layer_map.adapter]})\n"
+                  f"give this dir to clients (peft-client start --model DIR) and set [offsite] emulator = \"{args.out}\" "
+                  "with topology = \"offsite\" in the run config")
         else:
             from fedpeft.server.launcher import LaunchOptions, launch
 

@@ -20,6 +20,8 @@ from fedpeft.common.errors import ConfigError
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.offsite.layer_map import read_layer_map
+from fedpeft.common.offsite.run import adapter_method_options, evaluate_plug_in, prepare_emulator
 from fedpeft.common.quantization import resolve_quantize, validate_quantize
 from fedpeft.server.app import ServerSetup, run_federation
 from fedpeft.server.run_config import RunConfig, load_eval_task
@@ -38,14 +40,21 @@ def server_setup(config: RunConfig, run_dir: Path, resume: bool) -> ServerSetup:
     quantize = validate_quantize(resolve_quantize(f.quantize))
     model_dir = resolve_model_dir(f.model)
     task, eval_rows = load_eval_task(config.task, f.seed)
-    method_config = make_config(f.method, config.method_options())
+    method_options = config.method_options()
+    if f.topology == "offsite":  # clients hold the emulator; LoRA only on its adapter blocks
+        model_dir, layer_map = prepare_emulator(model_dir, run_dir, config.offsite, f.seed, config.training.max_length)
+        method_options = adapter_method_options(f.method, method_options, layer_map)
+        log.info("offsite: clients must start with --model set to a copy of %s (%d of %d blocks)", model_dir,
+                 layer_map.emulator_layers, layer_map.full_layers)
+    method_config = make_config(f.method, method_options)
     check_method_applies(model_dir, f.method, method_config, num_labels=task.num_labels, quantize=quantize)
     envelopes = None
     if config.envelopes.enabled:
         identity = PeerIdentity.load(Path(str(config.envelopes.server_identity)))
         envelopes = (identity, load_trusted_clients(Path(str(config.envelopes.trusted_clients))))
     return ServerSetup(
-        run_name=run_dir.name, base_model=f.model, model_dir=str(model_dir), quantize=quantize, method=f.method,
+        run_name=run_dir.name, base_model=str(model_dir) if f.topology == "offsite" else f.model,
+        model_dir=str(model_dir), quantize=quantize, method=f.method,
         method_config=method_config, task=task, train=config.training.__dict__.copy(), eval_rows=eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
         seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
@@ -73,3 +82,15 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(setup.seed)
     final = run_federation(grid, setup, context)
     log.info("run complete: final adapter in %s", final)
+    if config.federation.topology == "offsite":
+        finish_offsite(config, setup, final)
+
+
+def finish_offsite(config: RunConfig, setup: ServerSetup, final: Path) -> dict:
+    """Plug the federated adapter into the full model and score it (writes run_dir/plugged)."""
+    f = config.federation
+    metrics = evaluate_plug_in(resolve_model_dir(f.model), final, read_layer_map(Path(setup.model_dir)), setup.quantize,
+                               setup.task, setup.eval_rows, config.training.max_length, Path(setup.out_dir),
+                               base_model=f.model)
+    log.info("offsite: full-model adapter in %s", metrics["plugged_adapter"])
+    return metrics

@@ -16,6 +16,9 @@ anything starts, and every problem is listed with its TOML key.
     local_steps = 8
     [secagg]
     enabled = true
+
+Offsite-Tuning: `topology = "offsite"` in [federation], and an [offsite] section (bottom, top,
+keep_every, distill_steps, distill_data, emulator = a dir made by `peft-server offsite-build`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, 
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import DEFAULT_MODEL
+from fedpeft.common.offsite.run import OFFSITE_METHODS, OffsiteSettings
 from fedpeft.common.quantization import QUANTIZE_CHOICES
+from fedpeft.common.topology import DEFAULT_TOPOLOGY, validate_topology
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 
@@ -58,6 +63,9 @@ class FederationSection:
     quantize: str = "auto"
     seed: int = 0
     round_timeout: float = 3600.0
+    topology: str = DEFAULT_TOPOLOGY
+    """fl: clients hold `model`; offsite: clients hold the emulator of `model` ([offsite] section)
+    and the server plugs the final adapter into `model`."""
 
     @property
     def num_per_round(self) -> int:
@@ -131,7 +139,9 @@ class RegistrySection:
 
 SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainConfig, "task": TaskSection,
                              "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection,
-                             "registry": RegistrySection}
+                             "registry": RegistrySection, "offsite": OffsiteSettings}
+DEPLOY_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite")
+"""Topologies `peft-server run` deploys (a subset of `fedpeft.common.topology.TOPOLOGIES`)."""
 
 
 @dataclass
@@ -143,6 +153,7 @@ class RunConfig:
     dp: DpSection = field(default_factory=DpSection)
     envelopes: EnvelopeSection = field(default_factory=EnvelopeSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
+    offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
     source: str = "<defaults>"
 
     @classmethod
@@ -155,11 +166,16 @@ class RunConfig:
             raise ConfigError(f"cannot read run config {path}: {exc}") from exc
         config = cls.from_dict(data, source=str(path))
         base = path.resolve().parent
+        relative = {"offsite": ("distill_data", "emulator")}
         for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients"),
                              ("registry", "dir"), ("registry", "keys")):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute():
                 setattr(getattr(config, section), key, str(base / value))
+        for key in relative["offsite"]:  # OffsiteSettings is frozen: replace it
+            value = getattr(config.offsite, key)
+            if value and not Path(value).is_absolute():
+                config.offsite = dataclasses.replace(config.offsite, **{key: str(base / value)})
         model = config.federation.model
         if (base / model).exists() and not Path(model).is_absolute():
             config.federation.model = str(base / model)
@@ -220,6 +236,15 @@ class RunConfig:
                 check()
             except FedPeftError as exc:
                 found.append(str(exc))
+        try:
+            validate_topology(f.topology, DEPLOY_TOPOLOGIES, where="federation.topology")
+        except FedPeftError as exc:
+            found.append(str(exc))
+        if f.topology == "offsite":
+            found += self.offsite.problems()
+            if f.method not in OFFSITE_METHODS:
+                found.append(f"federation.topology 'offsite' trains the adapter blocks with {list(OFFSITE_METHODS)}, "
+                             f"not method {f.method!r}")
         if self.task.eval_data and not Path(self.task.eval_data).is_file():
             found.append(f"task.eval_data: file {self.task.eval_data} does not exist")
         if s.enabled:

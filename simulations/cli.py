@@ -41,6 +41,7 @@ def _ranks(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from fedpeft.common.methods import available_methods
     from fedpeft.common.models import DEFAULT_MODEL
+    from fedpeft.common.topology import TOPOLOGIES
     from fedpeft.server.strategy import LORA_AGGREGATIONS, STRATEGIES
     from fedpeft.simulations.config import SimulationConfig
 
@@ -99,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish the global adapter to this registry after every round (peft-server serve hot-loads it)")
     p.add_argument("--adapter-id", help="registry adapter id (default: the run dir's name)")
     p.add_argument("--registry-keys", metavar="DIR", help="registry identity (peft-server keys): seal versions at rest")
+    p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES),
+                   help="fl: every client holds the whole model; offsite: Offsite-Tuning, clients hold a compressed "
+                        "emulator + the adapter blocks, the final adapter is plugged into the full model "
+                        "(default %(default)s)")
+    p.add_argument("--offsite-bottom", type=int, default=d.offsite_bottom, help="offsite: bottom adapter blocks (%(default)s)")
+    p.add_argument("--offsite-top", type=int, default=d.offsite_top, help="offsite: top adapter blocks (%(default)s)")
+    p.add_argument("--offsite-keep-every", type=int, default=d.offsite_keep_every,
+                   help="offsite: keep every n-th middle block in the emulator (%(default)s)")
+    p.add_argument("--offsite-distill-steps", type=int, default=d.offsite_distill_steps,
+                   help="offsite: steps distilling the emulator against the full model (0 = off)")
+    p.add_argument("--offsite-distill-data", default=None, help="offsite: server-owned text file for distillation")
     return p
 
 
@@ -116,7 +128,9 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
         resume=args.resume, client_ranks=args.client_ranks, dp_clipping_norm=args.dp_clip,
         dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta, publish_to=args.publish_to,
-        adapter_id=args.adapter_id, registry_keys=args.registry_keys,
+        adapter_id=args.adapter_id, registry_keys=args.registry_keys, topology=args.topology,
+        offsite_bottom=args.offsite_bottom, offsite_top=args.offsite_top, offsite_keep_every=args.offsite_keep_every,
+        offsite_distill_steps=args.offsite_distill_steps, offsite_distill_data=args.offsite_distill_data,
     )
 
 
@@ -124,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
     args = build_parser().parse_args(argv)
     try:
-        from fedpeft.simulations.report import before_after_table, overhead_line, rounds_table
+        from fedpeft.simulations.report import before_after_table, offsite_table, overhead_line, rounds_table
         from fedpeft.simulations.runner import run_simulation
 
         result = run_simulation(config_from_args(args))
@@ -137,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(before_after_table(result.rows))
     print()
     print(overhead_line(result.rows))
+    if result.offsite is not None:
+        print()
+        print(offsite_table(result.rows, result.offsite))
     print(f"run dir: {result.out_dir}  (metrics.jsonl, metrics.png, final/)")
     return 0
 

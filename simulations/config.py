@@ -13,10 +13,15 @@ from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.methods import MethodConfig, make_config
 from fedpeft.common.methods.lora import LoraMethodConfig
 from fedpeft.common.models import DEFAULT_MODEL
+from fedpeft.common.offsite.run import OFFSITE_METHODS, OffsiteSettings
 from fedpeft.common.partition import PartitionSpec
 from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available, resolve_quantize  # noqa: F401
+from fedpeft.common.topology import DEFAULT_TOPOLOGY, validate_topology
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
+
+SIM_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite")
+"""Topologies `peft-sim` runs (a subset of `fedpeft.common.topology.TOPOLOGIES`)."""
 
 
 @dataclass
@@ -77,6 +82,13 @@ class SimulationConfig:
     """Registry adapter id (default: the run dir's name)."""
     registry_keys: str | None = None
     """Registry identity dir: published versions are sealed at rest."""
+    topology: str = DEFAULT_TOPOLOGY
+    """fl (every client holds the whole model) | offsite (clients hold an emulator + adapter blocks)."""
+    offsite_bottom: int = 2
+    offsite_top: int = 2
+    offsite_keep_every: int = 4
+    offsite_distill_steps: int = 0
+    offsite_distill_data: str | None = None
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -120,6 +132,15 @@ class SimulationConfig:
                 found.append(f"--publish-to: {exc}")
         elif self.adapter_id or self.registry_keys:
             found.append("--adapter-id and --registry-keys need --publish-to")
+        try:
+            validate_topology(self.topology, SIM_TOPOLOGIES, where="--topology")
+        except FedPeftError as exc:
+            found.append(str(exc))
+        if self.topology == "offsite":
+            found += self.offsite_settings().problems(lambda key: f"--offsite-{key.replace('_', '-')}")
+            if self.method not in OFFSITE_METHODS:
+                found.append(f"--topology offsite trains the adapter blocks with {list(OFFSITE_METHODS)}, "
+                             f"not --method {self.method}")
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -155,6 +176,10 @@ class SimulationConfig:
         if self.publish_to is None:
             return None
         return RegistryTarget(self.publish_to, self.adapter_id or run_name, self.registry_keys)
+
+    def offsite_settings(self) -> OffsiteSettings:
+        return OffsiteSettings(bottom=self.offsite_bottom, top=self.offsite_top, keep_every=self.offsite_keep_every,
+                               distill_steps=self.offsite_distill_steps, distill_data=self.offsite_distill_data)
 
     def dp_section(self):  # -> DpSection | None
         """The run's DP settings (None when off), in the deployment run config's terms."""

@@ -27,6 +27,22 @@ def before_after_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def offsite_table(rows: Sequence[dict[str, Any]], offsite: dict[str, Any]) -> str:
+    """Markdown table of an Offsite-Tuning run: full model zero-shot, emulator before and
+    after federated tuning (what clients see), and the adapter plugged into the full model."""
+
+    def cell(loss: float, acc: float | None) -> str:
+        return f"| {loss:.4f} | {acc:.3f} |" if acc is not None else f"| {loss:.4f} | - |"
+
+    first, last = rows[0], rows[-1]
+    lines = ["| model | eval loss | eval acc |", "|---|---|---|",
+             "| full model, zero-shot " + cell(offsite["full_zero_shot_loss"], offsite.get("full_zero_shot_accuracy")),
+             "| emulator, zero-shot " + cell(first["eval_loss"], first.get("eval_accuracy")),
+             f"| emulator + adapter (round {last['round']}) " + cell(last["eval_loss"], last.get("eval_accuracy")),
+             "| full model + adapter (plug-in) " + cell(offsite["plug_in_loss"], offsite.get("plug_in_accuracy"))]
+    return "\n".join(lines)
+
+
 def rounds_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per round, for logs and closing notes."""
     has_acc = "eval_accuracy" in rows[0]

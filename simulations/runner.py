@@ -24,11 +24,19 @@ from fedpeft.common.files import write_json_atomic
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
 from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.offsite.run import adapter_method_options, evaluate_plug_in, plan_layers, prepare_emulator
 from fedpeft.common.partition import PartitionSpec, partition_records
 from fedpeft.server.app import ServerSetup, build_server_app
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
 from fedpeft.simulations.config import SimulationConfig, resolve_quantize
-from fedpeft.simulations.report import before_after_table, overhead_line, plot_metrics, read_metrics, rounds_table
+from fedpeft.simulations.report import (
+    before_after_table,
+    offsite_table,
+    overhead_line,
+    plot_metrics,
+    read_metrics,
+    rounds_table,
+)
 
 log = logging.getLogger("fedpeft.sim")
 HELD_OUT_FRACTION = 0.1
@@ -38,6 +46,8 @@ HELD_OUT_FRACTION = 0.1
 class SimulationResult:
     out_dir: Path
     rows: list[dict[str, Any]]
+    offsite: dict[str, Any] | None = None
+    """Offsite topology: full model zero-shot and plug-in metrics (`offsite-metrics.json`)."""
 
     @property
     def final_dir(self) -> Path:
@@ -102,11 +112,21 @@ def run_simulation(config: SimulationConfig,
     partition = PartitionSpec.parse(config.partition)
     partitions = partition_records(train_rows, config.clients, partition, task.label_column, config.seed)
     model_dir = resolve_model_dir(config.model)
-    method_config = make_config(config.method, config.effective_method_options())
+    method_options = config.effective_method_options()
+    offsite = config.offsite_settings() if config.topology == "offsite" else None
+    if offsite is not None:  # clients train LoRA on the adapter blocks of an emulator built below
+        method_options = adapter_method_options(config.method, method_options, plan_layers(model_dir, offsite))
+    method_config = make_config(config.method, method_options)
     check_method_applies(model_dir, config.method, method_config, num_labels=task.num_labels, quantize=quantize)  # type: ignore[arg-type]
 
     out_dir = config.out_dir().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    full_model_dir = model_dir
+    if offsite is not None:
+        model_dir, layer_map = prepare_emulator(full_model_dir, out_dir, offsite, config.seed, config.max_length)
+        log.info("offsite: clients get the emulator %s (%d of %d blocks; adapter blocks %s = full blocks %s)",
+                 model_dir, layer_map.emulator_layers, layer_map.full_layers, list(layer_map.adapter),
+                 [layer_map.to_full(i) for i in layer_map.adapter])
     if not config.resume:  # a resumed run keeps its settings and its clients' data files
         write_json_atomic(out_dir / "config.json", {**config.to_dict(), "quantize": quantize, "resume": None})
         write_partitions(partitions, out_dir / "partitions")
@@ -122,7 +142,8 @@ def run_simulation(config: SimulationConfig,
                         learning_rate=config.learning_rate, batch_size=config.batch_size,
                         max_length=config.max_length, log_every=config.log_every)
     server = ServerSetup(
-        run_name=out_dir.name, base_model=config.model, model_dir=str(model_dir), quantize=quantize,  # type: ignore[arg-type]
+        run_name=out_dir.name, base_model=str(model_dir) if offsite else config.model, model_dir=str(model_dir),
+        quantize=quantize,  # type: ignore[arg-type]
         method=config.method, method_config=method_config, task=task,
         train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
@@ -149,5 +170,10 @@ def run_simulation(config: SimulationConfig,
     title = f"{config.method} on {config.model} ({config.clients} clients, {partition})"
     plot_metrics(rows, out_dir / "metrics.png", title=title)
     summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n\n{overhead_line(rows)}\n"
+    offsite_metrics = None
+    if offsite is not None:  # the owner plugs the federated adapter into its full model
+        offsite_metrics = evaluate_plug_in(full_model_dir, out_dir / "final", layer_map, quantize, task, eval_rows,
+                                           config.max_length, out_dir, base_model=config.model)
+        summary += f"\n{offsite_table(rows, offsite_metrics)}\n"
     (out_dir / "summary.md").write_text(summary)
-    return SimulationResult(out_dir=out_dir, rows=rows)
+    return SimulationResult(out_dir=out_dir, rows=rows, offsite=offsite_metrics)

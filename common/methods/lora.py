@@ -6,6 +6,9 @@ import dataclasses
 import math
 from typing import ClassVar
 
+from torch import nn
+
+from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.peft_backed import PeftLibraryMethod
 from fedpeft.common.methods.registry import register
@@ -30,6 +33,8 @@ class LoraMethodConfig(MethodConfig):
     only B, so averaging B averages the clients' updates B·A exactly."""
     use_rslora: bool = False
     """Rank-stabilized LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    layers_to_transform: tuple[int, ...] = ()
+    """Adapt only these transformer blocks (empty: all). Offsite tuning sets it to the adapter blocks."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -41,11 +46,25 @@ class LoraMethodConfig(MethodConfig):
             "all-linear" not in self.target_modules or len(self.target_modules) == 1,
             owner, "target_modules", "'all-linear' cannot be combined with module names",
         )
+        require(all(i >= 0 for i in self.layers_to_transform), owner, "layers_to_transform",
+                f"block indices must be >= 0, got {list(self.layers_to_transform)}")
 
     @property
     def scaling(self) -> float:
         """peft's factor s in ΔW = s·B·A for this config's rank."""
         return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+
+def block_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """Names (last component) of every linear layer inside the transformer blocks: what
+    "all-linear" selects there (4-bit `Linear4bit` layers are `nn.Linear` subclasses)."""
+    from fedpeft.common.architectures import blocks_of
+
+    names = {name.rsplit(".", 1)[-1] for block in blocks_of(model) for name, module in block.named_modules()
+             if isinstance(module, nn.Linear)}
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no linear layers in its blocks for LoRA")
+    return tuple(sorted(names))
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -66,8 +85,12 @@ class LoraMethod(PeftLibraryMethod):
         return [n for n, _ in model.named_parameters() if ".lora_A." in n] if config.freeze_a else []
 
     def build(self, model, config: MethodConfig):
-        model = super().build(model, config)
+        self.check_config(config)
         assert isinstance(config, LoraMethodConfig)
+        if config.layers_to_transform and config.target_modules == ("all-linear",):
+            # peft refuses "all-linear" with layers_to_transform: name the blocks' linear layers instead.
+            config = dataclasses.replace(config, target_modules=block_linear_names(model))
+        model = super().build(model, config)
         if config.freeze_a:
             for name, param in model.named_parameters():
                 if ".lora_A." in name:
@@ -86,6 +109,7 @@ class LoraMethod(PeftLibraryMethod):
             target_modules=targets,
             use_dora=config.use_dora,
             use_rslora=config.use_rslora,
+            layers_to_transform=list(config.layers_to_transform) or None,
             bias="none",
             task_type=self.task_type,
         )
