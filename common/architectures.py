@@ -1,7 +1,7 @@
 """Where things are inside each supported transformer family, keyed by `model_type`.
 
 Methods that insert modules of their own (bottleneck, parallel and fusion adapters, UniPELT's gated
-LoRA and prefix gates; offsite and split topologies later) look positions up here instead of
+LoRA and prefix gates; split fine-tuning; offsite later) look positions up here instead of
 branching on model classes.
 """
 
@@ -45,11 +45,25 @@ class ArchitectureSpec:
     """The transformer body below any head: the module called with the 2-D padding `attention_mask`."""
     classifier: str = "score"
     """The sequence-classification head (trained with every method when present)."""
+    embeddings: str | None = None
+    """Token embeddings (split fine-tuning: on the client). None: the family cannot be split."""
+    final_norm: str | None = None
+    """The norm after the last block, before the head (split: server, or client when U-shaped)."""
+    rotary: str | None = None
+    """The rotary position-embedding module whose (cos, sin) every block is called with."""
+    lm_head: str | None = None
+    """The language-model head (split: server, or client when U-shaped)."""
+
+    @property
+    def splittable(self) -> bool:
+        """Whether split fine-tuning knows where this family's parts are."""
+        return None not in (self.embeddings, self.final_norm, self.rotary, self.lm_head)
 
 
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
                              ffn_parallel=ParallelSite("mlp"), query_value=("self_attn.q_proj", "self_attn.v_proj"),
-                             backbone="model")
+                             backbone="model", embeddings="model.embed_tokens", final_norm="model.norm",
+                             rotary="model.rotary_emb", lm_head="lm_head")
 _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
                               ffn_output="output.dense",
                               ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True),
