@@ -50,6 +50,8 @@ class SplitSession:
                  dtype: torch.dtype = torch.bfloat16, round: int = 0, timeout: float = 600.0) -> None:
         self.part, self.dtype = part, dtype
         self.bytes_up = self.bytes_down = 0
+        self.wait_seconds = 0.0
+        """Time spent waiting for the server (the rest of a step is the client's own compute)."""
         stub: Any = wire.split_stub(channel)
         request = wire.open_request(client_id, model_fingerprint, part.split.cut, part.split.u_shaped, dtype, round)
         try:
@@ -64,14 +66,17 @@ class SplitSession:
 
     def exchange(self, msg: Any) -> Any:
         """Send one leg of a step; wait for its answer."""
-        self._requests.put(msg)
         self.bytes_up += msg.ByteSize()
+        start = time.perf_counter()
+        self._requests.put(msg)
         try:
             reply = next(self._responses)
         except grpc.RpcError as exc:
             raise SplitError(f"split server refused step {msg.step}: {exc.code().name}: {exc.details()}") from exc
         except StopIteration:
             raise SplitError(f"split server closed the stream at step {msg.step}") from None
+        finally:
+            self.wait_seconds += time.perf_counter() - start
         self.bytes_down += reply.ByteSize()
         return reply
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fedpeft.common.architectures import ARCHITECTURES, ArchitectureSpec, architecture_of, blocks_of
+from fedpeft.common.data import IGNORE_INDEX
 from fedpeft.common.deltas import DeltaSpec, apply_delta, extract_delta
 from fedpeft.common.errors import ConfigError, SplitError
 from fedpeft.common.methods import MethodConfig, get_method
@@ -113,6 +114,21 @@ def lm_loss(base: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torc
     return base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
 
 
+def target_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss as `lm_loss(head_logits(hidden))`, with the head run only where a token has a target.
+
+    Written here because HF's loss takes full (batch, seq, vocab) logits: with a 49k-token
+    vocabulary those dominate a training step's memory and time, while a classification
+    row has one target token. Same value and gradients (mean over target tokens).
+    """
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    if not bool(keep.any()):
+        raise SplitError("the batch has no target tokens (every label is -100)")
+    logits = head_logits(base, hidden[:, :-1][keep]).float()
+    return nn.functional.cross_entropy(logits, shifted[keep])
+
+
 @dataclass
 class SplitPart:
     """One side of the cut: a peft-wrapped (partial) model, the blocks it runs, its delta."""
@@ -155,7 +171,7 @@ class ClientPart(SplitPart):
         """U-shaped: the loss on the server's last-block output, computed here."""
         if not self.split.u_shaped:
             raise SplitError("top_loss is only for U-shaped splits (the server computes the loss otherwise)")
-        return lm_loss(self.base, head_logits(self.base, server_output), labels)
+        return target_loss(self.base, server_output, labels)
 
 
 class ServerPart(SplitPart):
@@ -169,7 +185,7 @@ class ServerPart(SplitPart):
         """Labels-on-server: the loss of the client's activations through the rest of the model."""
         if self.split.u_shaped:
             raise SplitError("a U-shaped server never sees labels")
-        return lm_loss(self.base, head_logits(self.base, self.middle(hidden, attention_mask)), labels)
+        return target_loss(self.base, self.middle(hidden, attention_mask), labels)
 
 
 def _wrap(base: nn.Module, method_name: str, config: MethodConfig, seed: int) -> tuple[nn.Module, list[str]]:

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-noise", type=float, default=d.dp_noise_multiplier,
                    help="DP noise multiplier (noise std = multiplier x clip / clients per round)")
     p.add_argument("--dp-delta", type=float, default=d.dp_target_delta, help="DP delta at which epsilon is reported")
+    p.add_argument("--topology", default=d.topology, choices=["fl", "split"],
+                   help="fl: clients train the whole model; split: clients hold embeddings + the first --split-cut "
+                        "blocks and train against one shared split server over gRPC (SplitFed) (default %(default)s)")
+    p.add_argument("--split-cut", type=int, default=d.split_cut, help="split: blocks on each client (default %(default)s)")
+    p.add_argument("--split-u-shaped", action="store_true",
+                   help="split: clients also hold the head and compute the loss, so labels never leave them")
+    p.add_argument("--split-wire-dtype", default=d.split_wire_dtype, choices=["float32", "float16", "bfloat16"],
+                   help="split: dtype of activations and gradients on the wire (default %(default)s)")
     return p
 
 
@@ -111,7 +119,8 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),
         min_clients=args.min_clients, lora_aggregation=args.lora_aggregation, clip_update_norm=args.clip_update_norm,
         resume=args.resume, client_ranks=args.client_ranks, dp_clipping_norm=args.dp_clip,
-        dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta,
+        dp_noise_multiplier=args.dp_noise, dp_target_delta=args.dp_delta, topology=args.topology,
+        split_cut=args.split_cut, split_u_shaped=args.split_u_shaped, split_wire_dtype=args.split_wire_dtype,
     )
 
 

@@ -18,6 +18,11 @@ from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
+TOPOLOGIES: tuple[str, ...] = ("fl", "split")
+"""Where the model's parts train. Local to this branch: to be unified with the offsite
+engineer's `fedpeft.common.topology.TOPOLOGIES` at merge."""
+SPLIT_WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
 
 @dataclass
 class SimulationConfig:
@@ -71,6 +76,15 @@ class SimulationConfig:
     """> 0 turns on central DP with client-side clipping to this L2 norm."""
     dp_noise_multiplier: float = 1.0
     dp_target_delta: float = 1e-5
+    topology: str = "fl"
+    """fl: every client trains the whole model | split: clients hold embeddings + the first
+    `split_cut` blocks and train against one shared split server (SplitFed)."""
+    split_cut: int = 2
+    """split: blocks on each client."""
+    split_u_shaped: bool = False
+    """split: clients also hold the head and compute the loss (labels never leave them)."""
+    split_wire_dtype: str = "bfloat16"
+    """split: dtype of activations and gradients on the wire."""
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -105,6 +119,7 @@ class SimulationConfig:
         if self.dp_clipping_norm:
             found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
                       .replace("target_delta", "delta") for p in self.dp_problems()]
+        found += self.split_problems()
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -131,6 +146,27 @@ class SimulationConfig:
                 check()
             except FedPeftError as exc:
                 found.append(str(exc))
+        return found
+
+    def split_problems(self) -> list[str]:
+        """What the split topology cannot combine with (checked before any process starts)."""
+        if self.topology not in TOPOLOGIES:
+            return [f"--topology {self.topology!r}: choose one of {list(TOPOLOGIES)}"]
+        if self.topology != "split":
+            return []
+        found = []
+        if isinstance(self.split_cut, bool) or not isinstance(self.split_cut, int) or self.split_cut < 1:
+            found.append(f"--split-cut must be an integer >= 1 (got {self.split_cut!r})")
+        if self.split_wire_dtype not in SPLIT_WIRE_DTYPES:
+            found.append(f"--split-wire-dtype {self.split_wire_dtype!r}: choose one of {list(SPLIT_WIRE_DTYPES)}")
+        if self.method != "lora":
+            found.append(f"--topology split trains LoRA on both parts; --method {self.method!r} is not supported")
+        if self.lora_aggregation not in ("naive", "ffa"):
+            found.append(f"--topology split supports --lora-aggregation naive or ffa, not {self.lora_aggregation!r}")
+        if self.dp_clipping_norm:
+            found.append("--topology split with --dp-clip is not supported (the server part sees raw activations)")
+        if self.resume:
+            found.append("--resume is not supported with --topology split (the server part is not checkpointed)")
         return found
 
     def dp_section(self):  # -> DpSection | None
