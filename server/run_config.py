@@ -116,8 +116,29 @@ class EnvelopeSection:
     """Directory of client `*.json` public keys allowed to send deltas."""
 
 
+@dataclass
+class SplitSection:
+    """Split fine-tuning (SplitFed): clients hold embeddings + the first `cut` blocks and train
+    against one split server that the ServerApp starts beside the federation; FedAvg
+    averages the client parts. (To be unified with the `topology` choice at merge.)"""
+
+    enabled: bool = False
+    cut: int = 2
+    """Blocks on each client."""
+    u_shaped: bool = False
+    """Clients also hold the head and compute the loss: labels never leave them."""
+    wire_dtype: str = "bfloat16"
+    """Dtype of activations and gradients on the wire: float32 | float16 | bfloat16."""
+    host: str = "127.0.0.1"
+    """Split server bind address (clients dial it with peft-client start --split-server HOST:PORT)."""
+    port: int = 9095
+    tls_dir: str | None = None
+    """Dir with ca.crt, server.pem, server.key (peft-server certs); required unless host is loopback."""
+
+
 SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainConfig, "task": TaskSection,
-                             "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection}
+                             "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection,
+                             "split": SplitSection}
 
 
 @dataclass
@@ -128,6 +149,7 @@ class RunConfig:
     secagg: SecAggSection = field(default_factory=SecAggSection)
     dp: DpSection = field(default_factory=DpSection)
     envelopes: EnvelopeSection = field(default_factory=EnvelopeSection)
+    split: SplitSection = field(default_factory=SplitSection)
     source: str = "<defaults>"
 
     @classmethod
@@ -140,7 +162,8 @@ class RunConfig:
             raise ConfigError(f"cannot read run config {path}: {exc}") from exc
         config = cls.from_dict(data, source=str(path))
         base = path.resolve().parent
-        for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients")):
+        for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients"),
+                             ("split", "tls_dir")):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute():
                 setattr(getattr(config, section), key, str(base / value))
@@ -232,6 +255,8 @@ class RunConfig:
                 found.append(f"dp.population {dp.population} is smaller than the {f.num_per_round} clients per round")
             if f.strategy != "fedavg" or f.lora_aggregation != "naive":
                 found.append("dp: Flower's accounted DP wrapper needs plain FedAvg (strategy 'fedavg', lora_aggregation 'naive')")
+        if self.split.enabled:
+            found += self.split_problems()
         if env.enabled:
             for key in ("server_identity", "trusted_clients"):
                 value = getattr(env, key)
@@ -239,6 +264,23 @@ class RunConfig:
                     found.append(f"envelopes.{key} is required when envelopes are enabled")
                 elif not Path(value).is_dir():
                     found.append(f"envelopes.{key}: directory {value} does not exist")
+        return found
+
+    def split_problems(self) -> list[str]:
+        sp, f = self.split, self.federation
+        found = []
+        if sp.cut < 1:
+            found.append(f"split.cut must be >= 1 (got {sp.cut})")
+        if sp.wire_dtype not in ("float32", "float16", "bfloat16"):
+            found.append(f"split.wire_dtype {sp.wire_dtype!r}: choose float32, float16 or bfloat16")
+        if f.method != "lora" or f.lora_aggregation not in ("naive", "ffa"):
+            found.append("split: both parts train LoRA (federation.method 'lora', lora_aggregation 'naive' or 'ffa')")
+        if self.dp.enabled:
+            found.append("split and dp cannot be combined: the split server sees every client's raw activations")
+        if sp.tls_dir is None and sp.host not in ("127.0.0.1", "localhost", "::1"):
+            found.append(f"split.tls_dir is required: split.host {sp.host!r} is not loopback")
+        elif sp.tls_dir is not None and not Path(sp.tls_dir).is_dir():
+            found.append(f"split.tls_dir: directory {sp.tls_dir} does not exist")
         return found
 
     def validate(self) -> None:

@@ -277,3 +277,52 @@ def test_split_topology_settings_are_checked_together():
     assert any("--split-cut" in p for p in found) and any("--split-wire-dtype" in p for p in found)
     assert any("--method 'prefix'" in p for p in found) and any("--dp-clip" in p for p in found)
     assert any("--topology 'mesh'" in p for p in SimulationConfig(topology="mesh").problems())
+
+
+def test_u_shaped_round_through_the_flower_glue_sends_no_labels(model_dir, tls):
+    from fedpeft.client.split_app import split_train_round
+    from fedpeft.client.training import TrainConfig
+    from fedpeft.common.builtin_task import builtin_splits, builtin_task
+    from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+    from fedpeft.common.plan import FederationPlan
+
+    # Prepare: a U-shaped server, the global client part, a plan as the coordinator sends it
+    split = SplitConfig(cut=CUT, u_shaped=True)
+    _, values = _reference(model_dir)
+    server, grpc_server, target = _start(model_dir, tls, split, values)
+    seen: list[object] = []
+    handle = server.handle
+    server.handle = lambda msg: seen.append(msg) or handle(msg)  # type: ignore[method-assign]
+    global_part = load_client_part(model_dir, split, LORA, quantize="none")
+    plan = FederationPlan(run_name="t", model_fingerprint=model_fingerprint(model_dir), method="lora",
+                          method_options=LORA.to_dict(), task=builtin_task().to_dict(),
+                          train=TrainConfig(local_steps=3, batch_size=4, learning_rate=1e-2).__dict__.copy(), seed=0,
+                          split={"cut": CUT, "u_shaped": True, "wire_dtype": "bfloat16"})
+    rows = builtin_splits(24, 8, 0)[0]
+    try:
+        # Execute: one federated round of one client (4-bit client part, bf16 on the wire)
+        reply, metrics = split_train_round(str(model_dir), "4bit", target, str(tls.ca_cert), plan,
+                                           delta_to_arrayrecord(global_part.get_delta()), rows, server_round=1,
+                                           partition=0, client_id="c0")
+    finally:
+        grpc_server.stop(None)
+    # Assert: the reply is the client part's delta, trained; no forward ever carried labels
+    delta = delta_from_arrayrecord(reply)
+    assert list(delta) == global_part.delta_names
+    assert any(not torch.equal(delta[n], global_part.get_delta()[n]) for n in delta)
+    forwards = [m for m in seen if m.WhichOneof("payload") == "forward"]
+    assert len(forwards) == 3 and not any(m.forward.HasField("labels") for m in forwards)
+    assert all(m.forward.hidden.dtype == wire.dtype_to_proto(torch.bfloat16) for m in forwards)
+    assert server.steps == 3 and metrics["num-examples"] == len(rows)
+
+
+def test_run_config_split_section_is_checked(tmp_path):
+    from fedpeft.server.run_config import RunConfig
+
+    config = RunConfig.from_dict({"federation": {"method": "prefix"}, "dp": {"enabled": True},
+                                  "split": {"enabled": True, "cut": 0, "host": "0.0.0.0", "wire_dtype": "int8"}})
+    found = "\n".join(config.problems())
+    for needle in ("split.cut must be >= 1", "split.wire_dtype", "federation.method 'lora'", "split and dp",
+                   "split.tls_dir is required"):
+        assert needle in found
+    assert RunConfig.from_dict({"split": {"enabled": True}}).split_problems() == []
