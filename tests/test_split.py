@@ -326,3 +326,23 @@ def test_run_config_split_section_is_checked(tmp_path):
                    "split.tls_dir is required"):
         assert needle in found
     assert RunConfig.from_dict({"split": {"enabled": True}}).split_problems() == []
+
+
+def test_deployment_serverapp_starts_the_configured_split_server(model_dir, tmp_path):
+    from fedpeft.server.deploy_app import server_setup, start_configured_split
+    from fedpeft.server.run_config import RunConfig
+
+    config = RunConfig.from_dict({"federation": {"model": str(model_dir), "quantize": "none", "method_options": {"r": 4}},
+                                  "split": {"enabled": True, "cut": CUT, "port": 0, "wire_dtype": "float16"}})
+    config.validate()
+    run = start_configured_split(config, server_setup(config, tmp_path / "run", resume=False))
+    try:
+        assert run.plan_entry() == {"cut": CUT, "u_shaped": False, "wire_dtype": "float16"}
+        client = load_client_part(model_dir, SplitConfig(cut=CUT), make_config("lora", {"r": "4"}), quantize="none")
+        with split_channel(run.target, None) as channel:
+            session = SplitSession(channel, client, "c", model_fingerprint(model_dir), dtype=torch.float16)
+            loss = session.step(1, _batch(client.base.config.vocab_size))
+            session.close()
+        assert loss > 0 and run.server.steps == 1
+    finally:
+        run.stop()
