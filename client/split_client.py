@@ -108,8 +108,12 @@ class SplitSession:
         return value
 
     def close(self) -> None:
+        """End the stream (the server then forgets the session); never raises, so it can sit in `finally`."""
         self._requests.put(_END)
-        for _ in self._responses:  # drain: the server ends the stream once it sees ours end
+        try:
+            for _ in self._responses:  # drain: the server ends the stream once it sees ours end
+                pass
+        except grpc.RpcError:  # already ended by an error that the caller has seen
             pass
 
 

@@ -52,6 +52,8 @@ class SplitServer:
     """Clip the server LoRA's gradient to this L2 norm each step (0 = off)."""
     max_tensor_bytes: int = wire.DEFAULT_MAX_TENSOR_BYTES
     lock_timeout: float = 120.0
+    max_sessions: int = 256
+    """Open sessions at most (a session ends with its stream); more Opens are refused."""
     sessions: dict[str, Session] = field(default_factory=dict)
     steps: int = 0
 
@@ -79,6 +81,9 @@ class SplitServer:
         dtype = wire.wire_dtype_from_proto(dtype_enum)
         session_id = secrets.token_hex(16)
         with self._sessions_lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise SplitTooLargeError(f"{len(self.sessions)} sessions are open (the cap is {self.max_sessions}); "
+                                         "retry when a client's stream ends")
             self.sessions[session_id] = Session(client_id=client_id, dtype=dtype, round=round)
         log.info("split session for client %s (round %d, %s on the wire)", client_id, round, dtype)
         return session_id

@@ -220,6 +220,20 @@ def test_unknown_session_and_mismatched_open_are_refused(live_server, model_dir)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and names in caught.value.details()
 
 
+def test_opens_beyond_the_session_cap_are_refused(model_dir):
+    from fedpeft.common.errors import SplitTooLargeError
+
+    part = load_server_part(model_dir, SplitConfig(cut=CUT), LORA, quantize="none")
+    server = SplitServer(part=part, model_fingerprint=model_fingerprint(model_dir), max_sessions=2)
+    args = ("c", model_fingerprint(model_dir), CUT, False, wire.dtype_to_proto(torch.float32))
+    first = server.open(*args)
+    server.open(*args)
+    with pytest.raises(SplitTooLargeError, match="the cap is 2"):
+        server.open(*args)
+    server.close(first)
+    server.open(*args)
+
+
 def test_a_good_message_after_refusals_still_trains(live_server, model_dir):
     server, stub = live_server
     steps_before = server.steps
