@@ -57,6 +57,10 @@ class ClientSetup:
     quantize: str
     data: DataProvider
     torch_threads: int = 1
+    split_server: str | None = None
+    """HOST:PORT of the split server (runs with the split topology only)."""
+    split_ca: str | None = None
+    """CA certificate that signed the split server's TLS certificate (None: loopback without TLS)."""
 
 
 # Loaded models of one worker process, keyed by everything that shapes them.
@@ -147,10 +151,22 @@ def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config")
     if config is None or PLAN_KEY not in config:
         raise ConfigError("message from server carries no federation plan")
-    plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
-                                                 config.get(RANK_KEY))
     server_round = int(config.get("server-round", 0))
     partition = int(context.node_config.get("partition-id", context.node_id))
+    plan = FederationPlan.from_json(str(config[PLAN_KEY]))
+    if plan.split:  # SplitFed: only the client part is loaded and trained, against the split server
+        from fedpeft.client.split_app import split_train_round
+
+        setup_logging()
+        torch.set_num_threads(setup.torch_threads)
+        reply_arrays, metrics = split_train_round(
+            setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan,
+            msg.content.array_records.get("arrays"), setup.data(context), server_round=server_round,
+            partition=partition, client_id=f"node-{context.node_id}")
+        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}),
+                       reply_to=msg)
+    plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
+                                                 config.get(RANK_KEY))
     proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
     reply_arrays, metrics = train_round(setup, plan, adapted, setup.data(context), server_round=server_round,
                                         partition=partition, proximal_mu=proximal_mu, load_seconds=load_s,

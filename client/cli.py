@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--server-key", type=Path,
                        help="the server's public.json (peft-server keys): seal every delta to this key only and "
                             "refuse to send plaintext deltas")
+    start.add_argument("--split-server", metavar="HOST:PORT",
+                       help="the coordinator's split server (runs with the split topology: this client then loads "
+                            "and trains only the first blocks)")
+    start.add_argument("--split-ca", type=Path, help="CA certificate of the split server (default: --root-cert)")
     start.add_argument("--once", action="store_true",
                        help="exit when the SuperNode exits (default: reconnect, e.g. across a server restart)")
     gen = sub.add_parser("generate", help="ask `peft-server serve` for text with one adapter (streams to stdout)")
@@ -103,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             superlink=args.superlink, data=args.data, model=args.model, key_dir=args.keys,
             root_cert=None if args.insecure else args.root_cert, workdir=args.workdir, quantize=args.quantize,
             partition_id=args.partition_id, clientappio_port=args.port, torch_threads=args.threads, seed=args.seed,
-            once=args.once, server_key=args.server_key))
+            once=args.once, server_key=args.server_key, split_server=args.split_server, split_ca=args.split_ca))
     except FedPeftError as exc:
         print(f"peft-client: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -76,6 +76,10 @@ class ClientOptions:
     """Exit when the SuperNode exits, instead of reconnecting."""
     server_key: Path | None = None
     """The server's public.json (`peft-server keys`): seal every delta to it, never send plaintext."""
+    split_server: str | None = None
+    """HOST:PORT of the coordinator's split server (runs with the split topology)."""
+    split_ca: Path | None = None
+    """CA certificate of the split server's TLS certificate (default: --root-cert)."""
 
 
 def _absolute(data: str) -> str:
@@ -112,7 +116,11 @@ def run_client(options: ClientOptions) -> int:
         raise ConfigError(f"--root-cert {options.root_cert}: no such file")
     options.workdir.mkdir(parents=True, exist_ok=True)
     threads = options.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-    setup = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=lambda _ctx: rows, torch_threads=threads)
+    split_ca = options.split_ca or options.root_cert
+    if options.split_server and split_ca is not None and not Path(split_ca).is_file():
+        raise ConfigError(f"--split-ca {split_ca}: no such file")
+    setup = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=lambda _ctx: rows, torch_threads=threads,
+                        split_server=options.split_server, split_ca=str(split_ca) if split_ca else None)
     server_x25519 = None
     if options.server_key is not None:
         if identity is None:

@@ -25,6 +25,7 @@ from fedpeft.common.data import Record
 from fedpeft.common.envelope import PeerIdentity, key_id, seal_delta, sign_metrics
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.flower_io import delta_from_arrayrecord
+from fedpeft.common.plan import FederationPlan
 from fedpeft.common.wire import trainer as wire
 from fedpeft.common.wire.envelopes import envelope_to_bytes
 
@@ -55,6 +56,8 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
         with self._lock:
             try:
                 arrays = wire.arrays_from_proto(request.global_delta)
+                if FederationPlan.from_json(request.plan_json).split:
+                    return self._train_split(request, arrays)
                 plan, adapted, load_s, swap_s = receive_plan(self.state.setup, request.plan_json, arrays,
                                                                  request.lora_rank or None)
                 reply_arrays, metrics = train_round(
@@ -68,6 +71,19 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
             log.info("round %d: sent %.3f MB (delta), %d examples, train loss %.4f", request.server_round,
                      metrics["bytes-up"] / 1e6, metrics["num-examples"], metrics["train-loss"])
             return wire.train_reply(reply_arrays, metrics)
+
+    def _train_split(self, request, arrays):
+        """A split-topology round: only the client part is loaded and trained, against the split server."""
+        from fedpeft.client.split_app import split_train_round
+
+        setup = self.state.setup
+        client_id = self.state.identity.public_keys.key_id if self.state.identity else f"partition-{self.state.partition}"
+        reply_arrays, metrics = split_train_round(
+            setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, FederationPlan.from_json(request.plan_json),
+            arrays, list(self.state.rows), server_round=int(request.server_round), partition=self.state.partition,
+            client_id=client_id)
+        self.state.rounds_trained += 1
+        return wire.train_reply(reply_arrays, metrics)
 
     def Seal(self, request, context):  # noqa: N802
         identity = self.state.identity

@@ -1,7 +1,7 @@
 """Where things are inside each supported transformer family, keyed by `model_type`.
 
 Methods that insert modules of their own (bottleneck, parallel and fusion adapters, UniPELT's gated
-LoRA and prefix gates, the offsite emulator builder; split topology later) look positions up here instead of
+LoRA and prefix gates, the offsite emulator builder, split fine-tuning) look positions up here instead of
 branching on model classes.
 """
 
@@ -47,11 +47,25 @@ class ArchitectureSpec:
     """The sequence-classification head (trained with every method when present)."""
     num_layers_key: str = "num_hidden_layers"
     """The config attribute holding the number of blocks (rewritten when blocks are dropped)."""
+    embeddings: str | None = None
+    """Token embeddings (split fine-tuning: on the client). None: the family cannot be split."""
+    final_norm: str | None = None
+    """The norm after the last block, before the head (split: server, or client when U-shaped)."""
+    rotary: str | None = None
+    """The rotary position-embedding module whose (cos, sin) every block is called with."""
+    lm_head: str | None = None
+    """The language-model head (split: server, or client when U-shaped)."""
+
+    @property
+    def splittable(self) -> bool:
+        """Whether split fine-tuning knows where this family's parts are."""
+        return None not in (self.embeddings, self.final_norm, self.rotary, self.lm_head)
 
 
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
                              ffn_parallel=ParallelSite("mlp"), query_value=("self_attn.q_proj", "self_attn.v_proj"),
-                             backbone="model")
+                             backbone="model", embeddings="model.embed_tokens", final_norm="model.norm",
+                             rotary="model.rotary_emb", lm_head="lm_head")
 _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
                               ffn_output="output.dense",
                               ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True),

@@ -52,3 +52,17 @@ class FederationError(FedPeftError):
     """A federated round cannot complete (e.g. no client update was accepted)."""
 
     exit_code = 6
+
+
+class SplitError(FedPeftError, ValueError):
+    """A split fine-tuning message or session is invalid (bad activations, unknown session)."""
+
+    exit_code = 7
+
+
+class SplitSessionError(SplitError):
+    """A split training message names a session the server does not know (or that closed)."""
+
+
+class SplitTooLargeError(SplitError):
+    """A split training tensor exceeds the configured size cap."""

@@ -199,11 +199,12 @@ def _head_modules(model_dir: Path) -> list[str]:
 
 
 def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.device | None = None,
-                    num_labels: int | None = None) -> nn.Module:
+                    num_labels: int | None = None, num_hidden_layers: int | None = None) -> nn.Module:
     """Load a frozen backbone, NF4-quantized when `quantize == "4bit"`.
 
     Causal LMs load with their LM head; encoders load as sequence classifiers with a
-    fresh `num_labels`-way head (which every method then trains).
+    fresh `num_labels`-way head (which every method then trains). `num_hidden_layers`
+    loads only the first blocks (a split client part): the others are never read into memory.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -219,6 +220,8 @@ def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     if kind == "seq-cls":
         kwargs["num_labels"] = num_labels
+    if num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = num_hidden_layers
     auto_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     try:
         model = auto_class.from_pretrained(model_dir, **kwargs)

@@ -9,7 +9,7 @@ fingerprint, because local paths differ between machines.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedpeft.common.data import TaskSpec
@@ -41,6 +41,8 @@ class FederationPlan:
     seed: int
     frozen_fingerprint: str = ""
     """Hash of tensors every peer must share untrained (FFA-LoRA's A); "" if none."""
+    split: dict[str, Any] = field(default_factory=dict)
+    """Split topology: {"cut", "u_shaped", "wire_dtype"}; empty for plain FL (the delta is then the whole model's)."""
 
     def method_config(self) -> MethodConfig:
         return make_config(self.method, self.method_options)

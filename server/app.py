@@ -37,6 +37,7 @@ from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
 if TYPE_CHECKING:
     from fedpeft.common.envelope import PeerIdentity
     from fedpeft.server.run_config import DpSection, SecAggSection
+    from fedpeft.server.split_run import SplitRun
 
 log = logging.getLogger("fedpeft.server")
 
@@ -85,20 +86,28 @@ class ServerSetup:
     """(server identity, {client id: Ed25519 key}): clients must reply with sealed envelopes."""
     publish: RegistryTarget | None = None
     """Publish the global adapter to this registry after every round (serving hot-loads it)."""
+    split: SplitRun | None = None
+    """Split topology (SplitFed): the running split server; the federated delta is the client part's LoRA."""
 
 
 def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = None) -> Path:
     """Run all rounds on `grid`; returns the exported final adapter dir."""
     out_dir = Path(setup.out_dir)
-    adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config, seed=setup.seed,
-                                num_labels=setup.task.num_labels)
+    if setup.split is not None:
+        from fedpeft.server.split_run import global_client_part
+
+        adapted = global_client_part(setup.split, Path(setup.model_dir), setup.method_config, setup.quantize, setup.seed)
+    else:
+        adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config,
+                                    seed=setup.seed, num_labels=setup.task.num_labels)
     if setup.publish is not None:
         setup.publish.check(adapted.method.peft_backed)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
-                          train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint())
+                          train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint(),
+                          split=setup.split.plan_entry() if setup.split else {})
     done = _resume_point(setup) if setup.resume else None
     recorder = RunRecorder(out_dir, resume_from=done)
     strategy: Any
@@ -127,6 +136,11 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
+    eval_model = adapted.model
+    if setup.split is not None:  # the global client part joined with the shared server part
+        from fedpeft.server.split_run import joined_eval_model
+
+        eval_model = joined_eval_model(setup.split, adapted)
     started = time.perf_counter()
 
     def evaluate_global(local_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -139,7 +153,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         recorder.save_checkpoint(server_round, delta)
         t0 = time.perf_counter()
-        result = objective.evaluate(adapted.model, setup.eval_rows, setup.eval_batch_size)
+        result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
         traffic = strategy.traffic.get(server_round)
         row: dict[str, Any] = {
             "round": server_round,
@@ -226,6 +240,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
                                {"rounds": setup.num_rounds, "clients": setup.num_clients, "task": setup.task.to_dict()})
     log.info("server: final adapter written to %s", final_dir)
+    if setup.split is not None:
+        from fedpeft.server.split_run import export_server_part
+
+        export_server_part(setup.split, final_dir / "server-part")
     if setup.on_complete is not None:
         setup.on_complete(adapted)
     return final_dir

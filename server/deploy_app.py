@@ -7,6 +7,7 @@ federation logic is `fedpeft.server.app.run_federation`, shared with the simulat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_toml(Path(str(context.run_config[CONFIG_KEY])))
     setup = server_setup(config, Path(str(context.run_config[RUN_DIR_KEY])), bool(context.run_config.get(RESUME_KEY)))
     torch.manual_seed(setup.seed)
-    final = run_federation(grid, setup, context)
+    split_run = start_configured_split(config, setup) if config.split_active else None
+    try:
+        final = run_federation(grid, dataclasses.replace(setup, split=split_run) if split_run else setup, context)
+    finally:
+        if split_run is not None:
+            split_run.stop()
     log.info("run complete: final adapter in %s", final)
     if config.federation.topology == "offsite":
         finish_offsite(config, setup, final)
@@ -94,3 +100,22 @@ def finish_offsite(config: RunConfig, setup: ServerSetup, final: Path) -> dict:
                                base_model=f.model)
     log.info("offsite: full-model adapter in %s", metrics["plugged_adapter"])
     return metrics
+
+
+def start_configured_split(config: RunConfig, setup: ServerSetup):  # -> SplitRun
+    """Start the split server a run config's [split] section describes, beside this ServerApp."""
+    from fedpeft.common.pki import TlsFiles
+    from fedpeft.common.split_model import SplitConfig, check_split
+    from fedpeft.server.split_run import start_split_run
+
+    sp = config.split
+    split = SplitConfig(cut=sp.cut, u_shaped=sp.u_shaped)
+    check_split(Path(setup.model_dir), split, setup.method)
+    host = f"[{sp.host}]" if ":" in sp.host else sp.host
+    run = start_split_run(Path(setup.model_dir), split, setup.method_config, setup.quantize,
+                          learning_rate=config.training.learning_rate, address=f"{host}:{sp.port}",
+                          tls=TlsFiles.in_dir(Path(sp.tls_dir)) if sp.tls_dir else None, seed=setup.seed,
+                          wire_dtype=sp.wire_dtype)
+    log.info("split server for blocks %d+ at %s (clients: peft-client start --split-server HOST:%d)", sp.cut,
+             run.target, sp.port)
+    return run

@@ -137,10 +137,31 @@ class RegistrySection:
     """Registry identity dir (`peft-server keys`): versions are sealed at rest."""
 
 
+@dataclass
+class SplitSection:
+    """Split fine-tuning (SplitFed): clients hold embeddings + the first `cut` blocks and train
+    against one split server that the ServerApp starts beside the federation; FedAvg
+    averages the client parts. On with `[federation] topology = "split"`; these are its settings."""
+
+    enabled: bool = False
+    cut: int = 2
+    """Blocks on each client."""
+    u_shaped: bool = False
+    """Clients also hold the head and compute the loss: labels never leave them."""
+    wire_dtype: str = "bfloat16"
+    """Dtype of activations and gradients on the wire: float32 | float16 | bfloat16."""
+    host: str = "127.0.0.1"
+    """Split server bind address (clients dial it with peft-client start --split-server HOST:PORT)."""
+    port: int = 9095
+    tls_dir: str | None = None
+    """Dir with ca.crt, server.pem, server.key (peft-server certs); required unless host is loopback."""
+
+
 SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainConfig, "task": TaskSection,
                              "secagg": SecAggSection, "dp": DpSection, "envelopes": EnvelopeSection,
-                             "registry": RegistrySection, "offsite": OffsiteSettings}
-DEPLOY_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite")
+                             "registry": RegistrySection, "offsite": OffsiteSettings,
+                             "split": SplitSection}
+DEPLOY_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite", "split")
 """Topologies `peft-server run` deploys (a subset of `fedpeft.common.topology.TOPOLOGIES`)."""
 
 
@@ -154,6 +175,7 @@ class RunConfig:
     envelopes: EnvelopeSection = field(default_factory=EnvelopeSection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
+    split: SplitSection = field(default_factory=SplitSection)
     source: str = "<defaults>"
 
     @classmethod
@@ -168,7 +190,7 @@ class RunConfig:
         base = path.resolve().parent
         relative = {"offsite": ("distill_data", "emulator")}
         for section, key in (("task", "eval_data"), ("envelopes", "server_identity"), ("envelopes", "trusted_clients"),
-                             ("registry", "dir"), ("registry", "keys")):
+                             ("registry", "dir"), ("registry", "keys"), ("split", "tls_dir")):
             value = getattr(getattr(config, section), key)
             if value and not Path(value).is_absolute():
                 setattr(getattr(config, section), key, str(base / value))
@@ -273,6 +295,10 @@ class RunConfig:
                 found.append(f"dp.population {dp.population} is smaller than the {f.num_per_round} clients per round")
             if f.strategy != "fedavg" or f.lora_aggregation != "naive":
                 found.append("dp: Flower's accounted DP wrapper needs plain FedAvg (strategy 'fedavg', lora_aggregation 'naive')")
+        if self.split.enabled and f.topology not in ("fl", "split"):
+            found.append(f"split.enabled conflicts with federation.topology {f.topology!r}")
+        if self.split_active:
+            found += self.split_problems()
         if env.enabled:
             for key in ("server_identity", "trusted_clients"):
                 value = getattr(env, key)
@@ -285,6 +311,28 @@ class RunConfig:
                 found.append("registry.dir is required when the registry is enabled")
             if self.registry.keys and not Path(self.registry.keys).is_dir():
                 found.append(f"registry.keys: directory {self.registry.keys} does not exist")
+        return found
+
+    @property
+    def split_active(self) -> bool:
+        """Split topology: `federation.topology = "split"` (or the older `[split] enabled = true`)."""
+        return self.federation.topology == "split" or self.split.enabled
+
+    def split_problems(self) -> list[str]:
+        sp, f = self.split, self.federation
+        found = []
+        if sp.cut < 1:
+            found.append(f"split.cut must be >= 1 (got {sp.cut})")
+        if sp.wire_dtype not in ("float32", "float16", "bfloat16"):
+            found.append(f"split.wire_dtype {sp.wire_dtype!r}: choose float32, float16 or bfloat16")
+        if f.method != "lora" or f.lora_aggregation not in ("naive", "ffa"):
+            found.append("split: both parts train LoRA (federation.method 'lora', lora_aggregation 'naive' or 'ffa')")
+        if self.dp.enabled:
+            found.append("split and dp cannot be combined: the split server sees every client's raw activations")
+        if sp.tls_dir is None and sp.host not in ("127.0.0.1", "localhost", "::1"):
+            found.append(f"split.tls_dir is required: split.host {sp.host!r} is not loopback")
+        elif sp.tls_dir is not None and not Path(sp.tls_dir).is_dir():
+            found.append(f"split.tls_dir: directory {sp.tls_dir} does not exist")
         return found
 
     def validate(self) -> None:

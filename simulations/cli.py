@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry-keys", metavar="DIR", help="registry identity (peft-server keys): seal versions at rest")
     p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES),
                    help="fl: every client holds the whole model; offsite: Offsite-Tuning, clients hold a compressed "
-                        "emulator + the adapter blocks, the final adapter is plugged into the full model "
-                        "(default %(default)s)")
+                        "emulator + the adapter blocks, the final adapter is plugged into the full model; split: "
+                        "clients hold embeddings + the first --split-cut blocks and train against one shared split "
+                        "server over gRPC (SplitFed) (default %(default)s)")
     p.add_argument("--offsite-bottom", type=int, default=d.offsite_bottom, help="offsite: bottom adapter blocks (%(default)s)")
     p.add_argument("--offsite-top", type=int, default=d.offsite_top, help="offsite: top adapter blocks (%(default)s)")
     p.add_argument("--offsite-keep-every", type=int, default=d.offsite_keep_every,
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offsite-distill-steps", type=int, default=d.offsite_distill_steps,
                    help="offsite: steps distilling the emulator against the full model (0 = off)")
     p.add_argument("--offsite-distill-data", default=None, help="offsite: server-owned text file for distillation")
+    p.add_argument("--split-cut", type=int, default=d.split_cut, help="split: blocks on each client (default %(default)s)")
+    p.add_argument("--split-u-shaped", action="store_true",
+                   help="split: clients also hold the head and compute the loss, so labels never leave them")
+    p.add_argument("--split-wire-dtype", default=d.split_wire_dtype, choices=["float32", "float16", "bfloat16"],
+                   help="split: dtype of activations and gradients on the wire (default %(default)s)")
     return p
 
 
@@ -131,6 +137,7 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         adapter_id=args.adapter_id, registry_keys=args.registry_keys, topology=args.topology,
         offsite_bottom=args.offsite_bottom, offsite_top=args.offsite_top, offsite_keep_every=args.offsite_keep_every,
         offsite_distill_steps=args.offsite_distill_steps, offsite_distill_data=args.offsite_distill_data,
+        split_cut=args.split_cut, split_u_shaped=args.split_u_shaped, split_wire_dtype=args.split_wire_dtype,
     )
 
 

@@ -20,8 +20,9 @@ from fedpeft.common.topology import DEFAULT_TOPOLOGY, validate_topology
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
-SIM_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite")
-"""Topologies `peft-sim` runs (a subset of `fedpeft.common.topology.TOPOLOGIES`)."""
+SIM_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite", "split")
+"""Topologies `peft-sim` runs (all of `fedpeft.common.topology.TOPOLOGIES`)."""
+SPLIT_WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -83,12 +84,19 @@ class SimulationConfig:
     registry_keys: str | None = None
     """Registry identity dir: published versions are sealed at rest."""
     topology: str = DEFAULT_TOPOLOGY
-    """fl (every client holds the whole model) | offsite (clients hold an emulator + adapter blocks)."""
+    """fl (every client holds the whole model) | offsite (clients hold an emulator + adapter blocks) |
+    split (clients hold embeddings + the first `split_cut` blocks and train against one shared split server)."""
     offsite_bottom: int = 2
     offsite_top: int = 2
     offsite_keep_every: int = 4
     offsite_distill_steps: int = 0
     offsite_distill_data: str | None = None
+    split_cut: int = 2
+    """split: blocks on each client."""
+    split_u_shaped: bool = False
+    """split: clients also hold the head and compute the loss (labels never leave them)."""
+    split_wire_dtype: str = "bfloat16"
+    """split: dtype of activations and gradients on the wire."""
 
     def problems(self) -> list[str]:
         """Everything wrong with this config (empty when valid)."""
@@ -141,6 +149,7 @@ class SimulationConfig:
             if self.method not in OFFSITE_METHODS:
                 found.append(f"--topology offsite trains the adapter blocks with {list(OFFSITE_METHODS)}, "
                              f"not --method {self.method}")
+        found += self.split_problems()
         if self.gpus_per_client < 0:
             found.append("--gpus-per-client must be >= 0")
         if self.learning_rate <= 0:
@@ -180,6 +189,25 @@ class SimulationConfig:
     def offsite_settings(self) -> OffsiteSettings:
         return OffsiteSettings(bottom=self.offsite_bottom, top=self.offsite_top, keep_every=self.offsite_keep_every,
                                distill_steps=self.offsite_distill_steps, distill_data=self.offsite_distill_data)
+
+    def split_problems(self) -> list[str]:
+        """What the split topology cannot combine with (checked before any process starts)."""
+        if self.topology != "split":
+            return []
+        found = []
+        if isinstance(self.split_cut, bool) or not isinstance(self.split_cut, int) or self.split_cut < 1:
+            found.append(f"--split-cut must be an integer >= 1 (got {self.split_cut!r})")
+        if self.split_wire_dtype not in SPLIT_WIRE_DTYPES:
+            found.append(f"--split-wire-dtype {self.split_wire_dtype!r}: choose one of {list(SPLIT_WIRE_DTYPES)}")
+        if self.method != "lora":
+            found.append(f"--topology split trains LoRA on both parts; --method {self.method!r} is not supported")
+        if self.lora_aggregation not in ("naive", "ffa"):
+            found.append(f"--topology split supports --lora-aggregation naive or ffa, not {self.lora_aggregation!r}")
+        if self.dp_clipping_norm:
+            found.append("--topology split with --dp-clip is not supported (the server part sees raw activations)")
+        if self.resume:
+            found.append("--resume is not supported with --topology split (the server part is not checkpointed)")
+        return found
 
     def dp_section(self):  # -> DpSection | None
         """The run's DP settings (None when off), in the deployment run config's terms."""

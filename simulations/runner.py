@@ -26,7 +26,10 @@ from fedpeft.common.methods import make_config
 from fedpeft.common.models import resolve_model_dir
 from fedpeft.common.offsite.run import adapter_method_options, evaluate_plug_in, plan_layers, prepare_emulator
 from fedpeft.common.partition import PartitionSpec, partition_records
+from fedpeft.common.pki import make_dev_certificates
+from fedpeft.common.split_model import SplitConfig, check_split
 from fedpeft.server.app import ServerSetup, build_server_app
+from fedpeft.server.split_run import start_split_run
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
 from fedpeft.simulations.config import SimulationConfig, resolve_quantize
 from fedpeft.simulations.report import (
@@ -119,6 +122,10 @@ def run_simulation(config: SimulationConfig,
     method_config = make_config(config.method, method_options)
     check_method_applies(model_dir, config.method, method_config, num_labels=task.num_labels, quantize=quantize)  # type: ignore[arg-type]
 
+    split = SplitConfig(cut=config.split_cut, u_shaped=config.split_u_shaped) if config.topology == "split" else None
+    if split is not None:
+        check_split(model_dir, split, config.method)
+
     out_dir = config.out_dir().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     full_model_dir = model_dir
@@ -138,6 +145,13 @@ def run_simulation(config: SimulationConfig,
     for entry in clients:
         log.info("  client %d: %d examples %s", entry["client"], entry["examples"], entry.get("labels", ""))
 
+    split_run = None
+    if split is not None:  # the shared split server, in this process, on loopback TLS (run-local dev certificates)
+        tls = make_dev_certificates(out_dir / "split-tls", overwrite=True)
+        split_run = start_split_run(model_dir, split, method_config, quantize, learning_rate=config.learning_rate,  # type: ignore[arg-type]
+                                    tls=tls, seed=config.seed, wire_dtype=config.split_wire_dtype)
+        log.info("split topology: clients hold blocks 0-%d%s; split server at %s", split.cut - 1,
+                 " + head (U-shaped)" if split.u_shaped else "", split_run.target)
     train = TrainConfig(local_steps=config.local_steps, local_epochs=config.local_epochs,
                         learning_rate=config.learning_rate, batch_size=config.batch_size,
                         max_length=config.max_length, log_every=config.log_every)
@@ -151,23 +165,30 @@ def run_simulation(config: SimulationConfig,
         on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),
         lora_svd_scaling=(method_config.scaling  # type: ignore[attr-defined]
                           if config.lora_aggregation == "svd" else None),
-        hetero=config.hetero_ranks(method_config), dp=config.dp_section(),
+        hetero=config.hetero_ranks(method_config), dp=config.dp_section(), split=split_run,
         publish=config.registry_target(out_dir.name),
     )
     client = ClientSetup(model_dir=str(model_dir), quantize=quantize, data=PartitionFiles(str(out_dir / "partitions")),
-                         torch_threads=max(1, int(config.cpus_per_client)))
+                         torch_threads=max(1, int(config.cpus_per_client)),
+                         split_server=split_run.target if split_run else None,
+                         split_ca=str(split_run.ca_cert) if split_run and split_run.ca_cert else None)
     backend_config = {
         "client_resources": {"num_cpus": config.cpus_per_client, "num_gpus": config.gpus_per_client},
         "init_args": {"include_dashboard": False},
     }
     client_app = build_client_app(client, dp=server.dp is not None)
-    flower_run_simulation(server_app=build_server_app(server), client_app=client_app, num_supernodes=config.clients,
-                          backend_config=backend_config)
+    try:
+        flower_run_simulation(server_app=build_server_app(server), client_app=client_app, num_supernodes=config.clients,
+                              backend_config=backend_config)
+    finally:
+        if split_run is not None:
+            split_run.stop()
 
     rows = read_metrics(out_dir / "metrics.jsonl")
     if len(rows) != config.rounds + 1:
         raise FederationError(f"simulation ended after {len(rows) - 1} of {config.rounds} rounds; see the log above")
-    title = f"{config.method} on {config.model} ({config.clients} clients, {partition})"
+    title = f"{config.method} on {config.model} ({config.clients} clients, {partition}"
+    title += f", split after block {split.cut})" if split else ")"
     plot_metrics(rows, out_dir / "metrics.png", title=title)
     summary = f"{rounds_table(rows)}\n\n{before_after_table(rows)}\n\n{overhead_line(rows)}\n"
     offsite_metrics = None

@@ -217,8 +217,9 @@ def test_peft_sim_refuses_bad_offsite_settings_before_anything_starts(capsys, fu
     assert main(["--topology", "offsite", "--method", "prefix", "--offsite-keep-every", "0", "--quantize", "none"]) == 2
     err = capsys.readouterr().err
     assert "not --method prefix" in err and "--offsite-keep-every must be >= 1" in err
-    assert main(["--topology", "split", "--quantize", "none"]) == 2
-    assert "not supported here" in capsys.readouterr().err
+    from fedpeft.simulations.config import SimulationConfig
+
+    assert any("--topology" in p for p in SimulationConfig(topology="mesh").problems())
     assert not out.exists()
 
 
@@ -268,7 +269,7 @@ def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full
 
 @pytest.mark.parametrize(("sections", "fragment"), [
     ({"federation": {"topology": "ring"}}, "federation.topology 'ring' is not a topology"),
-    ({"federation": {"topology": "split"}}, "federation.topology 'split' is not supported here"),
+    ({"federation": {"topology": "mesh"}}, "federation.topology 'mesh'"),
     ({"federation": {"topology": "offsite", "method": "ia3"}, "offsite": {"keep_every": 0}}, "offsite.keep_every"),
     ({"federation": {"topology": "offsite", "method": "ia3"}}, "not method 'ia3'"),
     ({"federation": {"topology": "offsite"}, "offsite": {"emulator": "/nowhere"}}, "has no offsite.json"),

@@ -1,0 +1,238 @@
+"""The split fine-tuning server: one shared server part that every client's steps train.
+
+`SplitServer` holds the server part (blocks[cut:] with its own LoRA), its optimizer and
+the open sessions; it is plain Python raising `SplitError`s, so it is tested without
+gRPC. `SplitTrainerService` exposes it as the `fedpeft.v1.SplitTrainer` gRPC service
+(TLS with the project's certificates) and maps errors onto status codes.
+
+Steps of different clients are serialized by one lock: the server part's LoRA is
+updated in place after every step, and a U-shaped step's graph (built on the forward
+leg, consumed on the backward leg) must not see parameters change in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from fedpeft.common.errors import ConfigError, SplitError, SplitSessionError, SplitTooLargeError
+from fedpeft.common.pki import TlsFiles
+from fedpeft.common.split_model import ServerPart
+from fedpeft.common.wire import split as wire
+
+log = logging.getLogger("fedpeft.server.split")
+LOOPBACK_PREFIXES = ("127.0.0.1:", "localhost:", "[::1]:")
+
+
+@dataclass
+class Session:
+    client_id: str
+    dtype: torch.dtype
+    round: int
+    steps: int = 0
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    """U-shaped: (activations leaf, server output) between the forward and backward legs."""
+
+
+@dataclass
+class SplitServer:
+    """The shared server part, its optimizer, and the sessions training against it."""
+
+    part: ServerPart
+    model_fingerprint: str
+    learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    """Clip the server LoRA's gradient to this L2 norm each step (0 = off)."""
+    max_tensor_bytes: int = wire.DEFAULT_MAX_TENSOR_BYTES
+    lock_timeout: float = 120.0
+    max_sessions: int = 256
+    """Open sessions at most (a session ends with its stream); more Opens are refused."""
+    sessions: dict[str, Session] = field(default_factory=dict)
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.part.trainable_parameters(), lr=self.learning_rate, weight_decay=0.0)
+        self._step_lock = threading.Lock()
+        self._holder: str | None = None
+        self._sessions_lock = threading.Lock()
+        self.part.model.train()
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def open(self, client_id: str, model_fingerprint: str, cut: int, u_shaped: bool, dtype_enum: int,
+             round: int = 0) -> str:
+        """Check the client's model, cut and mode against this server's; returns a new session id."""
+        if not client_id:
+            raise SplitError("open.client_id is empty")
+        if model_fingerprint != self.model_fingerprint:
+            raise SplitError(f"open.model_fingerprint {model_fingerprint!r} differs from the server's "
+                             f"{self.model_fingerprint!r}: both sides must fine-tune the same base model")
+        if cut != self.part.split.cut:
+            raise SplitError(f"open.cut is {cut}; this server runs blocks from {self.part.split.cut} on")
+        if u_shaped != self.part.split.u_shaped:
+            mode = "U-shaped" if self.part.split.u_shaped else "labels-on-server"
+            raise SplitError(f"open.u_shaped is {u_shaped}; this server is {mode}")
+        dtype = wire.wire_dtype_from_proto(dtype_enum)
+        session_id = secrets.token_hex(16)
+        with self._sessions_lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise SplitTooLargeError(f"{len(self.sessions)} sessions are open (the cap is {self.max_sessions}); "
+                                         "retry when a client's stream ends")
+            self.sessions[session_id] = Session(client_id=client_id, dtype=dtype, round=round)
+        log.info("split session for client %s (round %d, %s on the wire)", client_id, round, dtype)
+        return session_id
+
+    def session(self, session_id: str) -> Session:
+        with self._sessions_lock:
+            found = self.sessions.get(session_id)
+        if found is None:
+            raise SplitSessionError(f"session_id {session_id[:32]!r} is not an open session (call Open first)")
+        return found
+
+    def close(self, session_id: str) -> None:
+        """Forget a session; drops a half-done U-shaped step and frees the server part."""
+        with self._sessions_lock:
+            session = self.sessions.pop(session_id, None)
+        if session is not None and session.pending is not None:
+            session.pending = None
+            self._release(session_id)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _acquire(self, session_id: str) -> None:
+        if not self._step_lock.acquire(timeout=self.lock_timeout):
+            raise SplitError(f"the server part stayed busy for {self.lock_timeout:.0f} s; retry the step")
+        self._holder = session_id
+
+    def _release(self, session_id: str) -> None:
+        if self._holder == session_id:
+            self._holder = None
+            self._step_lock.release()
+
+    def _update(self) -> None:
+        params = self.part.trainable_parameters()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+
+    def handle(self, msg) -> object:  # ActivationMsg -> GradientMsg
+        """Answer one leg of a step."""
+        session = self.session(msg.session_id)
+        payload = msg.WhichOneof("payload")
+        if payload == "forward":
+            return self._forward(msg.session_id, session, int(msg.step), msg.forward)
+        if payload == "output_grad":
+            return self._backward(msg.session_id, session, int(msg.step), msg.output_grad)
+        raise SplitError("activation message has neither forward nor output_grad")
+
+    def _forward(self, session_id: str, session: Session, step: int, forward) -> object:
+        if session.pending is not None:
+            raise SplitError(f"step {step}: forward before the output_grad of the previous U-shaped step")
+        base = self.part.base
+        inputs = wire.forward_from_proto(forward, hidden_size=self.part.hidden_size, dtype=session.dtype,
+                                         u_shaped=self.part.split.u_shaped, vocab_size=int(base.config.vocab_size),
+                                         max_bytes=self.max_tensor_bytes)
+        hidden = inputs.hidden.to(torch.float32).requires_grad_()
+        self._acquire(session_id)
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.part.split.u_shaped:
+                output = self.part.middle(hidden, inputs.attention_mask)
+                session.pending = (hidden, output)
+                return wire.output_msg(step, output, session.dtype)  # the lock is held until output_grad
+            loss = self.part.loss(hidden, inputs.attention_mask, inputs.labels)  # type: ignore[arg-type]
+            if not torch.isfinite(loss):
+                raise SplitError(f"step {step}: the server's loss is {float(loss)}")
+            loss.backward()
+            self._update()
+            session.steps += 1
+            return wire.hidden_grad_msg(step, hidden.grad, session.dtype, float(loss.detach()))  # type: ignore[arg-type]
+        finally:
+            if session.pending is None:
+                self._release(session_id)
+
+    def _backward(self, session_id: str, session: Session, step: int, grad_msg) -> object:
+        if session.pending is None:
+            raise SplitError(f"step {step}: output_grad without a pending U-shaped forward")
+        hidden, output = session.pending
+        try:
+            grad = wire.tensor_from_proto(grad_msg, wire.TensorRule("output_grad", (session.dtype,), tuple(output.shape),
+                                                                    finite=True, max_bytes=self.max_tensor_bytes))
+            output.backward(grad.to(output.dtype))
+            self._update()
+            session.steps += 1
+            return wire.hidden_grad_msg(step, hidden.grad, session.dtype)  # type: ignore[arg-type]
+        finally:
+            session.pending = None
+            self._release(session_id)
+
+
+_STATUS = {SplitSessionError: grpc.StatusCode.NOT_FOUND, SplitTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def status_for(exc: SplitError) -> grpc.StatusCode:
+    return next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class SplitTrainerService(wire.split_servicer_base()):  # type: ignore[misc]
+    """gRPC `SplitTrainer` over a `SplitServer`."""
+
+    def __init__(self, server: SplitServer) -> None:
+        self.server = server
+
+    def Open(self, request, context):  # noqa: N802  (gRPC method name)
+        try:
+            session_id = self.server.open(*wire.open_request_fields(request))
+        except SplitError as exc:
+            context.abort(status_for(exc), str(exc))
+        return wire.open_reply(session_id, self.server.part.hidden_size, self.server.max_tensor_bytes)
+
+    def Train(self, request_iterator, context):  # noqa: N802
+        seen: set[str] = set()
+        try:
+            for msg in request_iterator:
+                seen.add(msg.session_id)
+                try:
+                    reply = self.server.handle(msg)
+                except SplitError as exc:
+                    log.warning("split step refused: %s", exc)
+                    context.abort(status_for(exc), str(exc))
+                yield reply
+        finally:  # the stream ended (or broke): its sessions are over
+            for session_id in seen:
+                self.server.close(session_id)
+
+
+def grpc_options(max_tensor_bytes: int) -> list[tuple[str, int]]:
+    """Message caps a little above the tensor cap, so oversized tensors get our error, not gRPC's."""
+    limit = min(2 * max_tensor_bytes + (1 << 20), 2**31 - 1)
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+def serve_split(server: SplitServer, address: str, tls: TlsFiles | None, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start the SplitTrainer service on `address` (HOST:PORT, port 0 = any); returns (server, port).
+
+    TLS is required except on loopback (`tls=None`), where tests and single-host runs may go without.
+    """
+    if tls is None and not address.startswith(LOOPBACK_PREFIXES):
+        raise ConfigError(f"split server address {address!r} is not loopback: it needs TLS (peft-server certs)")
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                              options=grpc_options(server.max_tensor_bytes))
+    wire.add_split_servicer(SplitTrainerService(server), grpc_server)
+    if tls is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        tls.check()
+        credentials = grpc.ssl_server_credentials([(Path(tls.server_key).read_bytes(), Path(tls.server_cert).read_bytes())])
+        port = grpc_server.add_secure_port(address, credentials)
+    if port == 0:
+        raise ConfigError(f"cannot bind the split server to {address}")
+    grpc_server.start()
+    log.info("split server listening on %s (port %d, %s)", address, port, "TLS" if tls else "loopback, no TLS")
+    return grpc_server, port

@@ -1,0 +1,315 @@
+"""What one client holds and spends per training step: a split client part vs plain 4-bit FL.
+
+    python -m fedpeft.simulations.split_benchmark --cut 2          # SmolLM2-135M on SST-2
+    python -m fedpeft.simulations.split_benchmark --cut 2 --u-shaped
+
+Each client step runs in a fresh Python subprocess so memory is measured honestly:
+- `peak_memory_bytes`: the subprocess's peak RSS (VmHWM, whole life: loading included)
+  minus the peak RSS of a baseline subprocess that only imports the same libraries
+  (torch, transformers, peft, bitsandbytes, grpc, fedpeft); `train_peak_memory_bytes`:
+  the same for the training steps alone (the peak is reset after loading). Not
+  `getrusage`'s ru_maxrss: Linux carries it across fork+exec, so a child of a parent
+  holding a model would report the parent's peak;
+- `tensor_bytes`: bytes of every parameter, buffer and optimizer-state tensor the client holds;
+- `step_seconds`: the client's own compute per step (for split: minus the time spent
+  waiting for the server), mean over measured steps after one warm-up step;
+- `bytes_per_step`: serialized messages per step. Split: activations up + gradients down.
+  Plain FL sends only the delta, twice a round (down and up), so its per-step figure is
+  that divided by the round's local steps; both also report `bytes_per_round`.
+The split server runs in the parent process (4-bit, on loopback with dev TLS certs), so
+none of its memory or compute is counted for the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv")
+DEFAULT_LABELS = "0=negative,1=positive"
+
+
+def _status_bytes(field: str) -> int:
+    """A `/proc/self/status` figure (VmHWM: peak RSS, resettable; VmRSS: current RSS), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is the training phase's alone."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _import_stack() -> None:
+    """The libraries every measured client imports (the baseline imports exactly these)."""
+    import bitsandbytes  # noqa: F401
+    import grpc  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import fedpeft.client.split_client  # noqa: F401
+    import fedpeft.client.training  # noqa: F401
+    import fedpeft.common.adapted_model  # noqa: F401
+    import fedpeft.common.split_model  # noqa: F401
+
+
+def _rows(spec: dict[str, Any], count: int):
+    from fedpeft.common.data import infer_task, read_records
+
+    rows = read_records(Path(spec["data"]))
+    task = infer_task(rows, labels=spec["labels"])
+    return task, rows[:count]
+
+
+def _held_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_tensors(optimizer) -> list:
+    import torch
+
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from fedpeft.client.split_client import SplitSession, split_channel
+    from fedpeft.common.methods import make_config
+    from fedpeft.common.models import load_tokenizer, model_fingerprint
+    from fedpeft.common.objectives import CausalLMObjective
+    from fedpeft.common.split_model import SplitConfig, load_client_part
+    from fedpeft.common.wire.split import wire_dtype
+
+    model_dir, steps, batch_size = Path(spec["model_dir"]), spec["steps"], spec["batch_size"]
+    task, rows = _rows(spec, batch_size * (steps + 1))
+    part = load_client_part(model_dir, SplitConfig(cut=spec["cut"], u_shaped=spec["u_shaped"]),
+                            make_config("lora", spec["lora"]), quantize=spec["quantize"])
+    objective = CausalLMObjective(task, load_tokenizer(model_dir), spec["max_length"])
+    encoded = [objective.encode(r) for r in rows]
+    loaded_rss, load_peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    _reset_peak()
+    params = part.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times, waits = [], []
+    with split_channel(spec["target"], Path(spec["ca_cert"])) as channel:
+        session = SplitSession(channel, part, "bench", model_fingerprint(model_dir), dtype=wire_dtype(spec["wire_dtype"]))
+        for step in range(steps + 1):
+            batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
+            wait_before, start = session.wait_seconds, time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            session.step(step + 1, batch)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+            waits.append(session.wait_seconds - wait_before)
+        session.close()
+    delta_bytes = _held_bytes(part.get_delta().values())
+    per_step = (session.bytes_up + session.bytes_down) / (steps + 1)
+    return {
+        "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),
+        "loaded_rss_bytes": loaded_rss,
+        "train_peak_rss_bytes": _status_bytes("VmHWM"),
+        "tensor_bytes": _held_bytes([*part.model.parameters(), *part.model.buffers(), *_optimizer_tensors(optimizer)]),
+        "step_seconds": sum(t - w for t, w in zip(times[1:], waits[1:], strict=True)) / steps,
+        "server_wait_seconds": sum(waits[1:]) / steps,
+        "bytes_per_step": per_step,
+        "bytes_up_per_step": session.bytes_up / (steps + 1),
+        "bytes_down_per_step": session.bytes_down / (steps + 1),
+        "bytes_per_round": per_step * spec["local_steps"] + 2 * delta_bytes,
+        "delta_bytes": delta_bytes,
+        "tokens_per_step": sum(len(e.input_ids) for e in encoded) / (steps + 1),
+    }
+
+
+def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from fedpeft.common.adapted_model import AdaptedModel
+    from fedpeft.common.methods import make_config
+    from fedpeft.common.objectives import CausalLMObjective
+
+    model_dir, steps, batch_size = Path(spec["model_dir"]), spec["steps"], spec["batch_size"]
+    task, rows = _rows(spec, batch_size * (steps + 1))
+    adapted = AdaptedModel.load(model_dir, spec["quantize"], "lora", make_config("lora", spec["lora"]))
+    objective = CausalLMObjective(task, adapted.tokenizer, spec["max_length"])
+    encoded = [objective.encode(r) for r in rows]
+    loaded_rss, load_peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    _reset_peak()
+    params = adapted.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    adapted.model.train()
+    times = []
+    for step in range(steps + 1):
+        batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        objective.loss(adapted.model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    delta_bytes = _held_bytes(adapted.get_delta().values())
+    return {
+        "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),
+        "loaded_rss_bytes": loaded_rss,
+        "train_peak_rss_bytes": _status_bytes("VmHWM"),
+        "tensor_bytes": _held_bytes([*adapted.model.parameters(), *adapted.model.buffers(), *_optimizer_tensors(optimizer)]),
+        "step_seconds": sum(times[1:]) / steps,
+        "bytes_per_step": 2 * delta_bytes / spec["local_steps"],
+        "bytes_per_round": 2 * delta_bytes,
+        "delta_bytes": delta_bytes,
+        "tokens_per_step": sum(len(e.input_ids) for e in encoded) / (steps + 1),
+    }
+
+
+def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from fedpeft.common.logs import apply_offline_env
+
+    apply_offline_env()
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    _import_stack()
+    if kind == "baseline":
+        return {"peak_rss_bytes": _status_bytes("VmHWM")}
+    torch.manual_seed(0)
+    return _worker_split(spec) if kind == "split" else _worker_fl(spec)
+
+
+def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its result is the last stdout line (JSON)."""
+    from fedpeft.common.errors import FedPeftError
+
+    proc = subprocess.run([sys.executable, "-m", "fedpeft.simulations.split_benchmark", "--worker", kind, json.dumps(spec)],
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise FedPeftError(f"{kind} measurement failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _spec(model_dir: Path, *, quantize: str, batch_size: int, max_length: int, steps: int, local_steps: int,
+          data: str, labels: str, lora: dict[str, str] | None, threads: int) -> dict[str, Any]:
+    return {"model_dir": str(model_dir), "quantize": quantize, "batch_size": batch_size, "max_length": max_length,
+            "steps": steps, "local_steps": local_steps, "data": data, "labels": labels, "lora": dict(lora or {}),
+            "threads": threads}
+
+
+def _finish(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    result["baseline_rss_bytes"] = baseline["peak_rss_bytes"]
+    result["peak_memory_bytes"] = result["peak_rss_bytes"] - baseline["peak_rss_bytes"]
+    result["loaded_memory_bytes"] = result["loaded_rss_bytes"] - baseline["peak_rss_bytes"]
+    result["train_peak_memory_bytes"] = result["train_peak_rss_bytes"] - baseline["peak_rss_bytes"]
+    return result
+
+
+def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False, quantize: str = "4bit",
+                              wire_dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 128, steps: int = 3,
+                              local_steps: int = 8, data: str = DEFAULT_DATA, labels: str = DEFAULT_LABELS,
+                              lora: dict[str, str] | None = None, threads: int = 1,
+                              baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Client peak memory, compute seconds and wire bytes per step of a split client holding `k` blocks.
+
+    The server part runs in this process on loopback TLS gRPC; the client in a subprocess.
+    """
+    from fedpeft.common.methods import make_config
+    from fedpeft.common.models import model_fingerprint
+    from fedpeft.common.pki import make_dev_certificates
+    from fedpeft.common.split_model import SplitConfig, load_server_part
+    from fedpeft.server.split_service import SplitServer, serve_split
+
+    spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
+                 local_steps=local_steps, data=data, labels=labels, lora=lora, threads=threads)
+    server_part = load_server_part(Path(model_dir), SplitConfig(cut=k, u_shaped=u_shaped), make_config("lora", spec["lora"]),
+                                   quantize=quantize)  # type: ignore[arg-type]
+    server = SplitServer(part=server_part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=1e-4)
+    with tempfile.TemporaryDirectory(prefix="fedpeft-split-bench-") as tmp:
+        tls = make_dev_certificates(Path(tmp))
+        grpc_server, port = serve_split(server, "127.0.0.1:0", tls)
+        try:
+            result = _run_worker("split", {**spec, "cut": k, "u_shaped": u_shaped, "wire_dtype": wire_dtype,
+                                           "target": f"127.0.0.1:{port}", "ca_cert": str(tls.ca_cert)})
+        finally:
+            grpc_server.stop(None)
+    return _finish(result, baseline or _run_worker("baseline", spec))
+
+
+def measure_fl_client_step(model_dir: Path, *, quantize: str = "4bit", batch_size: int = 8, max_length: int = 128,
+                           steps: int = 3, local_steps: int = 8, data: str = DEFAULT_DATA, labels: str = DEFAULT_LABELS,
+                           lora: dict[str, str] | None = None, threads: int = 1,
+                           baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The same figures for a plain FL client (the full model, 4-bit QLoRA), measured the same way."""
+    spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
+                 local_steps=local_steps, data=data, labels=labels, lora=lora, threads=threads)
+    return _finish(_run_worker("fl", spec), baseline or _run_worker("baseline", spec))
+
+
+def measure_baseline(threads: int = 1) -> dict[str, Any]:
+    """Peak RSS of a process that only imports the client's libraries (subtracted from the others)."""
+    return _run_worker("baseline", {"threads": threads})
+
+
+def ratio_table(rows: dict[str, dict[str, Any]], reference: str = "fl") -> str:
+    """A markdown table of each row's figures and their ratios to `reference`."""
+    ref = rows[reference]
+    lines = ["| client | peak memory MB | tensors MB | compute s/step | wire KB/step | wire KB/round "
+             "| memory vs FL | compute vs FL | wire/step vs FL |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['peak_memory_bytes'] / 1e6:.1f} | {r['tensor_bytes'] / 1e6:.1f} | "
+                     f"{r['step_seconds']:.3f} | {r['bytes_per_step'] / 1e3:.1f} | {r['bytes_per_round'] / 1e3:.1f} | "
+                     f"{ref['peak_memory_bytes'] / r['peak_memory_bytes']:.1f}x less | "
+                     f"{r['step_seconds'] / ref['step_seconds']:.2f}x | {r['bytes_per_step'] / ref['bytes_per_step']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--cut", type=int, default=2, help="blocks on the split client (default %(default)s)")
+    parser.add_argument("--u-shaped", action="store_true", help="also measure the U-shaped split client")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--labels", default=DEFAULT_LABELS)
+    parser.add_argument("--json", default=None, help="also write the raw figures to this file")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker[0], json.loads(args.worker[1]))))
+        return 0
+    from fedpeft.common.logs import apply_offline_env, setup_logging
+    from fedpeft.common.models import resolve_model_dir
+
+    apply_offline_env()
+    setup_logging()
+    model_dir = resolve_model_dir(args.model)
+    common = {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps, "data": args.data,
+              "labels": args.labels}
+    baseline = measure_baseline()
+    rows = {"fl": measure_fl_client_step(model_dir, baseline=baseline, **common),
+            f"split k={args.cut}": measure_split_client_step(model_dir, args.cut, baseline=baseline, **common)}
+    if args.u_shaped:
+        rows[f"split k={args.cut} U"] = measure_split_client_step(model_dir, args.cut, u_shaped=True, baseline=baseline,
+                                                                  **common)
+    print(ratio_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
