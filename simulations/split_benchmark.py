@@ -1,7 +1,12 @@
-"""What one client holds and spends per training step: a split client part vs plain 4-bit FL.
+"""What one client holds and spends per training step, per topology: plain 4-bit FL, Offsite-Tuning, split.
 
-    python -m fedpeft.simulations.split_benchmark --cut 2          # SmolLM2-135M on SST-2
-    python -m fedpeft.simulations.split_benchmark --cut 2 --u-shaped
+    peft-bench-client --cut 2 --u-shaped --offsite 2:2:4 --offsite 0:2:4   # SmolLM2-135M on SST-2
+
+Every row is measured the same way (below), so the ratios to plain FL compare like with
+like: `fl` trains LoRA on the whole 4-bit model; `offsite B:T:N` trains LoRA on the adapter
+blocks of an emulator built from it (bottom B + top T blocks, every N-th middle block,
+`peft-server offsite-build`), which is the whole model an offsite client holds; `split
+k=K` holds embeddings + the first K blocks and talks to a split server.
 
 Each client step runs in a fresh Python subprocess so memory is measured honestly:
 - `peak_memory_bytes`: the subprocess's peak RSS (VmHWM, whole life: loading included)
@@ -257,6 +262,24 @@ def measure_fl_client_step(model_dir: Path, *, quantize: str = "4bit", batch_siz
     return _finish(_run_worker("fl", spec), baseline or _run_worker("baseline", spec))
 
 
+def measure_offsite_client_step(model_dir: Path, layout: str, emulator_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """An Offsite-Tuning client: LoRA on the adapter blocks of an emulator built from `model_dir`
+    (`layout` = "bottom:top:keep_every"), measured exactly like the plain FL client."""
+    from fedpeft.common.errors import ConfigError
+    from fedpeft.common.offsite.run import OffsiteSettings, adapter_method_options, build_for_clients
+
+    try:
+        bottom, top, keep_every = (int(x) for x in layout.split(":"))
+    except ValueError:
+        raise ConfigError(f"--offsite {layout!r} is not BOTTOM:TOP:KEEP_EVERY, e.g. 2:2:4") from None
+    layer_map = build_for_clients(str(model_dir), emulator_dir, OffsiteSettings(bottom=bottom, top=top,
+                                                                                 keep_every=keep_every))
+    lora = adapter_method_options("lora", dict(kwargs.pop("lora", None) or {}), layer_map)
+    result = measure_fl_client_step(emulator_dir, lora=lora, **kwargs)
+    result["blocks"] = f"{layer_map.emulator_layers}/{layer_map.full_layers}"
+    return result
+
+
 def measure_baseline(threads: int = 1) -> dict[str, Any]:
     """Peak RSS of a process that only imports the client's libraries (subtracted from the others)."""
     return _run_worker("baseline", {"threads": threads})
@@ -281,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cut", type=int, default=2, help="blocks on the split client (default %(default)s)")
     parser.add_argument("--u-shaped", action="store_true", help="also measure the U-shaped split client")
+    parser.add_argument("--offsite", action="append", default=[], metavar="B:T:N",
+                        help="also measure an Offsite-Tuning client: bottom:top adapter blocks, keep every N-th "
+                             "middle block (repeatable), e.g. 2:2:4")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
@@ -305,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.u_shaped:
         rows[f"split k={args.cut} U"] = measure_split_client_step(model_dir, args.cut, u_shaped=True, baseline=baseline,
                                                                   **common)
+    with tempfile.TemporaryDirectory(prefix="fedpeft-offsite-bench-") as tmp:
+        for text in args.offsite:
+            rows[f"offsite {text}"] = measure_offsite_client_step(model_dir, text, Path(tmp) / text.replace(":", "-"),
+                                                                  baseline=baseline, **common)
     print(ratio_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

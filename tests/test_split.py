@@ -360,3 +360,32 @@ def test_deployment_serverapp_starts_the_configured_split_server(model_dir, tmp_
         assert loss > 0 and run.server.steps == 1
     finally:
         run.stop()
+
+
+@pytest.mark.slow
+def test_client_step_benchmark_measures_all_three_topologies_the_same_way(tiny_model_dir, tmp_path):
+    from fedpeft.simulations.split_benchmark import (
+        measure_baseline,
+        measure_fl_client_step,
+        measure_offsite_client_step,
+        measure_split_client_step,
+        ratio_table,
+    )
+
+    tiny = tmp_path / "tiny4"
+    from fedpeft.simulations.tiny_models import build_tiny_llama
+
+    build_tiny_llama(tiny, num_layers=4)
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"ticket {i} about the printer\t{i % 2}\n" for i in range(40)))
+    common = {"batch_size": 4, "max_length": 32, "steps": 1, "data": str(data), "labels": "0=negative,1=positive",
+              "quantize": "none"}
+    baseline = measure_baseline()
+    rows = {"fl": measure_fl_client_step(tiny, baseline=baseline, **common),
+            "split k=1": measure_split_client_step(tiny, 1, baseline=baseline, **common),
+            "offsite 1:1:2": measure_offsite_client_step(tiny, "1:1:2", tmp_path / "emu", baseline=baseline, **common)}
+    assert rows["offsite 1:1:2"]["blocks"] == "3/4"
+    assert rows["offsite 1:1:2"]["tensor_bytes"] < rows["fl"]["tensor_bytes"]
+    assert rows["split k=1"]["tensor_bytes"] < rows["fl"]["tensor_bytes"]
+    table = ratio_table(rows)
+    assert "offsite 1:1:2" in table and "split k=1" in table
