@@ -16,6 +16,7 @@ each round. TLS is on by default: `start` needs `--root-cert` or an explicit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen_security.add_argument("--insecure", action="store_true", help="no TLS (loopback/lab only)")
     gen.add_argument("--adapter", default="", help="adapter id (empty: the base model)")
     gen.add_argument("--version", type=int, default=0, help="adapter version (0 = latest)")
-    gen.add_argument("--token", help="tenant token (peft-server token)")
+    gen.add_argument("--token", default=os.environ.get("FEDPEFT_SERVING_TOKEN"),
+                     help="tenant token (peft-server token); default $FEDPEFT_SERVING_TOKEN, which keeps it off the "
+                          "process list")
     gen.add_argument("--max-new-tokens", type=int, default=0)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.0)

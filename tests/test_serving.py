@@ -526,6 +526,7 @@ def test_cli_publish_rollback_token_and_a_real_serve_process(tiny_model_dir, reg
         assert code == grpc.StatusCode.UNAUTHENTICATED
         from fedpeft.client.cli import main as client_main
 
+        assert token.startswith("fpt_")
         common = ["generate", "--server", f"127.0.0.1:{port}", "--insecure", "--token", token, "--max-new-tokens", "3"]
         assert client_main([*common, "--adapter", "cli", "Label:"]) == 0
         assert client_main([*common, "--adapter", "nobody", "Label:"]) == 7  # PERMISSION_DENIED, reported

@@ -41,6 +41,7 @@ from fedpeft.server.serving.errors import PermissionDeniedError, ServingError, U
 log = logging.getLogger("fedpeft.serving")
 T = TypeVar("T")
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+TOKEN_PREFIX = "fpt_"
 
 
 def _digest(token: str) -> str:
@@ -69,7 +70,7 @@ class TenantTokens:
     def add(path: Path, tenant: str, adapters: list[str], admin: bool = False) -> str:
         """Create a random token for `tenant` in `path`; returns it (shown once, stored hashed)."""
         data = json.loads(Path(path).read_text()) if Path(path).is_file() else {"tenants": {}}
-        token = secrets.token_urlsafe(32)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # the prefix: never starts with "-" on a command line
         data["tenants"][tenant] = {"token_sha256": _digest(token), "adapters": sorted(adapters), "admin": admin}
         write_json_atomic(Path(path), data)
         return token
