@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft.client.training import TrainConfig, train_local
+from fedpeft.client.training import TrainConfig, reply_metrics, train_local
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record
 from fedpeft.common.errors import ConfigError, DeltaError
@@ -37,8 +37,6 @@ from fedpeft.common.plan import (
     RANK_KEY,
     REPLY_ARRAYS_KEY,
     REPLY_METRICS_KEY,
-    UNIT_WEIGHT_KEY,
-    WEIGHT_KEY,
     FederationPlan,
 )
 from fedpeft.common.quantization import validate_quantize
@@ -118,16 +116,7 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     sent = record_bytes(reply_arrays)
     log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
              stats.first_loss, stats.last_loss, sent / 1e6)
-    metrics = {
-        WEIGHT_KEY: len(rows),
-        UNIT_WEIGHT_KEY: 1,
-        "train-loss": stats.mean_loss,
-        "train-loss-last": stats.last_loss,
-        "train-seconds": stats.seconds,
-        "load-seconds": load_seconds,
-        "swap-seconds": swap_seconds,
-        "bytes-up": sent,
-    }
+    metrics = reply_metrics(len(rows), stats, load_seconds, swap_seconds, sent)
     return reply_arrays, metrics
 
 

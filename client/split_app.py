@@ -16,12 +16,12 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedpeft.client.split_client import SplitSession, split_channel, train_split_local
-from fedpeft.client.training import TrainConfig
+from fedpeft.client.training import TrainConfig, reply_metrics
 from fedpeft.common.data import Record
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.models import load_tokenizer, model_fingerprint
-from fedpeft.common.plan import UNIT_WEIGHT_KEY, WEIGHT_KEY, FederationPlan
+from fedpeft.common.plan import FederationPlan
 from fedpeft.common.quantization import validate_quantize
 from fedpeft.common.split_model import ClientPart, SplitConfig, load_client_part
 from fedpeft.common.wire.split import wire_dtype
@@ -80,14 +80,5 @@ def split_train_round(model_dir: str, quantize: str, split_server: str | None, s
     sent = record_bytes(reply)
     log.info("%s: %d examples, loss %.4f -> %.4f, split wire %.2f MB up / %.2f MB down, sending %.2f MB delta",
              label, len(rows), stats.first_loss, stats.last_loss, stats.bytes_up / 1e6, stats.bytes_down / 1e6, sent / 1e6)
-    metrics = {
-        WEIGHT_KEY: len(rows),
-        UNIT_WEIGHT_KEY: 1,
-        "train-loss": stats.mean_loss,
-        "train-loss-last": stats.last_loss,
-        "train-seconds": stats.seconds,
-        "load-seconds": load_seconds,
-        "swap-seconds": swap_seconds,
-        "bytes-up": sent,
-    }
+    metrics = reply_metrics(len(rows), stats, load_seconds, swap_seconds, sent)
     return reply, metrics

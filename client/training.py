@@ -67,6 +67,16 @@ class TrainStats:
     seconds: float
 
 
+def reply_metrics(num_examples: int, stats: TrainStats, load_seconds: float, swap_seconds: float,
+                  bytes_up: int) -> dict[str, float]:
+    """The metrics a client's train reply carries (FedAvg weight, loss, timings, bytes sent)."""
+    from fedpeft.common.plan import UNIT_WEIGHT_KEY, WEIGHT_KEY
+
+    return {WEIGHT_KEY: num_examples, UNIT_WEIGHT_KEY: 1, "train-loss": stats.mean_loss,
+            "train-loss-last": stats.last_loss, "train-seconds": stats.seconds, "load-seconds": load_seconds,
+            "swap-seconds": swap_seconds, "bytes-up": bytes_up}
+
+
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
                 seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0) -> TrainStats:
     """Train `adapted`'s delta on `rows` in place; returns loss statistics.

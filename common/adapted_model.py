@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.common.deltas import DeltaSpec, apply_delta, extract_delta
+from fedpeft.common.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.methods import MethodConfig, PeftMethod, get_method
 from fedpeft.common.models import load_base_model, load_tokenizer, model_kind
 from fedpeft.common.quantization import Quantize
 
 
 @dataclass
-class AdaptedModel:
+class AdaptedModel(DeltaAccess):
     """Base model + PEFT method + tokenizer, and the exact delta the method trains."""
 
     model_dir: Path
@@ -68,16 +66,6 @@ class AdaptedModel:
             digest.update(name.encode())
             digest.update(params[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
-
-    def get_delta(self) -> OrderedDict[str, torch.Tensor]:
-        return extract_delta(self.model, self.delta_names)
-
-    def set_delta(self, delta: Mapping[str, torch.Tensor], source: str = "delta") -> None:
-        apply_delta(self.model, delta, self.spec, source)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        return [params[n] for n in self.delta_names]
 
     def save_adapter(self, out_dir: Path) -> None:
         self.method.save_adapter(self.model, out_dir)

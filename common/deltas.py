@@ -144,3 +144,22 @@ def load_delta_file(path: Path) -> OrderedDict[str, torch.Tensor]:
     except OSError as exc:
         raise DeltaError(f"cannot read delta file {path}: {exc}") from exc
     return delta_from_bytes(data)
+
+
+class DeltaAccess:
+    """`get_delta` / `set_delta` / `trainable_parameters` over `self.model`, `self.delta_names`
+    and `self.spec`: shared by `AdaptedModel` and the split parts, which hold the same three."""
+
+    model: nn.Module
+    delta_names: list[str]
+    spec: DeltaSpec
+
+    def get_delta(self) -> OrderedDict[str, torch.Tensor]:
+        return extract_delta(self.model, self.delta_names)
+
+    def set_delta(self, delta: Mapping[str, torch.Tensor], source: str = "delta") -> None:
+        apply_delta(self.model, delta, self.spec, source)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return [params[n] for n in self.delta_names]

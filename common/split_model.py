@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from fedpeft.common.architectures import ARCHITECTURES, ArchitectureSpec, architecture_of, blocks_of
 from fedpeft.common.data import IGNORE_INDEX
-from fedpeft.common.deltas import DeltaSpec, apply_delta, extract_delta
+from fedpeft.common.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.errors import ConfigError, SplitError
 from fedpeft.common.methods import MethodConfig, get_method
 from fedpeft.common.models import load_base_model, model_kind
@@ -130,7 +128,7 @@ def target_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> 
 
 
 @dataclass
-class SplitPart:
+class SplitPart(DeltaAccess):
     """One side of the cut: a peft-wrapped (partial) model, the blocks it runs, its delta."""
 
     model: nn.Module
@@ -147,16 +145,6 @@ class SplitPart:
     @property
     def hidden_size(self) -> int:
         return int(self.base.config.hidden_size)
-
-    def get_delta(self) -> OrderedDict[str, torch.Tensor]:
-        return extract_delta(self.model, self.delta_names)
-
-    def set_delta(self, delta: Mapping[str, torch.Tensor], source: str = "delta") -> None:
-        apply_delta(self.model, delta, self.spec, source)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        return [params[n] for n in self.delta_names]
 
 
 class ClientPart(SplitPart):
