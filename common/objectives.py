@@ -11,15 +11,15 @@ through an `Objective`, so they always agree on how a row becomes tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import is_sequence_classifier
-from fedpeft.common.data import Record, TaskSpec, collate, encode_for_training, template_fields
+from fedpeft.common.architectures import ARCHITECTURES, is_sequence_classifier
+from fedpeft.common.data import IGNORE_INDEX, Record, TaskSpec, collate, encode_for_training, template_fields
 from fedpeft.common.errors import ConfigError, DataError
 from fedpeft.common.evaluation import EvalResult, evaluate, model_device
 
@@ -42,6 +42,50 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def target_token_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor | None:
+    """The causal-LM loss (shifted cross-entropy, mean over target tokens) with `head` run
+    only on the hidden states that predict a target; None when the batch has no target.
+
+    Written here because HF's causal-LM loss takes full (batch, seq, vocab) logits: with a
+    49k-token vocabulary those logits and their gradients dominate a training step's
+    memory, while a classification row has one or two target tokens. Same value and
+    gradients as the full loss.
+    """
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE_INDEX
+    if not bool(keep.any()):
+        return None
+    logits = head(hidden[:, :-1][keep]).float()
+    return nn.functional.cross_entropy(logits, shifted[keep])
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The transformer body (returns the final-normed hidden states) and the plain LM head
+    of `model`, when calling them directly computes what `model(...)` would; else None.
+
+    Not for prompt-learning PEFT methods (prompt/P-tuning prepend virtual tokens and
+    prefix tuning passes a cache in `PeftModel.forward`), tuners whose forward changes
+    the loss (AdaLoRA adds its orthogonality penalty), nor families whose head does more
+    than a linear map (logit soft-capping or scaling).
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+
+    inner = model
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # a peft.PeftModel
+        if model.active_peft_config.is_prompt_learning or type(model.base_model).forward is not BaseTuner.forward:
+            return None
+        inner = model.get_base_model()
+    config = getattr(inner, "config", None)
+    spec = ARCHITECTURES.get(getattr(config, "model_type", None) or "")
+    if spec is None or not type(inner).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = inner.get_output_embeddings()
+    return (inner.get_submodule(spec.backbone), head) if isinstance(head, nn.Linear) else None
+
+
 @dataclass(frozen=True)
 class CausalLMObjective:
     """Next-token loss on target tokens; label-word likelihood scoring."""
@@ -57,7 +101,17 @@ class CausalLMObjective:
         return collate(items, self.tokenizer.pad_token_id)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**_to(batch, model_device(model))).loss
+        """The model's own causal-LM loss; computed with the LM head only at target
+        positions (`target_token_loss`) wherever that gives the same result."""
+        batch = _to(batch, model_device(model))
+        parts = _backbone_and_head(model)
+        if parts is not None:
+            backbone, head = parts
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = target_token_loss(head, backbone(**inputs).last_hidden_state, batch["labels"])
+            if loss is not None:
+                return loss
+        return model(**batch).loss
 
     def evaluate(self, model: nn.Module, rows: Sequence[Record], batch_size: int) -> EvalResult:
         return evaluate(model, self.tokenizer, self.task, rows, self.max_length, batch_size)

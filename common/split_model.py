@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from fedpeft.common.architectures import ARCHITECTURES, ArchitectureSpec, architecture_of, blocks_of
-from fedpeft.common.data import IGNORE_INDEX
 from fedpeft.common.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.errors import ConfigError, SplitError
 from fedpeft.common.methods import MethodConfig, get_method
 from fedpeft.common.models import load_base_model, model_kind
+from fedpeft.common.objectives import target_token_loss
 from fedpeft.common.quantization import Quantize
 
 SPLIT_METHODS: tuple[str, ...] = ("lora",)
@@ -113,18 +113,12 @@ def lm_loss(base: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 
 def target_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The same loss as `lm_loss(head_logits(hidden))`, with the head run only where a token has a target.
-
-    Written here because HF's loss takes full (batch, seq, vocab) logits: with a 49k-token
-    vocabulary those dominate a training step's memory and time, while a classification
-    row has one target token. Same value and gradients (mean over target tokens).
-    """
-    shifted = labels[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    if not bool(keep.any()):
+    """The same loss as `lm_loss(head_logits(hidden))`, with the head run only where a
+    token has a target (`fedpeft.common.objectives.target_token_loss`)."""
+    loss = target_token_loss(lambda h: head_logits(base, h), hidden, labels)
+    if loss is None:
         raise SplitError("the batch has no target tokens (every label is -100)")
-    logits = head_logits(base, hidden[:, :-1][keep]).float()
-    return nn.functional.cross_entropy(logits, shifted[keep])
+    return loss
 
 
 @dataclass

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--distill-data", default=None, help="server-owned text file to distill the emulator on")
     off.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0 = off)")
     off.add_argument("--distill-lr", type=float, default=1e-4)
+    off.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="how the emulator's weights are stored (%(default)s; bfloat16 halves the download but "
+                          "clients then hold a converted copy of the embedding; blocks are 4-bit on clients either way)")
     off.add_argument("--overwrite", action="store_true")
     run = sub.add_parser("run", help="start a SuperLink (or attach to one) and run a federation from a TOML config")
     run.add_argument("--config", type=Path, required=True, help="TOML run config (see fedpeft.server.run_config)")
@@ -158,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             settings = OffsiteSettings(bottom=args.bottom, top=args.top, keep_every=args.keep_every,
                                        distill_steps=args.distill_steps, distill_data=args.distill_data,
-                                       distill_lr=args.distill_lr)
+                                       distill_lr=args.distill_lr, dtype=args.dtype)
             layer_map = build_for_clients(args.model, args.out, settings, overwrite=args.overwrite)
             print(f"emulator: {args.out} ({layer_map.emulator_layers} of {layer_map.full_layers} blocks; adapter blocks "
                   f"{list(layer_map.adapter)} = full-model blocks {[layer_map.to_full(i) for i in layer_map.adapter]})\n"

@@ -18,7 +18,7 @@ anything starts, and every problem is listed with its TOML key.
     enabled = true
 
 Offsite-Tuning: `topology = "offsite"` in [federation], and an [offsite] section (bottom, top,
-keep_every, distill_steps, distill_data, emulator = a dir made by `peft-server offsite-build`).
+keep_every, distill_steps, distill_data, dtype, emulator = a dir made by `peft-server offsite-build`).
 """
 
 from __future__ import annotations

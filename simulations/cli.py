@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offsite-distill-steps", type=int, default=d.offsite_distill_steps,
                    help="offsite: steps distilling the emulator against the full model (0 = off)")
     p.add_argument("--offsite-distill-data", default=None, help="offsite: server-owned text file for distillation")
+    p.add_argument("--offsite-dtype", choices=("float32", "bfloat16"), default=d.offsite_dtype,
+                   help="offsite: how the emulator's weights are stored (%(default)s; bfloat16 halves the download "
+                        "but costs clients more memory)")
     p.add_argument("--split-cut", type=int, default=d.split_cut, help="split: blocks on each client (default %(default)s)")
     p.add_argument("--split-u-shaped", action="store_true",
                    help="split: clients also hold the head and compute the loss, so labels never leave them")
@@ -137,6 +140,7 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         adapter_id=args.adapter_id, registry_keys=args.registry_keys, topology=args.topology,
         offsite_bottom=args.offsite_bottom, offsite_top=args.offsite_top, offsite_keep_every=args.offsite_keep_every,
         offsite_distill_steps=args.offsite_distill_steps, offsite_distill_data=args.offsite_distill_data,
+        offsite_dtype=args.offsite_dtype,
         split_cut=args.split_cut, split_u_shaped=args.split_u_shaped, split_wire_dtype=args.split_wire_dtype,
     )
 

@@ -91,6 +91,7 @@ class SimulationConfig:
     offsite_keep_every: int = 4
     offsite_distill_steps: int = 0
     offsite_distill_data: str | None = None
+    offsite_dtype: str = "float32"
     split_cut: int = 2
     """split: blocks on each client."""
     split_u_shaped: bool = False
@@ -188,7 +189,8 @@ class SimulationConfig:
 
     def offsite_settings(self) -> OffsiteSettings:
         return OffsiteSettings(bottom=self.offsite_bottom, top=self.offsite_top, keep_every=self.offsite_keep_every,
-                               distill_steps=self.offsite_distill_steps, distill_data=self.offsite_distill_data)
+                               distill_steps=self.offsite_distill_steps, distill_data=self.offsite_distill_data,
+                               dtype=self.offsite_dtype)
 
     def split_problems(self) -> list[str]:
         """What the split topology cannot combine with (checked before any process starts)."""

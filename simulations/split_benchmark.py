@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,7 +77,7 @@ def _rows(spec: dict[str, Any], count: int):
     from fedpeft.common.data import infer_task, read_records
 
     rows = read_records(Path(spec["data"]))
-    task = infer_task(rows, labels=spec["labels"])
+    task = infer_task(rows, template=spec.get("template"), labels=spec["labels"])
     return task, rows[:count]
 
 
@@ -196,7 +197,21 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter; its result is the last stdout line (JSON)."""
+    """Run one measurement in a fresh interpreter (`spec["repeats"]` times, default once;
+    each figure is then the median over the runs, as peak RSS moves by tens of MB
+    between identical runs); its result is the last stdout line (JSON)."""
+    runs = [_run_worker_once(kind, spec) for _ in range(max(1, int(spec.get("repeats", 1))))]
+    if len(runs) == 1:
+        return runs[0]
+    result = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            result[key] = statistics.median(r[key] for r in runs)
+    result["repeats"] = len(runs)
+    return result
+
+
+def _run_worker_once(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     from fedpeft.common.errors import FedPeftError
 
     proc = subprocess.run([sys.executable, "-m", "fedpeft.simulations.split_benchmark", "--worker", kind, json.dumps(spec)],
@@ -207,10 +222,11 @@ def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spec(model_dir: Path, *, quantize: str, batch_size: int, max_length: int, steps: int, local_steps: int,
-          data: str, labels: str, lora: dict[str, str] | None, threads: int) -> dict[str, Any]:
+          data: str, labels: str | None, template: str | None, lora: dict[str, str] | None, threads: int,
+          repeats: int) -> dict[str, Any]:
     return {"model_dir": str(model_dir), "quantize": quantize, "batch_size": batch_size, "max_length": max_length,
-            "steps": steps, "local_steps": local_steps, "data": data, "labels": labels, "lora": dict(lora or {}),
-            "threads": threads}
+            "steps": steps, "local_steps": local_steps, "data": data, "labels": labels, "template": template,
+            "lora": dict(lora or {}), "threads": threads, "repeats": repeats}
 
 
 def _finish(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -223,9 +239,9 @@ def _finish(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
 
 def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False, quantize: str = "4bit",
                               wire_dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 128, steps: int = 3,
-                              local_steps: int = 8, data: str = DEFAULT_DATA, labels: str = DEFAULT_LABELS,
-                              lora: dict[str, str] | None = None, threads: int = 1,
-                              baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                              local_steps: int = 8, data: str = DEFAULT_DATA, labels: str | None = DEFAULT_LABELS,
+                              template: str | None = None, lora: dict[str, str] | None = None, threads: int = 1,
+                              repeats: int = 1, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Client peak memory, compute seconds and wire bytes per step of a split client holding `k` blocks.
 
     The server part runs in this process on loopback TLS gRPC; the client in a subprocess.
@@ -237,7 +253,8 @@ def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False
     from fedpeft.server.split_service import SplitServer, serve_split
 
     spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
-                 local_steps=local_steps, data=data, labels=labels, lora=lora, threads=threads)
+                 local_steps=local_steps, data=data, labels=labels, template=template, lora=lora, threads=threads,
+                 repeats=repeats)
     server_part = load_server_part(Path(model_dir), SplitConfig(cut=k, u_shaped=u_shaped), make_config("lora", spec["lora"]),
                                    quantize=quantize)  # type: ignore[arg-type]
     server = SplitServer(part=server_part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=1e-4)
@@ -253,12 +270,16 @@ def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False
 
 
 def measure_fl_client_step(model_dir: Path, *, quantize: str = "4bit", batch_size: int = 8, max_length: int = 128,
-                           steps: int = 3, local_steps: int = 8, data: str = DEFAULT_DATA, labels: str = DEFAULT_LABELS,
-                           lora: dict[str, str] | None = None, threads: int = 1,
+                           steps: int = 3, local_steps: int = 8, data: str = DEFAULT_DATA,
+                           labels: str | None = DEFAULT_LABELS, template: str | None = None,
+                           lora: dict[str, str] | None = None, threads: int = 1, repeats: int = 1,
                            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The same figures for a plain FL client (the full model, 4-bit QLoRA), measured the same way."""
+    """The same figures for a client holding a whole model dir with LoRA, measured the same
+    way: plain FL (the full model, 4-bit QLoRA), or an offsite client (`model_dir` = the
+    emulator, `lora` restricted to its adapter blocks)."""
     spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
-                 local_steps=local_steps, data=data, labels=labels, lora=lora, threads=threads)
+                 local_steps=local_steps, data=data, labels=labels, template=template, lora=lora, threads=threads,
+                 repeats=repeats)
     return _finish(_run_worker("fl", spec), baseline or _run_worker("baseline", spec))
 
 
@@ -312,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--labels", default=DEFAULT_LABELS)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh-process runs per client; figures are medians (peak RSS varies between runs)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this file")
     args = parser.parse_args(argv)
     if args.worker:
@@ -324,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     model_dir = resolve_model_dir(args.model)
     common = {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps, "data": args.data,
-              "labels": args.labels}
+              "labels": args.labels, "repeats": args.repeats}
     baseline = measure_baseline()
     rows = {"fl": measure_fl_client_step(model_dir, baseline=baseline, **common),
             f"split k={args.cut}": measure_split_client_step(model_dir, args.cut, baseline=baseline, **common)}

@@ -6,10 +6,10 @@ LoRA on the adapter blocks), on a real task:
   runner). FL gives the full model zero-shot (round 0) and full-model federated LoRA;
   offsite gives emulator zero-shot, emulator + adapter (what clients see) and the
   adapter plugged into the full model;
-- per client step, each in a fresh process (`fedpeft.simulations.client_probe`): peak
-  RSS while training minus a process that only imports the same libraries, compute
-  seconds per step, and bytes on the wire per step (delta up + down per round divided
-  by local steps), all as ratios to plain FL.
+- per client step, each in a fresh process (`peft-bench-client`'s harness,
+  `fedpeft.simulations.split_benchmark`): peak RSS minus a process that only imports the
+  same libraries, compute seconds per step, and bytes on the wire per step (delta up +
+  down per round divided by local steps), all as ratios to plain FL.
 
     peft-bench-topology --data ../shared/data/sst2/train.tsv --eval-data ../shared/data/sst2/dev.tsv \\
         --template $'Review: {sentence}\\nSentiment:' --labels 0=negative,1=positive --out runs/bench-topology
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -46,39 +44,25 @@ class ProbeSettings:
     max_length: int = 64
     steps: int = 5
     threads: int = 1
+    repeats: int = 1
     method_options: dict[str, str] = field(default_factory=dict)
 
 
-def run_probe(spec: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
-    """Run `client_probe` in a fresh interpreter and parse its JSON line."""
-    from fedpeft.simulations.client_probe import RESULT_MARK
+def measure_client_step(model_dir: Path, settings: ProbeSettings, method_options: dict[str, str] | None = None,
+                        local_steps: int = 10, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One client holding `model_dir` (the full model for fl, the emulator for offsite):
+    peak memory over what the libraries alone take, seconds per step, bytes on the wire
+    per step. Measured by `peft-bench-client`'s harness (`split_benchmark`), so these
+    figures and that benchmark's split rows are comparable."""
+    from fedpeft.simulations.split_benchmark import measure_fl_client_step
 
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.simulations.client_probe", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    raise FedPeftError(f"client probe for {spec.get('topology')!r} failed (exit {proc.returncode}): "
-                       f"{(proc.stderr or proc.stdout)[-2000:]}")
-
-
-def measure_client_step(topology: str, model_dir: Path, settings: ProbeSettings,
-                        method_options: dict[str, str] | None = None, local_steps: int = 10) -> dict[str, Any]:
-    """One topology's client: peak memory over what the libraries alone take, seconds
-    per step, bytes on the wire per step. `model_dir` is what that client holds (the
-    full model for fl, the emulator for offsite). `local_steps` per round spreads a
-    round's delta traffic over its steps."""
-    spec = {"topology": topology, "model_dir": str(model_dir), "quantize": settings.quantize, "method": "lora",
-            "method_options": {**settings.method_options, **(method_options or {})}, "data": settings.data,
-            "template": settings.template, "labels": settings.labels, "batch_size": settings.batch_size,
-            "max_length": settings.max_length, "steps": settings.steps, "threads": settings.threads}
-    result = run_probe(spec)
-    base = run_probe({"topology": "baseline"})
-    result["baseline_peak_rss_kb"] = base["train_peak_rss_kb"]
-    result["client_peak_mb"] = (result["train_peak_rss_kb"] - base["train_peak_rss_kb"]) / 1024
-    result["client_load_peak_mb"] = (result["load_peak_rss_kb"] - base["load_peak_rss_kb"]) / 1024
-    result["bytes_per_step"] = 2 * result["delta_bytes"] / local_steps  # the delta goes down and comes back up
-    return result
+    result = measure_fl_client_step(model_dir, quantize=settings.quantize, batch_size=settings.batch_size,
+                                    max_length=settings.max_length, steps=settings.steps, local_steps=local_steps,
+                                    data=settings.data, labels=settings.labels, template=settings.template,
+                                    lora={**settings.method_options, **(method_options or {})}, threads=settings.threads,
+                                    repeats=settings.repeats, baseline=baseline)
+    return {**result, "client_peak_mb": result["peak_memory_bytes"] / 2**20, "model_bytes": result["tensor_bytes"],
+            "client_loaded_mb": result["loaded_memory_bytes"] / 2**20, "seconds_per_step": result["step_seconds"]}
 
 
 @dataclass(frozen=True)
@@ -116,14 +100,16 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
         prepare_emulator,
     )
     from fedpeft.simulations.runner import run_simulation
+    from fedpeft.simulations.split_benchmark import measure_baseline
 
     full_dir = resolve_model_dir(base.model)
+    baseline = measure_baseline(probe.threads)
     results: list[dict[str, Any]] = []
     row: dict[str, Any] = {"topology": "fl (4-bit QLoRA, whole model)"}
     if not skip_accuracy:
         fl = run_simulation(replace(base, topology="fl", out=str(out_dir / "fl")))
         row |= {"full_zero_shot_acc": _accuracy(fl.rows, 0), "federated_acc": _accuracy(fl.rows, -1)}
-    row |= measure_client_step("fl", full_dir, probe, local_steps=base.local_steps)
+    row |= measure_client_step(full_dir, probe, local_steps=base.local_steps, baseline=baseline)
     row["emulator_blocks"] = f"{full_layer_count(full_dir)}/{full_layer_count(full_dir)}"
     results.append(row)
     _write(results, out_dir)
@@ -143,7 +129,7 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
             emulator_dir, _ = prepare_emulator(full_dir, run_dir, settings, base.seed)
         layer_map = plan_layers(full_dir, settings)
         options = adapter_method_options("lora", probe.method_options, layer_map)
-        row |= measure_client_step("offsite", emulator_dir, probe, options, local_steps=base.local_steps)
+        row |= measure_client_step(emulator_dir, probe, options, local_steps=base.local_steps, baseline=baseline)
         row["emulator_blocks"] = f"{layer_map.emulator_layers}/{layer_map.full_layers}"
         results.append(row)
         _write(results, out_dir)
@@ -151,8 +137,8 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
 
 
 COLUMNS = ("topology", "emulator_blocks", "full_zero_shot_acc", "federated_acc", "emulator_zero_shot_acc",
-           "emulator_adapter_acc", "plug_in_acc", "client_peak_mb", "memory_x_less", "client_load_peak_mb",
-           "model_mb", "seconds_per_step", "time_ratio", "bytes_per_step", "bytes_ratio", "trainable_parameters")
+           "emulator_adapter_acc", "plug_in_acc", "client_peak_mb", "memory_x_less", "client_loaded_mb",
+           "model_mb", "seconds_per_step", "time_ratio", "bytes_per_step", "bytes_ratio", "delta_bytes")
 
 
 def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -242,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-limit", type=int, default=0, help="held-out rows scored (0 = all)")
     p.add_argument("--probe-steps", type=int, default=5, help="measured client steps per topology (after 1 warm-up)")
     p.add_argument("--probe-threads", type=int, default=1, help="torch threads in the probe (a simulated client uses 1)")
+    p.add_argument("--probe-repeats", type=int, default=1, help="fresh-process runs per probe (figures are medians)")
     p.add_argument("--skip-accuracy", action="store_true", help="only the client-step measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-topology")
@@ -258,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 train_limit=args.train_limit, eval_limit=args.eval_limit, quantize="4bit", seed=args.seed)
         base.validate()
         probe = ProbeSettings(data=args.data, template=args.template, labels=args.labels, batch_size=args.batch_size,
-                              max_length=args.max_length, steps=args.probe_steps, threads=args.probe_threads)
+                              max_length=args.max_length, steps=args.probe_steps, threads=args.probe_threads,
+                              repeats=args.probe_repeats)
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = run_benchmark(base, variants, probe, out_dir, skip_accuracy=args.skip_accuracy)

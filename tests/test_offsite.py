@@ -88,6 +88,17 @@ def test_emulator_is_an_ordinary_model_dir_with_the_adapter_blocks_copied(full_d
     assert torch.equal(emulator.get_input_embeddings().weight, full.get_input_embeddings().weight)
 
 
+def test_an_emulator_stored_in_bfloat16_holds_the_rounded_blocks_and_bad_dtypes_are_refused(full_dir, tmp_path):
+    layer_map = build_emulator(full_dir, tmp_path / "emu16", bottom=1, top=2, keep_every=2, dtype="bfloat16")
+    assert {t.dtype for t in load_file(tmp_path / "emu16" / "model.safetensors").values()} == {torch.bfloat16}
+    full, emulator = load_full_model(full_dir), load_full_model(tmp_path / "emu16")  # loads as float32
+    for emu_index, full_index in enumerate(layer_map.layers):
+        for a, b in zip(blocks_of(emulator)[emu_index].parameters(), blocks_of(full)[full_index].parameters(), strict=True):
+            assert torch.equal(a, b.to(torch.bfloat16).float())
+    with pytest.raises(ConfigError, match="emulator dtype 'float16'"):
+        build_emulator(full_dir, tmp_path / "emu-bad", dtype="float16")
+
+
 def test_emulators_with_the_same_block_count_but_other_blocks_have_other_fingerprints(full_dir, emulator_dir, tmp_path):
     from fedpeft.common.models import model_fingerprint
 
@@ -311,7 +322,6 @@ def test_topology_benchmark_table_reports_ratios_to_plain_fl():
 
 @pytest.mark.slow
 def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulator_dir, tmp_path):
-    from fedpeft.common.errors import FedPeftError
     from fedpeft.common.quantization import bitsandbytes_available
     from fedpeft.simulations.topology_benchmark import ProbeSettings, measure_client_step
 
@@ -320,14 +330,12 @@ def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulat
     data = tmp_path / "train.tsv"
     data.write_text("sentence\tlabel\n" + "".join(f"ticket {i} about billing\t{i % 2}\n" for i in range(16)))
     probe = ProbeSettings(data=str(data), template="Support ticket: {sentence}", labels="0=negative,1=positive",
-                          batch_size=4, max_length=32, steps=2)
+                          batch_size=4, max_length=32, steps=2, repeats=2)
 
-    result = measure_client_step("offsite", emulator_dir, probe, {"layers_to_transform": "0,4,5"}, local_steps=4)
+    result = measure_client_step(emulator_dir, probe, {"layers_to_transform": "0,4,5"}, local_steps=4)
 
-    assert result["peak_reset"] and result["client_peak_mb"] > 0 and result["seconds_per_step"] > 0
+    assert result["client_peak_mb"] > 0 and result["seconds_per_step"] > 0 and result["repeats"] == 2
     assert result["bytes_per_step"] == 2 * result["delta_bytes"] / 4 and result["model_bytes"] > 0
-    with pytest.raises(FedPeftError, match="no step probe for topology 'split'"):
-        measure_client_step("split", emulator_dir, probe)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from fedpeft.common.models import model_fingerprint, model_kind
 from fedpeft.common.offsite.layer_map import LayerMap
 
 log = logging.getLogger("fedpeft.offsite")
+EMULATOR_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 
 def load_full_model(model_dir: Path) -> nn.Module:
@@ -60,12 +61,16 @@ def keep_blocks(model: nn.Module, layers: Sequence[int]) -> nn.Module:
 def build_emulator(full_model_dir: Path, out_dir: Path, *, bottom: int = 2, top: int = 2, keep_every: int = 4,
                    distill_texts: Sequence[str] = (), distill_steps: int = 0, distill_lr: float = 1e-4,
                    distill_batch_size: int = 4, max_length: int = 128, seed: int = 0,
-                   overwrite: bool = False) -> LayerMap:
+                   dtype: str = "float32", overwrite: bool = False) -> LayerMap:
     """Write the emulator model dir for `full_model_dir` to `out_dir`; returns its layer map.
 
     Adapter = the bottom `bottom` and top `top` blocks, copied unchanged; emulator = every
     `keep_every`-th middle block. With `distill_steps > 0` the kept middle blocks are
     tuned to reproduce the full model's middle output on `distill_texts` (server-owned).
+    The weights are stored as `dtype` (EMULATOR_DTYPES). float32 costs clients the least
+    memory: the embedding is used straight from the memory-mapped file, while bfloat16
+    (half the download) makes every client convert it to a float32 copy at load. Clients
+    quantize the blocks to 4 bits at load either way.
     """
     from transformers import AutoTokenizer
 
@@ -74,6 +79,8 @@ def build_emulator(full_model_dir: Path, out_dir: Path, *, bottom: int = 2, top:
         if not overwrite:
             raise ConfigError(f"emulator output dir {out_dir} is not empty (pass overwrite to replace it)")
         shutil.rmtree(out_dir)
+    if dtype not in EMULATOR_DTYPES:
+        raise ConfigError(f"emulator dtype {dtype!r} is not one of {list(EMULATOR_DTYPES)}")
     if distill_steps < 0:
         raise ConfigError(f"distill_steps must be >= 0, got {distill_steps}")
     if distill_steps and not distill_texts:
@@ -91,9 +98,9 @@ def build_emulator(full_model_dir: Path, out_dir: Path, *, bottom: int = 2, top:
                  losses[0], losses[-1])
         layer_map = dataclasses.replace(layer_map, distill_steps=distill_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
-    emulator.save_pretrained(out_dir)
+    emulator.to(getattr(torch, dtype)).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(full_model_dir, local_files_only=True).save_pretrained(out_dir)
     layer_map.save(out_dir)
-    log.info("offsite: emulator with %d of %d blocks (adapter %s, keep_every=%d) written to %s",
-             layer_map.emulator_layers, layer_map.full_layers, list(layer_map.adapter), keep_every, out_dir)
+    log.info("offsite: emulator with %d of %d blocks (adapter %s, keep_every=%d, %s) written to %s",
+             layer_map.emulator_layers, layer_map.full_layers, list(layer_map.adapter), keep_every, dtype, out_dir)
     return layer_map

@@ -18,6 +18,7 @@ from fedpeft.common.data import Record, TaskSpec, read_records
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.files import write_json_atomic
 from fedpeft.common.models import model_fingerprint
+from fedpeft.common.offsite.emulator import EMULATOR_DTYPES
 from fedpeft.common.offsite.layer_map import LAYER_MAP_FILE, LayerMap, read_layer_map
 
 log = logging.getLogger("fedpeft.offsite")
@@ -42,6 +43,9 @@ class OffsiteSettings:
     distill_data: str | None = None
     """Server-owned text for distillation (any data file; its text fields are used)."""
     distill_lr: float = 1e-4
+    dtype: str = "float32"
+    """How the emulator's weights are stored (float32 | bfloat16: half the download, more
+    client memory; see `build_emulator`)."""
     emulator: str | None = None
     """A prebuilt emulator dir (`peft-server offsite-build`) instead of building one."""
 
@@ -50,6 +54,8 @@ class OffsiteSettings:
         found = []
         if self.bottom < 0 or self.top < 0 or self.bottom + self.top < 1:
             found.append(f"{name('bottom')} and {name('top')} must be >= 0 with at least one adapter block")
+        if self.dtype not in EMULATOR_DTYPES:
+            found.append(f"{name('dtype')} must be one of {list(EMULATOR_DTYPES)} (got {self.dtype!r})")
         if self.keep_every < 1:
             found.append(f"{name('keep_every')} must be >= 1 (got {self.keep_every})")
         if self.distill_steps < 0:
@@ -126,7 +132,8 @@ def prepare_emulator(full_model_dir: Path, run_dir: Path, settings: OffsiteSetti
     texts = distill_texts(settings.distill_data) if settings.distill_steps and settings.distill_data else ()
     built = build_emulator(full_model_dir, target, bottom=settings.bottom, top=settings.top,
                            keep_every=settings.keep_every, distill_texts=texts, distill_steps=settings.distill_steps,
-                           distill_lr=settings.distill_lr, max_length=max_length, seed=seed, overwrite=True)
+                           distill_lr=settings.distill_lr, max_length=max_length, seed=seed, dtype=settings.dtype,
+                           overwrite=True)
     return target, built
 
 
@@ -145,7 +152,7 @@ def build_for_clients(model: str | None, out_dir: Path, settings: OffsiteSetting
     texts = distill_texts(settings.distill_data) if settings.distill_steps and settings.distill_data else ()
     return build_emulator(full_dir, Path(out_dir), bottom=settings.bottom, top=settings.top, keep_every=settings.keep_every,
                           distill_texts=texts, distill_steps=settings.distill_steps, distill_lr=settings.distill_lr,
-                          overwrite=overwrite)
+                          dtype=settings.dtype, overwrite=overwrite)
 
 
 def evaluate_plug_in(full_model_dir: Path, adapter_dir: Path, layer_map: LayerMap, quantize: str, task: TaskSpec,

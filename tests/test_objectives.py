@@ -1,0 +1,89 @@
+"""The causal-LM objective computes the LM head only at target positions; for every
+method that must give the model's own loss and the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.data import IGNORE_INDEX, TaskSpec
+from fedpeft.common.methods import available_methods, make_config
+from fedpeft.common.models import load_tokenizer
+from fedpeft.common.objectives import CausalLMObjective, _backbone_and_head
+from fedpeft.common.quantization import bitsandbytes_available
+
+# Options that make a method's default config fit a 2-block tiny Llama.
+OPTIONS: dict[str, dict[str, str]] = {"adalora": {"total_step": "10"}}
+FULL_LOSS_PATH = {"adalora", "prefix", "prompt", "ptuning", "ptuning_v2", "mam", "unipelt"}  # see _backbone_and_head
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    """Two right-padded rows whose targets are a few tokens at different positions."""
+    ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 9:12] = ids[0, 9:12]
+    labels[1, 6:8] = ids[1, 6:8]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _objective(model_dir) -> CausalLMObjective:
+    task = TaskSpec(kind="instruction")
+    return CausalLMObjective(task, load_tokenizer(model_dir), 64)
+
+
+def _loss_and_grads(adapted: AdaptedModel, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    adapted.model.train()
+    torch.manual_seed(0)
+    for p in adapted.trainable_parameters():
+        p.grad = None
+    loss = loss_fn()
+    loss.backward()
+    named = dict(adapted.model.named_parameters())
+    return loss.detach(), {n: p.grad.clone() for n, p in named.items() if p.requires_grad and p.grad is not None}
+
+
+# bitfit has nothing to train on a bias-free Llama; adapter_fusion needs trained stage-1
+# adapters (its fusion layer is an injected module, like the bottleneck adapters tested here).
+NOT_ON_TINY_LLAMA = {"bitfit", "adapter_fusion"}
+
+
+@pytest.mark.parametrize("method", [m for m in available_methods() if m not in NOT_ON_TINY_LLAMA])
+def test_target_only_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir, method):
+    adapted = AdaptedModel.load(tiny_model_dir, "none", method, make_config(method, OPTIONS.get(method, {})))
+    for module in adapted.model.modules():  # dropout would make the two passes differ
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for p in adapted.trainable_parameters():  # LoRA's zero B would hide A's gradient
+        with torch.no_grad():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = _batch(adapted.model.config.vocab_size)
+    objective = _objective(tiny_model_dir)
+
+    fast, fast_grads = _loss_and_grads(adapted, lambda: objective.loss(adapted.model, batch))
+    full, full_grads = _loss_and_grads(adapted, lambda: adapted.model(**batch).loss)
+
+    assert (_backbone_and_head(adapted.model) is None) == (method in FULL_LOSS_PATH)
+    torch.testing.assert_close(fast, full)
+    assert fast_grads.keys() == full_grads.keys() and fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], msg=name)
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="no bitsandbytes")
+def test_target_only_loss_on_a_4bit_backbone(tiny_model_dir):
+    adapted = AdaptedModel.load(tiny_model_dir, "4bit", "lora", make_config("lora", {"r": "4", "dropout": "0"}))
+    batch = _batch(adapted.model.config.vocab_size)
+    objective = _objective(tiny_model_dir)
+    fast, _ = _loss_and_grads(adapted, lambda: objective.loss(adapted.model, batch))
+    full, _ = _loss_and_grads(adapted, lambda: adapted.model(**batch).loss)
+    torch.testing.assert_close(fast, full)
+
+
+def test_a_batch_without_targets_falls_back_to_the_models_loss(tiny_model_dir):
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "lora", make_config("lora", {}))
+    batch = _batch(adapted.model.config.vocab_size)
+    batch["labels"][:] = IGNORE_INDEX
+    assert torch.isnan(_objective(tiny_model_dir).loss(adapted.model, batch))  # what HF returns: 0 / 0
