@@ -70,7 +70,8 @@ def split_train_round(model_dir: str, quantize: str, split_server: str | None, s
     config = TrainConfig(**plan.train)
     with split_channel(split_server, Path(split_ca) if split_ca else None) as channel:
         session = SplitSession(channel, part, client_id, plan.model_fingerprint,
-                               dtype=wire_dtype(str(plan.split.get("wire_dtype", "bfloat16"))), round=server_round)
+                               dtype=wire_dtype(str(plan.split.get("wire_dtype", "bfloat16"))), round=server_round,
+                               token=plan.split.get("token"))
         try:
             stats = train_split_local(part, session, task, tokenizer, rows, config, label=label,
                                       seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition))

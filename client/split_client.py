@@ -47,22 +47,24 @@ class SplitSession:
     """One open session: a bidirectional stream on which each request gets one reply, in order."""
 
     def __init__(self, channel: grpc.Channel, part: ClientPart, client_id: str, model_fingerprint: str,
-                 dtype: torch.dtype = torch.bfloat16, round: int = 0, timeout: float = 600.0) -> None:
+                 dtype: torch.dtype = torch.bfloat16, round: int = 0, timeout: float = 600.0,
+                 token: str | None = None) -> None:
         self.part, self.dtype = part, dtype
         self.bytes_up = self.bytes_down = 0
         self.wait_seconds = 0.0
         """Time spent waiting for the server (the rest of a step is the client's own compute)."""
         stub: Any = wire.split_stub(channel)
         request = wire.open_request(client_id, model_fingerprint, part.split.cut, part.split.u_shaped, dtype, round)
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
         try:
-            reply = stub.Open(request, timeout=timeout)
+            reply = stub.Open(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise SplitError(f"split server refused the session: {exc.code().name}: {exc.details()}") from exc
         if reply.hidden_size != part.hidden_size:
             raise SplitError(f"split server's hidden size is {reply.hidden_size}; this client part's is {part.hidden_size}")
         self.session_id, self.max_tensor_bytes = reply.session_id, int(reply.max_tensor_bytes)
         self._requests: queue.Queue = queue.Queue()
-        self._responses: Iterator = stub.Train(iter(self._requests.get, _END), timeout=timeout)
+        self._responses: Iterator = stub.Train(iter(self._requests.get, _END), timeout=timeout, metadata=metadata)
 
     def exchange(self, msg: Any) -> Any:
         """Send one leg of a step; wait for its answer."""

@@ -60,6 +60,10 @@ class SplitError(FedPeftError, ValueError):
     exit_code = 7
 
 
+class SplitAuthError(SplitError):
+    """A split-server call without this run's access token."""
+
+
 class SplitSessionError(SplitError):
     """A split training message names a session the server does not know (or that closed)."""
 

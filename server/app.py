@@ -110,6 +110,12 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                           split=setup.split.plan_entry() if setup.split else {})
     done = _resume_point(setup) if setup.resume else None
     recorder = RunRecorder(out_dir, resume_from=done)
+    split_traffic = [0, 0]  # the split server's (bytes in, bytes out) when the previous round was recorded
+    if setup.split is not None:
+        from fedpeft.server.split_run import load_server_state, save_server_state, server_state_path
+
+        if done is not None:
+            load_server_state(setup.split, server_state_path(recorder.checkpoint_path(done).parent, done))
     strategy: Any
     if setup.dp is not None:
         strategy = build_dp_strategy(spec=adapted.spec, max_delta_bytes=setup.max_delta_bytes,
@@ -152,6 +158,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         delta = delta_from_arrayrecord(arrays)
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         recorder.save_checkpoint(server_round, delta)
+        if setup.split is not None:  # the shared server part is the other half of the model
+            save_server_state(setup.split, server_state_path(recorder.checkpoint_path(server_round).parent, server_round),
+                              server_round)
         t0 = time.perf_counter()
         result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
         traffic = strategy.traffic.get(server_round)
@@ -172,6 +181,12 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         }
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
+        if setup.split is not None:  # activations up and gradients down during the round, counted by the split server
+            now = [setup.split.server.bytes_in, setup.split.server.bytes_out]
+            row["split_bytes_up"], row["split_bytes_down"] = now[0] - split_traffic[0], now[1] - split_traffic[1]
+            row["bytes_up"] += row["split_bytes_up"]
+            row["bytes_down"] += row["split_bytes_down"]
+            split_traffic[:] = now
         refactor_errors = getattr(strategy, "refactor_errors", {})
         if server_round in refactor_errors:
             row["svd_max_relative_error"] = refactor_errors[server_round]

@@ -9,6 +9,7 @@ the client part for the global delta and evaluates it joined with the live serve
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import grpc
 from torch import nn
 
 from fedpeft.common.adapted_model import AdaptedModel
+from fedpeft.common.errors import FederationError
+from fedpeft.common.files import atomic_write_bytes
 from fedpeft.common.methods import MethodConfig, get_method
 from fedpeft.common.models import load_tokenizer, model_fingerprint
 from fedpeft.common.pki import TlsFiles
@@ -43,8 +46,11 @@ class SplitRun:
         return self.server.part.split
 
     def plan_entry(self) -> dict[str, object]:
-        """What the federation plan tells clients about the split."""
-        return {"cut": self.split.cut, "u_shaped": self.split.u_shaped, "wire_dtype": self.wire_dtype}
+        """What the federation plan tells clients about the split (with the run's access token)."""
+        entry: dict[str, object] = {"cut": self.split.cut, "u_shaped": self.split.u_shaped, "wire_dtype": self.wire_dtype}
+        if self.server.access_token:
+            entry["token"] = self.server.access_token
+        return entry
 
     def stop(self) -> None:
         self.grpc_server.stop(grace=5)
@@ -55,7 +61,8 @@ def start_split_run(model_dir: Path, split: SplitConfig, method_config: MethodCo
                     wire_dtype: str = "bfloat16", public_host: str | None = None) -> SplitRun:
     """Load the server part and serve it; `public_host` is the name clients dial (default: the bind host)."""
     part = load_server_part(Path(model_dir), split, method_config, quantize=quantize, seed=seed)
-    server = SplitServer(part=part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=learning_rate)
+    server = SplitServer(part=part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=learning_rate,
+                         access_token=secrets.token_urlsafe(32))
     grpc_server, port = serve_split(server, address, tls)
     host = public_host or address.rsplit(":", 1)[0]
     return SplitRun(server=server, grpc_server=grpc_server, target=f"{host}:{port}",
@@ -80,6 +87,38 @@ def joined_eval_model(run: SplitRun, adapted: AdaptedModel) -> nn.Module:
     client = ClientPart(model=adapted.model, blocks=range(run.split.cut), split=run.split,
                         delta_names=adapted.delta_names, spec=adapted.spec)
     return JoinedSplitModel(client, run.server.part)
+
+
+def server_state_path(checkpoint_dir: Path, server_round: int) -> Path:
+    """Where the split server's state after `server_round` is checkpointed (beside the global deltas)."""
+    return Path(checkpoint_dir) / f"split-server-round-{server_round:04d}.safetensors"
+
+
+def save_server_state(run: SplitRun, path: Path, server_round: int) -> Path:
+    """Checkpoint the shared server part (its LoRA, AdamW state and step count) after a
+    round, atomically: `--resume` restarts it from here rather than from scratch."""
+    from safetensors.torch import save
+
+    tensors, metadata = run.server.state_tensors()
+    atomic_write_bytes(Path(path), save(tensors, metadata={**metadata, "round": str(server_round)}))
+    return Path(path)
+
+
+def load_server_state(run: SplitRun, path: Path) -> None:
+    """Restore the server part from `save_server_state`'s file (resuming a split run)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise FederationError(f"cannot resume the split server: {path} is missing (the run's checkpoint of its "
+                              "server part for the last completed round)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118  (safe_open is no Mapping)
+    except (SafetensorError, OSError) as exc:
+        raise FederationError(f"cannot resume the split server: {path} is unreadable ({exc})") from exc
+    run.server.load_state_tensors(tensors, metadata, source=str(path))
+    log.info("split server resumed from %s (%d server steps so far)", path, run.server.steps)
 
 
 def export_server_part(run: SplitRun, out_dir: Path) -> Path:

@@ -12,6 +12,8 @@ leg, consumed on the backward leg) must not see parameters change in between.
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import secrets
 import threading
@@ -22,7 +24,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from fedpeft.common.errors import ConfigError, SplitError, SplitSessionError, SplitTooLargeError
+from fedpeft.common.errors import ConfigError, SplitAuthError, SplitError, SplitSessionError, SplitTooLargeError
 from fedpeft.common.pki import TlsFiles
 from fedpeft.common.split_model import ServerPart
 from fedpeft.common.wire import split as wire
@@ -54,8 +56,16 @@ class SplitServer:
     lock_timeout: float = 120.0
     max_sessions: int = 256
     """Open sessions at most (a session ends with its stream); more Opens are refused."""
+    access_token: str | None = None
+    """When set, every call must carry `authorization: Bearer <token>`. The run hands it to
+    its clients inside the federation plan, over Flower's authenticated channel, so only
+    members of this run can open sessions (TLS alone admits anyone who trusts the CA)."""
     sessions: dict[str, Session] = field(default_factory=dict)
     steps: int = 0
+    bytes_in: int = 0
+    """Serialized activation messages received (forward activations, U-shaped output gradients)."""
+    bytes_out: int = 0
+    """Serialized replies sent (activation gradients, U-shaped server outputs)."""
 
     def __post_init__(self) -> None:
         self.optimizer = torch.optim.AdamW(self.part.trainable_parameters(), lr=self.learning_rate, weight_decay=0.0)
@@ -102,6 +112,48 @@ class SplitServer:
         if session is not None and session.pending is not None:
             session.pending = None
             self._release(session_id)
+
+    def check_access(self, metadata: object) -> None:
+        """Refuse a call without this run's token (no-op when the server has none)."""
+        if self.access_token is None:
+            return
+        offered = next((value for key, value in (metadata or ()) if key == "authorization"), "")  # type: ignore[attr-defined]
+        expected = f"Bearer {self.access_token}"
+        if not hmac.compare_digest(str(offered).encode(), expected.encode()):
+            raise SplitAuthError("missing or wrong split access token: only clients of this run (which get it in the "
+                                 "federation plan) may train against this split server")
+
+    def count_traffic(self, received: int, sent: int) -> None:
+        with self._sessions_lock:
+            self.bytes_in += received
+            self.bytes_out += sent
+
+    # -- state (checkpoints) ----------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The server part's LoRA and its AdamW state as flat tensors plus string metadata
+        (what a checkpoint needs to resume the shared server part exactly)."""
+        tensors = {f"delta.{name}": t for name, t in self.part.get_delta().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, state in optimizer["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+        return tensors, {"param_groups": json.dumps(optimizer["param_groups"]), "steps": str(self.steps)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> None:
+        """Restore what `state_tensors` saved; a checkpoint of another server part is refused."""
+        delta = {name.removeprefix("delta."): t for name, t in tensors.items() if name.startswith("delta.")}
+        self.part.set_delta(delta, source=source)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        try:
+            groups = json.loads(metadata["param_groups"])
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+            self.steps = int(metadata.get("steps", 0))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SplitError(f"{source}: the server part's optimizer state does not fit this server ({exc})") from exc
 
     # -- steps ------------------------------------------------------------------------------------
     def _acquire(self, session_id: str) -> None:
@@ -173,7 +225,8 @@ class SplitServer:
             self._release(session_id)
 
 
-_STATUS = {SplitSessionError: grpc.StatusCode.NOT_FOUND, SplitTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED}
+_STATUS = {SplitSessionError: grpc.StatusCode.NOT_FOUND, SplitTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           SplitAuthError: grpc.StatusCode.UNAUTHENTICATED}
 
 
 def status_for(exc: SplitError) -> grpc.StatusCode:
@@ -188,6 +241,7 @@ class SplitTrainerService(wire.split_servicer_base()):  # type: ignore[misc]
 
     def Open(self, request, context):  # noqa: N802  (gRPC method name)
         try:
+            self.server.check_access(context.invocation_metadata())
             session_id = self.server.open(*wire.open_request_fields(request))
         except SplitError as exc:
             context.abort(status_for(exc), str(exc))
@@ -196,6 +250,10 @@ class SplitTrainerService(wire.split_servicer_base()):  # type: ignore[misc]
     def Train(self, request_iterator, context):  # noqa: N802
         seen: set[str] = set()
         try:
+            try:
+                self.server.check_access(context.invocation_metadata())
+            except SplitError as exc:
+                context.abort(status_for(exc), str(exc))
             for msg in request_iterator:
                 seen.add(msg.session_id)
                 try:
@@ -203,6 +261,7 @@ class SplitTrainerService(wire.split_servicer_base()):  # type: ignore[misc]
                 except SplitError as exc:
                     log.warning("split step refused: %s", exc)
                     context.abort(status_for(exc), str(exc))
+                self.server.count_traffic(msg.ByteSize(), reply.ByteSize())
                 yield reply
         finally:  # the stream ended (or broke): its sessions are over
             for session_id in seen:

@@ -207,8 +207,6 @@ class SimulationConfig:
             found.append(f"--topology split supports --lora-aggregation naive or ffa, not {self.lora_aggregation!r}")
         if self.dp_clipping_norm:
             found.append("--topology split with --dp-clip is not supported (the server part sees raw activations)")
-        if self.resume:
-            found.append("--resume is not supported with --topology split (the server part is not checkpointed)")
         return found
 
     def dp_section(self):  # -> DpSection | None

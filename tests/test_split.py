@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from fedpeft.client.split_client import SplitSession, split_channel
-from fedpeft.common.errors import ConfigError, SplitError
+from fedpeft.common.errors import ConfigError, DeltaError, SplitError
 from fedpeft.common.methods import get_method, make_config
 from fedpeft.common.models import load_base_model, model_fingerprint
 from fedpeft.common.pki import make_dev_certificates
@@ -242,6 +243,34 @@ def test_a_good_message_after_refusals_still_trains(live_server, model_dir):
     assert list(replies[0].hidden_grad.shape) == [2, 7, 64] and server.steps == steps_before + 1
 
 
+def test_a_split_server_with_an_access_token_refuses_clients_without_it(model_dir, tls):
+    # Prepare: a server that requires this run's token, and a client part
+    split = SplitConfig(cut=CUT)
+    server_part = load_server_part(model_dir, split, LORA, quantize="none")
+    server = SplitServer(part=server_part, model_fingerprint=model_fingerprint(model_dir), access_token="run-secret")
+    grpc_server, port = serve_split(server, "127.0.0.1:0", tls)
+    client = load_client_part(model_dir, split, LORA, quantize="none")
+    try:
+        with split_channel(f"127.0.0.1:{port}", tls.ca_cert) as channel:
+            # Execute + assert: no token and a wrong token are refused before a session exists
+            for token in (None, "guess"):
+                with pytest.raises(SplitError, match="UNAUTHENTICATED: missing or wrong split access token"):
+                    SplitSession(channel, client, "c", model_fingerprint(model_dir), dtype=torch.float32, token=token)
+            stub = wire.split_stub(channel)  # a stream with a session id but no token gets nowhere either
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Train(iter([_good("any-session")])))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert not server.sessions and server.steps == 0
+            # the run's own client trains
+            session = SplitSession(channel, client, "c", model_fingerprint(model_dir), dtype=torch.float32,
+                                   token="run-secret")
+            assert session.step(1, _batch(client.base.config.vocab_size)) > 0
+            session.close()
+            assert server.steps == 1
+    finally:
+        grpc_server.stop(None)
+
+
 def test_wire_round_trip_keeps_values_and_dtypes():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8):
         tensor = (torch.randn(3, 5) * 10).to(dtype)
@@ -281,6 +310,53 @@ def test_splitfed_simulation_trains_client_parts_with_fedavg_against_one_server(
     assert not any(f".layers.{i}." in k for k in start for i in range(CUT, 4))
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert (result.final_dir / "server-part" / "adapter_model.safetensors").is_file()
+    # the activation traffic is part of the round's bytes (bf16 hidden states up, their gradients down)
+    assert all(r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0 for r in rows[1:])
+    assert all(r["bytes_up"] > r["split_bytes_up"] for r in rows[1:])  # + the client part's delta
+
+    # A crash before round 2 was recorded: --resume redoes round 2 on the checkpointed server part
+    _forget_round(result.out_dir, 2)
+    resumed = run_simulation(SimulationConfig(resume=str(result.out_dir)))
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2]
+    steps = {r: _server_steps(result.out_dir, r) for r in (0, 1, 2)}
+    assert steps == {0: 0, 1: 12, 2: 24}  # 2 clients x 6 steps a round, counted on from round 1's checkpoint
+
+
+def _forget_round(run_dir, server_round: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["round"] < server_round]
+    metrics.write_text("".join(line + "\n" for line in kept))
+    for path in (run_dir / "checkpoints").glob(f"*-round-{server_round:04d}.safetensors"):
+        path.unlink()
+
+
+def _server_steps(run_dir, server_round: int) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "checkpoints" / f"split-server-round-{server_round:04d}.safetensors"), "pt") as fh:
+        return int(fh.metadata()["steps"])
+
+
+def test_split_server_state_round_trips_and_a_foreign_state_is_refused(model_dir):
+    def server(r: int) -> SplitServer:
+        part = load_server_part(model_dir, SplitConfig(cut=CUT), make_config("lora", {"r": str(r)}), quantize="none")
+        return SplitServer(part=part, model_fingerprint="fp", learning_rate=1e-2)
+
+    trained = server(4)
+    for p in trained.part.trainable_parameters():  # one optimizer step so AdamW has state
+        p.grad = torch.randn_like(p)
+    trained._update()
+    tensors, metadata = trained.state_tensors()
+
+    fresh = server(4)
+    fresh.load_state_tensors(tensors, metadata, source="ckpt")
+    assert fresh.steps == 1
+    for name, value in trained.part.get_delta().items():
+        assert torch.equal(fresh.part.get_delta()[name], value)
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in
+               zip(trained.optimizer.state.values(), fresh.optimizer.state.values(), strict=True))
+    with pytest.raises(DeltaError):
+        server(8).load_state_tensors(tensors, metadata, source="ckpt")  # another rank: shapes differ
 
 
 def test_split_topology_settings_are_checked_together():
@@ -351,10 +427,13 @@ def test_deployment_serverapp_starts_the_configured_split_server(model_dir, tmp_
     config.validate()
     run = start_configured_split(config, server_setup(config, tmp_path / "run", resume=False))
     try:
-        assert run.plan_entry() == {"cut": CUT, "u_shaped": False, "wire_dtype": "float16"}
+        entry = run.plan_entry()  # the run's split access token travels to clients in the plan
+        assert entry == {"cut": CUT, "u_shaped": False, "wire_dtype": "float16", "token": run.server.access_token}
+        assert len(str(run.server.access_token)) >= 40
         client = load_client_part(model_dir, SplitConfig(cut=CUT), make_config("lora", {"r": "4"}), quantize="none")
         with split_channel(run.target, None) as channel:
-            session = SplitSession(channel, client, "c", model_fingerprint(model_dir), dtype=torch.float16)
+            session = SplitSession(channel, client, "c", model_fingerprint(model_dir), dtype=torch.float16,
+                                   token=str(entry["token"]))
             loss = session.step(1, _batch(client.base.config.vocab_size))
             session.close()
         assert loss > 0 and run.server.steps == 1
