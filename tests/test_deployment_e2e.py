@@ -157,3 +157,40 @@ def test_a_client_killed_mid_run_is_tolerated_down_to_min_clients_under_secagg(d
     rows = _rows(run_dir)
     assert rows[1]["clients_accepted"] == CLIENTS and rows[2]["clients_accepted"] == CLIENTS - 1
     assert rows[2]["eval_loss"] == rows[2]["eval_loss"]  # a real (finite) evaluation of the 2-client sum
+
+
+def test_a_split_run_across_processes_survives_a_coordinator_kill_and_resumes(deployment):
+    from safetensors import safe_open
+
+    from fedpeft.simulations.loopback import free_port
+
+    # Prepare: split topology (clients hold embeddings + block 0), the split server on its own TLS port
+    dep, split_port, local_steps = deployment, free_port(), 4
+    for k in range(2):
+        dep.make_client_keys(f"c{k}")
+    config = _config(dep, "split", federation={"topology": "split", "clients": 2},
+                     training={"local_steps": local_steps, "learning_rate": 0.005},
+                     split={"cut": 1, "port": split_port, "tls_dir": str(dep.root / "tls")})
+    run_dir = dep.root / "runs" / "split"
+    dep.start_server(config, run_dir)
+    for k in range(2):
+        dep.start_client(f"c{k}", f"builtin:{k}/2", extra=["--seed", str(SEED), "--split-server", f"127.0.0.1:{split_port}"])
+    # Execute: kill the coordinator (SuperLink, ServerApp and split server) once round 1 is recorded, then resume
+    dep.wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(_rows(run_dir)) >= 2, 400, "round 1")
+    dep.kill("server")
+    assert len(_rows(run_dir)) == 2  # round 2 is redone by the resumed coordinator
+    dep.start_server(config, run_dir, resume=True, name="server-resumed")
+    assert dep.wait("server-resumed", timeout=600) == 0, dep.log("server-resumed")[-4000:]
+
+    # Assert: every round trained both clients against the split server, whose state carried over the restart
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients_accepted"] == 2 and r["split_bytes_up"] > 0 and r["split_bytes_down"] > 0 for r in rows[1:])
+
+    def server_steps(rnd: int) -> int:
+        with safe_open(str(run_dir / "checkpoints" / f"split-server-round-{rnd:04d}.safetensors"), "pt") as fh:
+            return int(fh.metadata()["steps"])
+
+    assert [server_steps(r) for r in (1, 2)] == [2 * local_steps, 4 * local_steps]
+    assert "split server resumed from" in dep.log("server-resumed")
+    assert (run_dir / "final" / "server-part" / "adapter_model.safetensors").is_file()
