@@ -66,16 +66,21 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
     Not for prompt-learning PEFT methods (prompt/P-tuning prepend virtual tokens and
     prefix tuning passes a cache in `PeftModel.forward`), tuners whose forward changes
-    the loss (AdaLoRA adds its orthogonality penalty), nor families whose head does more
-    than a linear map (logit soft-capping or scaling).
+    the loss (AdaLoRA adds its orthogonality penalty), wrappers with forward hooks (which
+    calling the body would skip: e.g. AdapterDrop's random drop), heads other than a plain
+    `lm_head` linear map (BERT's transform + decoder), nor logit soft-capping or scaling.
     """
     from peft.tuners.tuners_utils import BaseTuner
 
+    wrappers = [model]
     inner = model
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # a peft.PeftModel
         if model.active_peft_config.is_prompt_learning or type(model.base_model).forward is not BaseTuner.forward:
             return None
         inner = model.get_base_model()
+        wrappers += [model.base_model, inner]
+    if any(w._forward_pre_hooks or w._forward_hooks for w in wrappers):
+        return None
     config = getattr(inner, "config", None)
     spec = ARCHITECTURES.get(getattr(config, "model_type", None) or "")
     if spec is None or not type(inner).__name__.endswith(("ForCausalLM", "LMHeadModel")):
@@ -83,7 +88,9 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     head = inner.get_output_embeddings()
-    return (inner.get_submodule(spec.backbone), head) if isinstance(head, nn.Linear) else None
+    if not isinstance(head, nn.Linear) or head is not getattr(inner, "lm_head", None):
+        return None
+    return inner.get_submodule(spec.backbone), head
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,13 @@ leg, consumed on the backward leg) must not see parameters change in between.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import secrets
 import threading
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +58,7 @@ class SplitServer:
     lock_timeout: float = 120.0
     max_sessions: int = 256
     """Open sessions at most (a session ends with its stream); more Opens are refused."""
-    access_token: str | None = None
+    access_token: str | None = field(default=None, repr=False)
     """When set, every call must carry `authorization: Bearer <token>`. The run hands it to
     its clients inside the federation plan, over Flower's authenticated channel, so only
     members of this run can open sessions (TLS alone admits anyone who trusts the CA)."""
@@ -129,31 +131,52 @@ class SplitServer:
             self.bytes_out += sent
 
     # -- state (checkpoints) ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, what: str) -> Iterator[None]:
+        """Hold the step lock (no client step runs while the state is read or replaced)."""
+        if not self._step_lock.acquire(timeout=self.lock_timeout):
+            raise SplitError(f"{what}: the server part stayed busy for {self.lock_timeout:.0f} s")
+        try:
+            yield
+        finally:
+            self._step_lock.release()
+
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The server part's LoRA and its AdamW state as flat tensors plus string metadata
-        (what a checkpoint needs to resume the shared server part exactly)."""
-        tensors = {f"delta.{name}": t for name, t in self.part.get_delta().items()}
-        optimizer = self.optimizer.state_dict()
-        for index, state in optimizer["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone()
-        return tensors, {"param_groups": json.dumps(optimizer["param_groups"]), "steps": str(self.steps)}
+        (what a checkpoint needs to resume the shared server part exactly), read between steps."""
+        with self._locked("checkpoint"):
+            tensors = {f"delta.{name}": t for name, t in self.part.get_delta().items()}
+            optimizer = self.optimizer.state_dict()
+            for index, state in optimizer["state"].items():
+                for key, value in state.items():
+                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone()
+            return tensors, {"param_groups": json.dumps(optimizer["param_groups"]), "steps": str(self.steps)}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> None:
-        """Restore what `state_tensors` saved; a checkpoint of another server part is refused."""
+        """Restore what `state_tensors` saved, all or nothing: a checkpoint of another server
+        part is refused before anything changes. The configured learning rate stays."""
         delta = {name.removeprefix("delta."): t for name, t in tensors.items() if name.startswith("delta.")}
-        self.part.set_delta(delta, source=source)
+        params = self.part.trainable_parameters()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("optim."):
-                _, index, key = name.split(".", 2)
-                state.setdefault(int(index), {})[key] = value
         try:
+            for name, value in tensors.items():
+                if name.startswith("optim."):
+                    _, index, key = name.split(".", 2)
+                    state.setdefault(int(index), {})[key] = value
             groups = json.loads(metadata["param_groups"])
-            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-            self.steps = int(metadata.get("steps", 0))
-        except (KeyError, ValueError, TypeError) as exc:
+            steps = int(metadata.get("steps", 0))
+            bad = [i for i, s in state.items() if not 0 <= i < len(params)
+                   or any(v.dim() and v.shape != params[i].shape for v in s.values())]
+            if bad or len(groups) != 1 or len(groups[0].get("params", ())) != len(params):
+                raise ValueError(f"{len(params)} parameters here; the checkpoint's state does not match them")
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise SplitError(f"{source}: the server part's optimizer state does not fit this server ({exc})") from exc
+        for group in groups:
+            group["lr"] = self.learning_rate
+        with self._locked("restore"):
+            self.part.set_delta(delta, source=source)  # checks names, shapes, finiteness before changing anything
+            self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+            self.steps = steps
 
     # -- steps ------------------------------------------------------------------------------------
     def _acquire(self, session_id: str) -> None:

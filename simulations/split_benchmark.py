@@ -198,8 +198,8 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter (`spec["repeats"]` times, default once;
-    each figure is then the median over the runs, as peak RSS moves by tens of MB
-    between identical runs); its result is the last stdout line (JSON)."""
+    each figure is then the median over the runs, taken figure by figure, as peak RSS moves
+    by tens of MB between identical runs); its result is the last stdout line (JSON)."""
     runs = [_run_worker_once(kind, spec) for _ in range(max(1, int(spec.get("repeats", 1))))]
     if len(runs) == 1:
         return runs[0]
@@ -301,9 +301,10 @@ def measure_offsite_client_step(model_dir: Path, layout: str, emulator_dir: Path
     return result
 
 
-def measure_baseline(threads: int = 1) -> dict[str, Any]:
-    """Peak RSS of a process that only imports the client's libraries (subtracted from the others)."""
-    return _run_worker("baseline", {"threads": threads})
+def measure_baseline(threads: int = 1, repeats: int = 1) -> dict[str, Any]:
+    """Peak RSS of a process that only imports the client's libraries (subtracted from the
+    others; the median of `repeats` fresh processes)."""
+    return _run_worker("baseline", {"threads": threads, "repeats": repeats})
 
 
 def ratio_table(rows: dict[str, dict[str, Any]], reference: str = "fl") -> str:
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = resolve_model_dir(args.model)
     common = {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps, "data": args.data,
               "labels": args.labels, "repeats": args.repeats}
-    baseline = measure_baseline()
+    baseline = measure_baseline(repeats=args.repeats)
     rows = {"fl": measure_fl_client_step(model_dir, baseline=baseline, **common),
             f"split k={args.cut}": measure_split_client_step(model_dir, args.cut, baseline=baseline, **common)}
     if args.u_shaped:

@@ -103,7 +103,7 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
     from fedpeft.simulations.split_benchmark import measure_baseline
 
     full_dir = resolve_model_dir(base.model)
-    baseline = measure_baseline(probe.threads)
+    baseline = measure_baseline(probe.threads, probe.repeats)
     results: list[dict[str, Any]] = []
     row: dict[str, Any] = {"topology": "fl (4-bit QLoRA, whole model)"}
     if not skip_accuracy:

@@ -87,3 +87,41 @@ def test_a_batch_without_targets_falls_back_to_the_models_loss(tiny_model_dir):
     batch = _batch(adapted.model.config.vocab_size)
     batch["labels"][:] = IGNORE_INDEX
     assert torch.isnan(_objective(tiny_model_dir).loss(adapted.model, batch))  # what HF returns: 0 / 0
+
+
+def test_adapter_drop_draws_the_same_blocks_on_the_target_only_path(tiny_model_dir):
+    # AdapterDrop draws which blocks to drop in a forward pre-hook on the transformer body,
+    # which both the target-only path and the model's own forward run
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "bottleneck", make_config("bottleneck", {"train_drop_max": "2"}))
+    assert _backbone_and_head(adapted.model) is not None
+    adapted.model.train()
+    batch = _batch(adapted.model.config.vocab_size)
+    objective = _objective(tiny_model_dir)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        fast = objective.loss(adapted.model, batch)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(fast, adapted.model(**batch).loss)
+
+
+def test_a_forward_hook_on_the_whole_model_keeps_the_models_own_forward(tiny_model_dir):
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "lora", make_config("lora", {}))
+    adapted.model.register_forward_pre_hook(lambda module, args: None)
+    assert _backbone_and_head(adapted.model) is None
+
+
+def test_gpt2_and_bert_heads(tmp_path):
+    from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
+
+    # GPT-2: a plain tied lm_head, so the target-only path applies and matches
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=384, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    batch = _batch(384)
+    assert _backbone_and_head(gpt2) is not None
+    task = TaskSpec(kind="instruction")
+    objective = CausalLMObjective(task, None, 64)
+    torch.testing.assert_close(objective.loss(gpt2, batch), gpt2(**batch).loss)
+    # BERT as a causal LM: its head transforms before the decoder, so the model's own loss is used
+    bert = BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, is_decoder=True)).eval()
+    assert _backbone_and_head(bert) is None
+    torch.testing.assert_close(objective.loss(bert, batch), bert(**batch).loss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -365,3 +366,13 @@ def test_deployed_offsite_run_clients_hold_only_the_emulator(full_dir, emulator_
     assert metrics["plug_in_loss"] != metrics["full_zero_shot_loss"]
     plugged = load_file(str(run_dir / "plugged" / "adapter_model.safetensors"))
     assert {n.split(".")[4] for n in plugged} == {"0", "6", "7"}
+
+
+def test_a_run_reusing_its_emulator_refuses_another_storage_dtype(full_dir, tmp_path):
+    from fedpeft.common.offsite.run import OffsiteSettings, prepare_emulator
+
+    settings = OffsiteSettings(bottom=1, top=2, keep_every=2)
+    built, _ = prepare_emulator(full_dir, tmp_path, settings)
+    assert prepare_emulator(full_dir, tmp_path, settings)[0] == built  # a resumed run finds it
+    with pytest.raises(ConfigError, match="stored as float32, asked for bfloat16"):
+        prepare_emulator(full_dir, tmp_path, dataclasses.replace(settings, dtype="bfloat16"))

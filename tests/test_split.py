@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from run_helpers import forget_round, split_server_steps
 
 from fedpeft.client.split_client import SplitSession, split_channel
 from fedpeft.common.errors import ConfigError, DeltaError, SplitError
@@ -315,26 +315,11 @@ def test_splitfed_simulation_trains_client_parts_with_fedavg_against_one_server(
     assert all(r["bytes_up"] > r["split_bytes_up"] for r in rows[1:])  # + the client part's delta
 
     # A crash before round 2 was recorded: --resume redoes round 2 on the checkpointed server part
-    _forget_round(result.out_dir, 2)
+    forget_round(result.out_dir, 2)
     resumed = run_simulation(SimulationConfig(resume=str(result.out_dir)))
     assert [r["round"] for r in resumed.rows] == [0, 1, 2]
-    steps = {r: _server_steps(result.out_dir, r) for r in (0, 1, 2)}
+    steps = {r: split_server_steps(result.out_dir, r) for r in (0, 1, 2)}
     assert steps == {0: 0, 1: 12, 2: 24}  # 2 clients x 6 steps a round, counted on from round 1's checkpoint
-
-
-def _forget_round(run_dir, server_round: int) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["round"] < server_round]
-    metrics.write_text("".join(line + "\n" for line in kept))
-    for path in (run_dir / "checkpoints").glob(f"*-round-{server_round:04d}.safetensors"):
-        path.unlink()
-
-
-def _server_steps(run_dir, server_round: int) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(run_dir / "checkpoints" / f"split-server-round-{server_round:04d}.safetensors"), "pt") as fh:
-        return int(fh.metadata()["steps"])
 
 
 def test_split_server_state_round_trips_and_a_foreign_state_is_refused(model_dir):
@@ -355,8 +340,13 @@ def test_split_server_state_round_trips_and_a_foreign_state_is_refused(model_dir
         assert torch.equal(fresh.part.get_delta()[name], value)
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in
                zip(trained.optimizer.state.values(), fresh.optimizer.state.values(), strict=True))
-    with pytest.raises(DeltaError):
-        server(8).load_state_tensors(tensors, metadata, source="ckpt")  # another rank: shapes differ
+    other = server(8)  # another rank: shapes differ, refused before anything changes
+    before = {k: v.clone() for k, v in other.part.get_delta().items()}
+    with pytest.raises(SplitError, match="does not fit this server"):
+        other.load_state_tensors(tensors, metadata, source="ckpt")
+    assert all(torch.equal(before[k], v) for k, v in other.part.get_delta().items()) and other.steps == 0
+    with pytest.raises(DeltaError):  # optimizer state that fits, but a delta with a missing tensor
+        fresh.load_state_tensors({k: v for k, v in tensors.items() if not k.startswith("delta.")}, metadata, "ckpt")
 
 
 def test_split_topology_settings_are_checked_together():

@@ -26,6 +26,7 @@ adapter usable when its lowest layers are later dropped at inference with
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -160,8 +161,10 @@ class BottleneckMethod(NativeMethod):
     def attach(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         assert isinstance(config, BottleneckMethodConfig)
         place_bottleneck_adapters(model, config)
-        # Always hooked, so set_inference_drop only ever applies in eval mode.
-        model.register_forward_pre_hook(_RandomAdapterDrop(config.train_drop_max))
+        # Always hooked, so set_inference_drop only ever applies in eval mode. On the transformer
+        # body, not the whole model: the causal-LM objective calls the body directly.
+        body = model.get_submodule(architecture_of(model).backbone)
+        body.register_forward_pre_hook(_RandomAdapterDrop(model, config.train_drop_max))
         return model
 
 
@@ -223,13 +226,18 @@ def set_inference_drop(model: nn.Module, count: int) -> None:
 
 
 class _RandomAdapterDrop:
-    """Forward pre-hook: in training mode drop the lowest U{0..max_drop} adapted blocks;
-    in eval mode apply the inference drop (none unless `set_inference_drop` was called)."""
+    """Forward pre-hook on the transformer body of `model`: in training mode drop the
+    lowest U{0..max_drop} adapted blocks; in eval mode apply the inference drop (none
+    unless `set_inference_drop` was called on `model`)."""
 
-    def __init__(self, max_drop: int) -> None:
+    def __init__(self, model: nn.Module, max_drop: int) -> None:
+        self.model = weakref.ref(model)  # the body is part of the model: no strong cycle
         self.max_drop = max_drop
 
-    def __call__(self, model: nn.Module, args: object) -> None:
+    def __call__(self, body: nn.Module, args: object) -> None:
+        model = self.model()
+        if model is None:
+            return
         if model.training:
             count = int(torch.randint(0, self.max_drop + 1, ()).item()) if self.max_drop else 0
         else:

@@ -128,6 +128,9 @@ def prepare_emulator(full_model_dir: Path, run_dir: Path, settings: OffsiteSetti
         if existing != dataclasses.replace(layer_map, distill_steps=settings.distill_steps):
             raise ConfigError(f"{target} holds an emulator with another layer plan ({list(existing.layers)}, "
                               f"asked for {list(layer_map.layers)})")
+        stored = json.loads((target / "config.json").read_text()).get("dtype")
+        if stored is not None and stored != settings.dtype:
+            raise ConfigError(f"{target} holds an emulator stored as {stored}, asked for {settings.dtype} (offsite.dtype)")
         return target, existing
     texts = distill_texts(settings.distill_data) if settings.distill_steps and settings.distill_data else ()
     built = build_emulator(full_model_dir, target, bottom=settings.bottom, top=settings.top,
