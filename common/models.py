@@ -217,7 +217,7 @@ def load_base_model(model_dir: Path, quantize: Quantize = "4bit", device: torch.
     if quantize == "4bit":
         skip = _head_modules(model_dir) if kind == "seq-cls" else None
         kwargs["quantization_config"] = four_bit_config(device, skip_modules=skip)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+        kwargs["device_map"] = {"": (device.index or 0) if device.type == "cuda" else "cpu"}
     if kind == "seq-cls":
         kwargs["num_labels"] = num_labels
     if num_hidden_layers is not None:

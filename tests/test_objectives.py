@@ -8,6 +8,7 @@ import torch
 
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import IGNORE_INDEX, TaskSpec
+from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import available_methods, make_config
 from fedpeft.common.models import load_tokenizer
 from fedpeft.common.objectives import CausalLMObjective, _backbone_and_head
@@ -27,6 +28,11 @@ def _batch(vocab: int) -> dict[str, torch.Tensor]:
     labels[0, 9:12] = ids[0, 9:12]
     labels[1, 6:8] = ids[1, 6:8]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _own_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own causal-LM loss (full logits), on the model's device."""
+    return model(**{k: v.to(model_device(model)) for k, v in batch.items()}).loss
 
 
 def _objective(model_dir) -> CausalLMObjective:
@@ -63,7 +69,7 @@ def test_target_only_loss_equals_the_models_own_loss_and_gradients(tiny_model_di
     objective = _objective(tiny_model_dir)
 
     fast, fast_grads = _loss_and_grads(adapted, lambda: objective.loss(adapted.model, batch))
-    full, full_grads = _loss_and_grads(adapted, lambda: adapted.model(**batch).loss)
+    full, full_grads = _loss_and_grads(adapted, lambda: _own_loss(adapted.model, batch))
 
     assert (_backbone_and_head(adapted.model) is None) == (method in FULL_LOSS_PATH)
     torch.testing.assert_close(fast, full)
@@ -78,7 +84,7 @@ def test_target_only_loss_on_a_4bit_backbone(tiny_model_dir):
     batch = _batch(adapted.model.config.vocab_size)
     objective = _objective(tiny_model_dir)
     fast, _ = _loss_and_grads(adapted, lambda: objective.loss(adapted.model, batch))
-    full, _ = _loss_and_grads(adapted, lambda: adapted.model(**batch).loss)
+    full, _ = _loss_and_grads(adapted, lambda: _own_loss(adapted.model, batch))
     torch.testing.assert_close(fast, full)
 
 
@@ -101,7 +107,7 @@ def test_adapter_drop_draws_the_same_blocks_on_the_target_only_path(tiny_model_d
         torch.manual_seed(seed)
         fast = objective.loss(adapted.model, batch)
         torch.manual_seed(seed)
-        torch.testing.assert_close(fast, adapted.model(**batch).loss)
+        torch.testing.assert_close(fast, _own_loss(adapted.model, batch))
 
 
 def test_a_forward_hook_on_the_whole_model_keeps_the_models_own_forward(tiny_model_dir):
@@ -119,9 +125,9 @@ def test_gpt2_and_bert_heads(tmp_path):
     assert _backbone_and_head(gpt2) is not None
     task = TaskSpec(kind="instruction")
     objective = CausalLMObjective(task, None, 64)
-    torch.testing.assert_close(objective.loss(gpt2, batch), gpt2(**batch).loss)
+    torch.testing.assert_close(objective.loss(gpt2, batch), _own_loss(gpt2, batch))
     # BERT as a causal LM: its head transforms before the decoder, so the model's own loss is used
     bert = BertLMHeadModel(BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=64, is_decoder=True)).eval()
     assert _backbone_and_head(bert) is None
-    torch.testing.assert_close(objective.loss(bert, batch), bert(**batch).loss)
+    torch.testing.assert_close(objective.loss(bert, batch), _own_loss(bert, batch))
