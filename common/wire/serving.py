@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.common.serving_api import AdapterStatus, GenerateParams, Sampling, ScoreResult, TokenEvent
+from fedpeft.common.wire.grpc_service import GrpcService
 from fedpeft.v1 import serving_pb2
 
 SERVICE_NAME = "fedpeft.v1.AdapterServing"
@@ -81,19 +82,7 @@ def list_request() -> serving_pb2.ListAdaptersRequest:
     return serving_pb2.ListAdaptersRequest()
 
 
-def serving_stub(channel: Any) -> Any:
-    from fedpeft.v1 import serving_pb2_grpc
-
-    return serving_pb2_grpc.AdapterServingStub(channel)
-
-
-def add_serving_servicer(servicer: Any, server: Any) -> None:
-    from fedpeft.v1 import serving_pb2_grpc
-
-    serving_pb2_grpc.add_AdapterServingServicer_to_server(servicer, server)
-
-
-def servicer_base() -> type:
-    from fedpeft.v1 import serving_pb2_grpc
-
-    return serving_pb2_grpc.AdapterServingServicer
+_SERVICE = GrpcService("fedpeft.v1.serving_pb2_grpc", "AdapterServing")
+serving_stub = _SERVICE.stub
+add_serving_servicer = _SERVICE.add_servicer
+servicer_base = _SERVICE.servicer_base

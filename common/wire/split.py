@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.common.errors import SplitError, SplitTooLargeError
+from fedpeft.common.wire.grpc_service import GrpcService
 from fedpeft.v1 import split_pb2
 
 WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -176,23 +177,10 @@ def message_bytes(messages: Iterable[object]) -> int:
     return sum(m.ByteSize() for m in messages)  # type: ignore[attr-defined]
 
 
-def split_stub(channel: object) -> object:
-    """A `SplitTrainer` client stub on a gRPC channel."""
-    from fedpeft.v1 import split_pb2_grpc
-
-    return split_pb2_grpc.SplitTrainerStub(channel)
-
-
-def add_split_servicer(servicer: object, server: object) -> None:
-    from fedpeft.v1 import split_pb2_grpc
-
-    split_pb2_grpc.add_SplitTrainerServicer_to_server(servicer, server)
-
-
-def split_servicer_base() -> type:
-    from fedpeft.v1 import split_pb2_grpc
-
-    return split_pb2_grpc.SplitTrainerServicer
+_SERVICE = GrpcService("fedpeft.v1.split_pb2_grpc", "SplitTrainer")
+split_stub = _SERVICE.stub
+add_split_servicer = _SERVICE.add_servicer
+split_servicer_base = _SERVICE.servicer_base
 
 
 def open_request_fields(msg: split_pb2.OpenRequest) -> tuple[str, str, int, bool, int, int]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from flwr.app import Array, ArrayRecord
 
+from fedpeft.common.wire.grpc_service import GrpcService
 from fedpeft.v1 import trainer_pb2
 
 MAX_LOCAL_MESSAGE_BYTES = 1024 * 1024 * 1024
@@ -61,22 +62,7 @@ def health_request() -> trainer_pb2.HealthRequest:
     return trainer_pb2.HealthRequest()
 
 
-def trainer_stub(channel: object) -> object:
-    """A `LocalTrainer` client stub on a gRPC channel."""
-    from fedpeft.v1 import trainer_pb2_grpc
-
-    return trainer_pb2_grpc.LocalTrainerStub(channel)
-
-
-def add_trainer_servicer(servicer: object, server: object) -> None:
-    """Register a `LocalTrainer` implementation on a gRPC server."""
-    from fedpeft.v1 import trainer_pb2_grpc
-
-    trainer_pb2_grpc.add_LocalTrainerServicer_to_server(servicer, server)
-
-
-def trainer_servicer_base() -> type:
-    """The generated servicer base class to subclass."""
-    from fedpeft.v1 import trainer_pb2_grpc
-
-    return trainer_pb2_grpc.LocalTrainerServicer
+_SERVICE = GrpcService("fedpeft.v1.trainer_pb2_grpc", "LocalTrainer")
+trainer_stub = _SERVICE.stub
+add_trainer_servicer = _SERVICE.add_servicer
+trainer_servicer_base = _SERVICE.servicer_base
