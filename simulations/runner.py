@@ -32,6 +32,7 @@ from fedpeft.server.app import ServerSetup, build_server_app
 from fedpeft.server.split_run import start_split_run
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions
 from fedpeft.simulations.config import SimulationConfig, resolve_quantize
+from fedpeft.simulations.ray_runtime import run_flower_simulation
 from fedpeft.simulations.report import (
     before_after_table,
     offsite_table,
@@ -102,8 +103,6 @@ def run_simulation(config: SimulationConfig,
 
     `on_complete` receives the server's in-process model with the final adapter.
     """
-    from flwr.simulation import run_simulation as flower_run_simulation
-
     if config.resume:
         config = SimulationConfig.from_run_dir(Path(config.resume))
     config.validate()
@@ -178,8 +177,8 @@ def run_simulation(config: SimulationConfig,
     }
     client_app = build_client_app(client, dp=server.dp is not None)
     try:
-        flower_run_simulation(server_app=build_server_app(server), client_app=client_app, num_supernodes=config.clients,
-                              backend_config=backend_config)
+        run_flower_simulation(server_app=build_server_app(server), client_app=client_app,
+                              num_supernodes=config.clients, backend_config=backend_config)
     finally:
         if split_run is not None:
             split_run.stop()

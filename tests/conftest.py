@@ -41,3 +41,14 @@ def flower_task_identity():
     TaskIdentity.task_id = 1
     TaskIdentity.node_id = 0
     return TaskIdentity
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No process a test started may outlive the session: a leftover Ray raylet or peft-client
+    would keep CI's output pipe open long after pytest has reported."""
+    from fedpeft.simulations.ray_runtime import reap_new_processes
+
+    reaped = reap_new_processes(before=set())
+    if reaped:
+        session.config.get_terminal_writer().line(f"conftest: stopped {len(reaped)} leftover processes: "
+                                                  f"{', '.join(sorted(set(reaped)))}", yellow=True)

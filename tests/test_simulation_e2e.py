@@ -83,11 +83,10 @@ def test_final_dir_is_a_stock_peft_adapter_matching_in_process_logits(lora_run, 
 
 def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
     """A client whose local data is broken fails its round; the others are aggregated."""
-    from flwr.simulation import run_simulation as flower_run_simulation
-
     from fedpeft.client.app import ClientSetup, build_client_app
     from fedpeft.common.builtin_task import builtin_splits, builtin_task
     from fedpeft.server.app import ServerSetup, build_server_app
+    from fedpeft.simulations.ray_runtime import run_flower_simulation as flower_run_simulation
 
     train, held_out = builtin_splits(90, 24, seed=1)
     server = ServerSetup(run_name="faulty", base_model="tiny", model_dir=str(tiny_model_dir), quantize="none",
@@ -106,11 +105,10 @@ def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
 
 
 def test_a_round_where_every_client_fails_stops_the_run(tiny_model_dir, tmp_path):
-    from flwr.simulation import run_simulation as flower_run_simulation
-
     from fedpeft.client.app import ClientSetup, build_client_app
     from fedpeft.common.builtin_task import builtin_splits, builtin_task
     from fedpeft.server.app import ServerSetup, build_server_app
+    from fedpeft.simulations.ray_runtime import run_flower_simulation as flower_run_simulation
 
     train, held_out = builtin_splits(40, 8, seed=1)
     server = ServerSetup(run_name="all-fail", base_model="tiny", model_dir=str(tiny_model_dir), quantize="none",
