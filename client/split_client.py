@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from fedpeft.client.training import TrainConfig, TrainStats
+from fedpeft.common.activation_checkpointing import gradient_checkpointing
 from fedpeft.common.data import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError, SplitError
 from fedpeft.common.objectives import CausalLMObjective
@@ -141,16 +142,17 @@ def train_split_local(part: ClientPart, session: SplitSession, task: TaskSpec, t
     losses: list[float] = []
     part.model.train()
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(encoded), generator=generator).tolist()
-        batch_idx, order = order[:config.batch_size], order[config.batch_size:]
-        optimizer.zero_grad(set_to_none=True)
-        loss = session.step(step, objective.collate([encoded[i] for i in batch_idx]))
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        losses.append(loss)
-        if step % config.log_every == 0 or step == steps:
-            log.info("%s split step %d/%d loss %.4f (%.1f s)", label, step, steps, loss, time.perf_counter() - start)
+    with gradient_checkpointing(part.model, config.gradient_checkpointing, what="the split client part"):
+        for step in range(1, steps + 1):
+            if len(order) < config.batch_size:
+                order += torch.randperm(len(encoded), generator=generator).tolist()
+            batch_idx, order = order[:config.batch_size], order[config.batch_size:]
+            optimizer.zero_grad(set_to_none=True)
+            loss = session.step(step, objective.collate([encoded[i] for i in batch_idx]))
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            losses.append(loss)
+            if step % config.log_every == 0 or step == steps:
+                log.info("%s split step %d/%d loss %.4f (%.1f s)", label, step, steps, loss, time.perf_counter() - start)
     return SplitRoundStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
                            seconds=time.perf_counter() - start, bytes_up=session.bytes_up, bytes_down=session.bytes_down)

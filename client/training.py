@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedpeft.common.activation_checkpointing import gradient_checkpointing
 from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.data import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError
@@ -36,6 +37,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 5
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them: a fraction of
+    the activation memory for about one more forward pass (QLoRA's default). Not with
+    prefix-style methods (prefix, ptuning_v2, mam, unipelt)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -47,6 +52,7 @@ class TrainConfig:
             "weight_decay": self.weight_decay >= 0,
             "max_grad_norm": self.max_grad_norm > 0,
             "log_every": self.log_every >= 1,
+            "gradient_checkpointing": isinstance(self.gradient_checkpointing, bool),
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -105,23 +111,24 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
     model.train()
     adapted.method.begin_local_training(model)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if len(order) < config.batch_size:  # reshuffle each pass over the local data
-            order += torch.randperm(len(encoded), generator=generator).tolist()
-        batch_idx, order = order[:config.batch_size], order[config.batch_size:]
-        loss = objective.loss(model, objective.collate([encoded[i] for i in batch_idx]))
-        if anchors:
-            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-        if not torch.isfinite(loss):
-            raise DataError(f"{label}: training loss became {loss.item()} at step {step}; lower the learning rate")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        adapted.method.after_optimizer_step(model, step_offset + step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if step % config.log_every == 0 or step == steps:
-            log.info("%s step %d/%d loss %.4f (%.1f s)", label, step, steps, losses[-1], time.perf_counter() - start)
+    with gradient_checkpointing(model, config.gradient_checkpointing, what=f"method {adapted.method.name!r}"):
+        for step in range(1, steps + 1):
+            if len(order) < config.batch_size:  # reshuffle each pass over the local data
+                order += torch.randperm(len(encoded), generator=generator).tolist()
+            batch_idx, order = order[:config.batch_size], order[config.batch_size:]
+            loss = objective.loss(model, objective.collate([encoded[i] for i in batch_idx]))
+            if anchors:
+                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+            if not torch.isfinite(loss):
+                raise DataError(f"{label}: training loss became {loss.item()} at step {step}; lower the learning rate")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            adapted.method.after_optimizer_step(model, step_offset + step)
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if step % config.log_every == 0 or step == steps:
+                log.info("%s step %d/%d loss %.4f (%.1f s)", label, step, steps, losses[-1], time.perf_counter() - start)
     return TrainStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
                       seconds=time.perf_counter() - start)
 

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.learning_rate, help="local learning rate (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-length", type=int, default=d.max_length, help="max tokens per example")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="clients recompute block activations in backward: much less memory, ~30%% slower steps")
     p.add_argument("--data", default=None, help="training data (.jsonl/.json/.csv/.tsv); default: built-in task")
     p.add_argument("--eval-data", default=None, help="held-out data; default: 10%% of --data")
     p.add_argument("--task", default="auto", choices=["auto", "instruction", "classification"])
@@ -130,7 +132,8 @@ def config_from_args(args: argparse.Namespace):  # -> SimulationConfig
         model=args.model, method=args.method, method_options=dict(args.method_opt), clients=args.clients,
         clients_per_round=args.clients_per_round, rounds=args.rounds, local_steps=args.local_steps,
         local_epochs=args.local_epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-        data=args.data, eval_data=args.eval_data, task=args.task, template=args.template, labels=args.labels,
+        gradient_checkpointing=args.gradient_checkpointing, data=args.data, eval_data=args.eval_data, task=args.task,
+        template=args.template, labels=args.labels,
         label_column=args.label_column, partition=args.partition, quantize=args.quantize, out=args.out, seed=args.seed,
         train_limit=args.train_limit, eval_limit=args.eval_limit, cpus_per_client=args.cpus_per_client,
         gpus_per_client=args.gpus_per_client, strategy=args.strategy, strategy_options=dict(args.strategy_opt),

@@ -39,6 +39,8 @@ class SimulationConfig:
     learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 128
+    gradient_checkpointing: bool = False
+    """Clients recompute block activations in backward (less memory, ~1 more forward)."""
     data: str | None = None
     eval_data: str | None = None
     task: str = "auto"
@@ -132,6 +134,12 @@ class SimulationConfig:
         if self.dp_clipping_norm:
             found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
                       .replace("target_delta", "delta") for p in self.dp_problems()]
+        if self.gradient_checkpointing:
+            from fedpeft.common.methods import available_methods, get_method
+
+            if self.method in available_methods() and get_method(self.method).kv_prefix:
+                found.append(f"--gradient-checkpointing cannot train --method {self.method}: its prefix reaches the "
+                             "blocks as past_key_values, which checkpointed blocks drop")
         if self.publish_to is not None:
             from fedpeft.common.methods import get_method
 

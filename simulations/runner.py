@@ -153,7 +153,8 @@ def run_simulation(config: SimulationConfig,
                  " + head (U-shaped)" if split.u_shaped else "", split_run.target)
     train = TrainConfig(local_steps=config.local_steps, local_epochs=config.local_epochs,
                         learning_rate=config.learning_rate, batch_size=config.batch_size,
-                        max_length=config.max_length, log_every=config.log_every)
+                        max_length=config.max_length, log_every=config.log_every,
+                        gradient_checkpointing=config.gradient_checkpointing)
     server = ServerSetup(
         run_name=out_dir.name, base_model=str(model_dir) if offsite else config.model, model_dir=str(model_dir),
         quantize=quantize,  # type: ignore[arg-type]

@@ -23,6 +23,10 @@ Each client step runs in a fresh Python subprocess so memory is measured honestl
   that divided by the round's local steps; both also report `bytes_per_round`.
 The split server runs in the parent process (4-bit, on loopback with dev TLS certs), so
 none of its memory or compute is counted for the client.
+
+`--gradient-checkpointing on` trains every client with checkpointed blocks (QLoRA's
+default: activations recomputed in backward); `both` measures every client both ways and
+compares each with the FL client trained the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv")
 DEFAULT_LABELS = "0=negative,1=positive"
+CHECKPOINTED_TAG = " +ckpt"
 
 
 def _status_bytes(field: str) -> int:
@@ -95,6 +100,7 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fedpeft.client.split_client import SplitSession, split_channel
+    from fedpeft.common.activation_checkpointing import gradient_checkpointing
     from fedpeft.common.methods import make_config
     from fedpeft.common.models import load_tokenizer, model_fingerprint
     from fedpeft.common.objectives import CausalLMObjective
@@ -112,7 +118,8 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     params = part.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     times, waits = [], []
-    with split_channel(spec["target"], Path(spec["ca_cert"])) as channel:
+    checkpointed = gradient_checkpointing(part.model, bool(spec.get("gradient_checkpointing")))
+    with checkpointed, split_channel(spec["target"], Path(spec["ca_cert"])) as channel:
         session = SplitSession(channel, part, "bench", model_fingerprint(model_dir), dtype=wire_dtype(spec["wire_dtype"]))
         for step in range(steps + 1):
             batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
@@ -145,6 +152,7 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
 def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from fedpeft.common.activation_checkpointing import gradient_checkpointing
     from fedpeft.common.adapted_model import AdaptedModel
     from fedpeft.common.methods import make_config
     from fedpeft.common.objectives import CausalLMObjective
@@ -160,14 +168,15 @@ def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     adapted.model.train()
     times = []
-    for step in range(steps + 1):
-        batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        objective.loss(adapted.model, batch).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        times.append(time.perf_counter() - start)
+    with gradient_checkpointing(adapted.model, bool(spec.get("gradient_checkpointing"))):
+        for step in range(steps + 1):
+            batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            objective.loss(adapted.model, batch).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            times.append(time.perf_counter() - start)
     delta_bytes = _held_bytes(adapted.get_delta().values())
     return {
         "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),
@@ -223,10 +232,11 @@ def _run_worker_once(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _spec(model_dir: Path, *, quantize: str, batch_size: int, max_length: int, steps: int, local_steps: int,
           data: str, labels: str | None, template: str | None, lora: dict[str, str] | None, threads: int,
-          repeats: int) -> dict[str, Any]:
+          repeats: int, gradient_checkpointing: bool = False) -> dict[str, Any]:
     return {"model_dir": str(model_dir), "quantize": quantize, "batch_size": batch_size, "max_length": max_length,
             "steps": steps, "local_steps": local_steps, "data": data, "labels": labels, "template": template,
-            "lora": dict(lora or {}), "threads": threads, "repeats": repeats}
+            "lora": dict(lora or {}), "threads": threads, "repeats": repeats,
+            "gradient_checkpointing": gradient_checkpointing}
 
 
 def _finish(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -241,7 +251,8 @@ def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False
                               wire_dtype: str = "bfloat16", batch_size: int = 8, max_length: int = 128, steps: int = 3,
                               local_steps: int = 8, data: str = DEFAULT_DATA, labels: str | None = DEFAULT_LABELS,
                               template: str | None = None, lora: dict[str, str] | None = None, threads: int = 1,
-                              repeats: int = 1, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                              repeats: int = 1, gradient_checkpointing: bool = False,
+                              baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """Client peak memory, compute seconds and wire bytes per step of a split client holding `k` blocks.
 
     The server part runs in this process on loopback TLS gRPC; the client in a subprocess.
@@ -254,7 +265,7 @@ def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False
 
     spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
                  local_steps=local_steps, data=data, labels=labels, template=template, lora=lora, threads=threads,
-                 repeats=repeats)
+                 repeats=repeats, gradient_checkpointing=gradient_checkpointing)
     server_part = load_server_part(Path(model_dir), SplitConfig(cut=k, u_shaped=u_shaped), make_config("lora", spec["lora"]),
                                    quantize=quantize)  # type: ignore[arg-type]
     server = SplitServer(part=server_part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=1e-4)
@@ -273,13 +284,13 @@ def measure_fl_client_step(model_dir: Path, *, quantize: str = "4bit", batch_siz
                            steps: int = 3, local_steps: int = 8, data: str = DEFAULT_DATA,
                            labels: str | None = DEFAULT_LABELS, template: str | None = None,
                            lora: dict[str, str] | None = None, threads: int = 1, repeats: int = 1,
-                           baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+                           gradient_checkpointing: bool = False, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """The same figures for a client holding a whole model dir with LoRA, measured the same
     way: plain FL (the full model, 4-bit QLoRA), or an offsite client (`model_dir` = the
     emulator, `lora` restricted to its adapter blocks)."""
     spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
                  local_steps=local_steps, data=data, labels=labels, template=template, lora=lora, threads=threads,
-                 repeats=repeats)
+                 repeats=repeats, gradient_checkpointing=gradient_checkpointing)
     return _finish(_run_worker("fl", spec), baseline or _run_worker("baseline", spec))
 
 
@@ -337,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="fresh-process runs per client; figures are medians (peak RSS varies between runs)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this file")
+    parser.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off",
+                        help="every client recomputes block activations in backward (on), or each client is measured "
+                             "both ways, each table against the FL client trained the same way (both)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker[0], json.loads(args.worker[1]))))
@@ -350,16 +364,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {"batch_size": args.batch_size, "max_length": args.max_length, "steps": args.steps, "data": args.data,
               "labels": args.labels, "repeats": args.repeats}
     baseline = measure_baseline(repeats=args.repeats)
-    rows = {"fl": measure_fl_client_step(model_dir, baseline=baseline, **common),
-            f"split k={args.cut}": measure_split_client_step(model_dir, args.cut, baseline=baseline, **common)}
-    if args.u_shaped:
-        rows[f"split k={args.cut} U"] = measure_split_client_step(model_dir, args.cut, u_shaped=True, baseline=baseline,
-                                                                  **common)
+    rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedpeft-offsite-bench-") as tmp:
-        for text in args.offsite:
-            rows[f"offsite {text}"] = measure_offsite_client_step(model_dir, text, Path(tmp) / text.replace(":", "-"),
-                                                                  baseline=baseline, **common)
-    print(ratio_table(rows))
+        for checkpointed in {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]:
+            tag, kwargs = CHECKPOINTED_TAG if checkpointed else "", {**common, "gradient_checkpointing": checkpointed}
+            measured = {f"fl{tag}": measure_fl_client_step(model_dir, baseline=baseline, **kwargs),
+                        f"split k={args.cut}{tag}": measure_split_client_step(model_dir, args.cut, baseline=baseline,
+                                                                               **kwargs)}
+            if args.u_shaped:
+                measured[f"split k={args.cut} U{tag}"] = measure_split_client_step(model_dir, args.cut, u_shaped=True,
+                                                                                    baseline=baseline, **kwargs)
+            for text in args.offsite:
+                emulator_dir = Path(tmp) / f"{text.replace(':', '-')}{'-ckpt' if checkpointed else ''}"
+                measured[f"offsite {text}{tag}"] = measure_offsite_client_step(model_dir, text, emulator_dir,
+                                                                               baseline=baseline, **kwargs)
+            print(f"\n{'with' if checkpointed else 'without'} gradient checkpointing, against FL trained the same way")
+            print(ratio_table(measured, reference=f"fl{tag}"))
+            rows.update(measured)
+    if args.gradient_checkpointing == "both":
+        fl, ckpt = rows["fl"], rows[f"fl{CHECKPOINTED_TAG}"]
+        print(f"\nFL with gradient checkpointing: {fl['peak_memory_bytes'] / ckpt['peak_memory_bytes']:.2f}x less memory, "
+              f"{ckpt['step_seconds'] / fl['step_seconds']:.2f}x the compute per step")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

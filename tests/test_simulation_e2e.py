@@ -185,14 +185,17 @@ def test_lora_aggregation_modes_run_end_to_end(tiny_model_dir, tmp_path, aggrega
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_model_dir, tmp_path):
     """A run that died after round 2 of 3 (torn metrics line, no final/) resumes to the
-    same global adapter, bit for bit, as a run that was never interrupted."""
+    same global adapter, bit for bit, as a run that was never interrupted. Clients train
+    with gradient checkpointing, whose recompute replays the forward's random state."""
     common = {"model": str(tiny_model_dir), "method": "lora", "method_options": {"r": "4"}, "clients": 2,
-              "local_steps": 3, "learning_rate": 5e-3, "quantize": "none", "builtin_train_rows": 64, "eval_limit": 16}
+              "local_steps": 3, "learning_rate": 5e-3, "quantize": "none", "builtin_train_rows": 64, "eval_limit": 16,
+              "gradient_checkpointing": True}
     reference = run_simulation(SimulationConfig(rounds=3, out=str(tmp_path / "whole"), **common))
     # the crashed run: 2 rounds done, then the process died while appending round 3's row
     crashed = tmp_path / "crashed"
     run_simulation(SimulationConfig(rounds=2, out=str(crashed), **common))
     saved = json.loads((crashed / "config.json").read_text())
+    assert saved["gradient_checkpointing"] is True  # what --resume trains with
     (crashed / "config.json").write_text(json.dumps({**saved, "rounds": 3}))
     with (crashed / "metrics.jsonl").open("a") as fh:
         fh.write('{"round": 3, "eval_lo')

@@ -97,6 +97,9 @@ class PeftMethod(ABC):
     peft_backed: ClassVar[bool]
     #: False when the method cannot train over bitsandbytes 4-bit layers.
     supports_4bit: ClassVar[bool] = True
+    #: True when its trainable prefix reaches the blocks as `past_key_values` (prefix-style
+    #: methods), which gradient checkpointing would drop.
+    kv_prefix: ClassVar[bool] = False
 
     @abstractmethod
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:

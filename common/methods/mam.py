@@ -66,6 +66,7 @@ class MamMethod(PeftWrappedNativeMethod):
     """Prefix tuning (peft) + scaled parallel FFN adapter (in-house)."""
 
     name: ClassVar[str] = "mam"
+    kv_prefix: ClassVar[bool] = True
     config_cls: ClassVar[type[MethodConfig]] = MamMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_MAM"
 

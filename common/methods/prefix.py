@@ -34,6 +34,7 @@ class PrefixMethod(PeftLibraryMethod):
     folds away (it stores only the projected prefix)."""
 
     name: ClassVar[str] = "prefix"
+    kv_prefix: ClassVar[bool] = True
     config_cls: ClassVar[type[MethodConfig]] = PrefixMethodConfig
 
     def peft_config(self, config: MethodConfig):

@@ -264,6 +264,7 @@ class UniPeltMethod(PeftWrappedNativeMethod):
     """Gated LoRA (in-house) + gated prefix tuning (peft) + gated bottleneck adapter (in-house)."""
 
     name: ClassVar[str] = "unipelt"
+    kv_prefix: ClassVar[bool] = True
     config_cls: ClassVar[type[MethodConfig]] = UniPeltMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_UNIPELT"
 
