@@ -64,10 +64,15 @@ def gradient_checkpointing(model: nn.Module, enabled: bool, what: str = "this mo
         yield
         return
     hf = check_checkpointable(model, what)
-    was_on = bool(getattr(hf, "is_activation_checkpointing", False))
-    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.23 renamed gradient_* to activation_* (the old names warn); older releases have only gradient_*
+    renamed = hasattr(hf, "activation_checkpointing_enable")
+    was_on = bool(getattr(hf, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False))
+    if renamed:
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
         if not was_on:
-            hf.activation_checkpointing_disable()
+            hf.activation_checkpointing_disable() if renamed else hf.gradient_checkpointing_disable()
