@@ -58,6 +58,14 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"invalid training settings: {', '.join(bad)}")
 
+    def plan_fields(self) -> dict[str, object]:
+        """What the federation plan carries to clients: every field, less gradient_checkpointing
+        while it is off, so that clients from before the option still read the plan."""
+        fields = dict(self.__dict__)
+        if not self.gradient_checkpointing:
+            del fields["gradient_checkpointing"]
+        return fields
+
     def steps_for(self, num_rows: int) -> int:
         if self.local_epochs > 0:
             return max(1, math.ceil(self.local_epochs * num_rows / self.batch_size))

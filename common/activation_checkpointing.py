@@ -66,13 +66,24 @@ def gradient_checkpointing(model: nn.Module, enabled: bool, what: str = "this mo
     hf = check_checkpointable(model, what)
     # transformers 5.23 renamed gradient_* to activation_* (the old names warn); older releases have only gradient_*
     renamed = hasattr(hf, "activation_checkpointing_enable")
-    was_on = bool(getattr(hf, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False))
+    if getattr(hf, "is_activation_checkpointing" if renamed else "is_gradient_checkpointing", False):
+        yield  # already on, with the caller's own settings: leave them as they are
+        return
+    hooks_before = list(getattr(hf, "_require_grads_hooks", None) or [])
     if renamed:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Enabling also hooks the input embeddings so that their output requires grad, which only
+    # reentrant checkpointing needs; disabling would remove the hook only for models loaded
+    # through transformers' own peft integration. Remove it now: no backward through frozen
+    # embeddings during training, and no hook left behind on a model cached across rounds.
+    added = [h for h in (getattr(hf, "_require_grads_hooks", None) or []) if h not in hooks_before]
+    for handle in added:
+        handle.remove()
+    if added:
+        hf._require_grads_hooks = hooks_before
     try:
         yield
     finally:
-        if not was_on:
-            hf.activation_checkpointing_disable() if renamed else hf.gradient_checkpointing_disable()
+        hf.activation_checkpointing_disable() if renamed else hf.gradient_checkpointing_disable()

@@ -115,7 +115,8 @@ class CausalLMObjective:
         if parts is not None:
             backbone, head = parts
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = target_token_loss(head, backbone(**inputs).last_hidden_state, batch["labels"])
+            hidden = backbone(**inputs, use_cache=False).last_hidden_state  # training: no KV cache to build
+            loss = target_token_loss(head, hidden, batch["labels"])
             if loss is not None:
                 return loss
         return model(**batch).loss

@@ -56,7 +56,7 @@ def server_setup(config: RunConfig, run_dir: Path, resume: bool) -> ServerSetup:
     return ServerSetup(
         run_name=run_dir.name, base_model=str(model_dir) if f.topology == "offsite" else f.model,
         model_dir=str(model_dir), quantize=quantize, method=f.method,
-        method_config=method_config, task=task, train=config.training.__dict__.copy(), eval_rows=eval_rows,
+        method_config=method_config, task=task, train=config.training.plan_fields(), eval_rows=eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
         seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
         min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, round_timeout=f.round_timeout, resume=resume,

@@ -5,7 +5,7 @@ Flower's `RayBackend` calls `ray.init()` once and, when it fails, ends the simul
 fixed 30-second registration window ("The current node timed out during startup"), and the
 processes the failed start spawned (gcs_server, raylet, agents) are nobody's any more: they
 keep running, and keep the caller's stdout open, after the program exits. Flower skips its
-own `ray.init()` when Ray is already up, so starting Ray here, with the same arguments Flower
+own `ray.init()` when Ray is already up, so starting Ray here, with the arguments Flower
 would use, keeps Flower in charge of the federation and only makes the start robust.
 """
 
@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,29 +25,53 @@ from fedpeft.common.errors import FederationError
 
 log = logging.getLogger("fedpeft.sim")
 START_ATTEMPTS = 3
+RAY_BINARIES = ("gcs_server", "raylet")
 
 
-def _descendants() -> dict[int, psutil.Process]:
+def _descendants() -> set[psutil.Process]:
+    """This process's descendants (psutil.Process compares pid *and* start time: PID reuse is told apart)."""
     try:
-        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+        return set(psutil.Process().children(recursive=True))
     except psutil.Error:
-        return {}
+        return set()
 
 
-def reap_new_processes(before: set[int], grace_s: float = 3.0) -> list[str]:
-    """Terminate (then kill) this process's descendants that were not running `before`.
+def _is_ray_process(proc: psutil.Process, ray_dir: str) -> bool:
+    """gcs_server, raylet, `ray::` workers and agents, and Ray's Python helpers (dashboard, log monitor)."""
+    try:
+        name = proc.name()
+        return name in RAY_BINARIES or name.startswith("ray::") or any(ray_dir in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
 
-    Returns their names, so the caller can say what it cleaned up.
-    """
-    leftover = [p for pid, p in _descendants().items() if pid not in before]
-    names = []
-    for proc in leftover:
+
+def ray_processes(exclude: Iterable[psutil.Process] = ()) -> list[psutil.Process]:
+    """Ray's processes among this process's descendants (and everything below them), less `exclude`."""
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__)
+    skip = set(exclude)
+    found: dict[psutil.Process, None] = {}
+    for proc in _descendants() - skip:
+        if proc not in found and _is_ray_process(proc, ray_dir):
+            found[proc] = None
+            try:
+                found.update((child, None) for child in proc.children(recursive=True) if child not in skip)
+            except psutil.Error:
+                pass
+    return list(found)
+
+
+def reap(processes: Iterable[psutil.Process], grace_s: float = 3.0) -> list[str]:
+    """Terminate `processes`, then kill what is left after `grace_s`; returns their names."""
+    procs, names = list(processes), []
+    for proc in procs:
         try:
             names.append(proc.name())
             proc.terminate()
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(leftover, timeout=grace_s)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for proc in alive:
         try:
             proc.kill()
@@ -57,47 +81,74 @@ def reap_new_processes(before: set[int], grace_s: float = 3.0) -> list[str]:
     return names
 
 
-def _flower_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments Flower's `RayBackend.init_ray` would pass (flwr 1.41), PYTHONPATH included."""
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+def flower_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
+    """The `ray.init` arguments Flower 1.41 would use: `run_simulation`'s key renaming and
+    quiet defaults, then `RayBackend.init_ray`'s PYTHONPATH (which it also exports)."""
+    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
+    args = {key.replace("-", "_"): value for key, value in init_args.items()}
+    args.setdefault("logging_level", DEFAULT_SIMULATION_CONFIG.init_args_logging_level)
+    args.setdefault("log_to_driver", DEFAULT_SIMULATION_CONFIG.init_args_log_to_driver)
+    args.setdefault("include_dashboard", False)
+    entries = [*sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    pythonpath = os.pathsep.join(dict.fromkeys(e for e in entries if e))  # Flower's, without repeats per run
     os.environ["PYTHONPATH"] = pythonpath
-    args = {"include_dashboard": False, **init_args}
+    if "runtime_env" in args:
+        raise FederationError("backend init_args may not set runtime_env: Flower sets it (PYTHONPATH)")
     return {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, **args}
+
+
+def _stop_ray(before: set[psutil.Process]) -> list[str]:
+    """`ray.shutdown()`, then reap every Ray process it left (listed before shutting down:
+    a worker whose raylet died is re-parented and would not be found after)."""
+    import ray
+
+    leftover = ray_processes(exclude=before)
+    try:
+        ray.shutdown()
+    finally:
+        leftover += [p for p in ray_processes(exclude=before) if p not in leftover]
+        reaped = reap(p for p in leftover if p.is_running())
+    return reaped
 
 
 @contextmanager
 def ray_backend(init_args: dict[str, Any], attempts: int = START_ATTEMPTS) -> Iterator[None]:
-    """Ray up for one Flower simulation; every process it started is gone afterwards.
+    """Ray up for one Flower simulation; every Ray process it started is gone afterwards.
 
     A failed start is cleaned up and retried `attempts` times, then raised as a
-    FederationError that carries Ray's own message.
+    FederationError that carries Ray's own message. Flower's backend shuts Ray down at the
+    end of its run as well; shutting down twice is harmless.
     """
     import ray
 
-    if ray.is_initialized():  # someone else's Ray (a notebook, a test): use it, leave it alone
+    if ray.is_initialized():  # a Ray this process started itself (a notebook): Flower runs on it
         yield
         return
-    before = set(_descendants())
+    before = _descendants()
+    args = flower_init_args(init_args)
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(**_flower_init_args(init_args))
+            ray.init(**args)
             break
+        except TypeError as exc:  # arguments ray.init does not take: retrying cannot help
+            _stop_ray(before)
+            raise FederationError(f"Flower's Ray backend refused its init_args: {exc}") from exc
         except Exception as exc:  # Ray raises bare Exception/RuntimeError from its node start
-            ray.shutdown()
-            reaped = reap_new_processes(before)
+            reaped = _stop_ray(before)
             if attempt == attempts:
                 raise FederationError(f"Flower's Ray backend failed to start {attempts} times; last error: "
                                       f"{type(exc).__name__}: {exc}") from exc
-            log.warning("Ray failed to start (attempt %d of %d: %s); cleaned up %d of its processes, retrying",
+            log.warning("Ray failed to start (attempt %d of %d: %s); stopped %d of its processes, retrying",
                         attempt, attempts, exc, len(reaped))
             time.sleep(2.0 * attempt)
+        except BaseException:  # Ctrl-C during the start: leave nothing running
+            _stop_ray(before)
+            raise
     try:
         yield
     finally:
-        ray.shutdown()  # Flower shuts Ray down at the end of a run too; this covers its failures
-        reaped = reap_new_processes(before)
+        reaped = _stop_ray(before)
         if reaped:
             log.debug("stopped %d Ray processes left after shutdown: %s", len(reaped), sorted(set(reaped)))
 

@@ -159,7 +159,7 @@ def run_simulation(config: SimulationConfig,
         run_name=out_dir.name, base_model=str(model_dir) if offsite else config.model, model_dir=str(model_dir),
         quantize=quantize,  # type: ignore[arg-type]
         method=config.method, method_config=method_config, task=task,
-        train=train.__dict__.copy(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
+        train=train.plan_fields(), eval_rows=eval_rows, out_dir=str(out_dir), num_rounds=config.rounds,
         num_clients=config.clients, clients_per_round=config.num_per_round, seed=config.seed,
         strategy=config.strategy, strategy_options=dict(config.strategy_options), min_accepted=config.min_clients,
         on_complete=on_complete, clip_update_norm=config.clip_update_norm, resume=bool(config.resume),

@@ -117,6 +117,7 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     _reset_peak()
     params = part.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    part.model.train()  # as train_split_local: dropout on, and blocks only checkpoint in training mode
     times, waits = [], []
     checkpointed = gradient_checkpointing(part.model, bool(spec.get("gradient_checkpointing")))
     with checkpointed, split_channel(spec["target"], Path(spec["ca_cert"])) as channel:

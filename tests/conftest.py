@@ -43,12 +43,17 @@ def flower_task_identity():
     return TaskIdentity
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own: fixtures are torn down by then
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No process a test started may outlive the session: a leftover Ray raylet or peft-client
     would keep CI's output pipe open long after pytest has reported."""
-    from fedpeft.simulations.ray_runtime import reap_new_processes
+    import sys
 
-    reaped = reap_new_processes(before=set())
+    from fedpeft.simulations.ray_runtime import _descendants, reap
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+    reaped = reap(_descendants())
     if reaped:
         session.config.get_terminal_writer().line(f"conftest: stopped {len(reaped)} leftover processes: "
                                                   f"{', '.join(sorted(set(reaped)))}", yellow=True)

@@ -131,8 +131,9 @@ def test_the_cli_and_the_plan_carry_the_setting_to_clients():
 
     config = config_from_args(build_parser().parse_args(["--gradient-checkpointing"]))
     assert config.gradient_checkpointing is True
-    plan_train = TrainConfig(gradient_checkpointing=True).__dict__.copy()  # what the server puts in the plan
+    plan_train = TrainConfig(gradient_checkpointing=True).plan_fields()  # what the server puts in the plan
     assert TrainConfig(**plan_train).gradient_checkpointing is True
+    assert "gradient_checkpointing" not in TrainConfig().plan_fields()  # clients from before the option read it
 
 
 def test_prefix_methods_with_checkpointing_are_refused_before_a_run_starts():
@@ -147,3 +148,47 @@ def test_prefix_methods_with_checkpointing_are_refused_before_a_run_starts():
     assert any("training.gradient_checkpointing cannot train method 'mam'" in p for p in config.problems())
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         TrainConfig(gradient_checkpointing="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("method", "options"), [("lora", {"r": "4"}), ("bitfit", {}), ("bottleneck", {})])
+def test_an_encoder_classifier_checkpoints_with_the_same_gradients(tmp_path_factory, method, options):
+    """BERT-family encoders (sequence classification, where BitFit has biases to train)."""
+    from tiny_models import build_tiny_bert
+
+    from fedpeft.common.objectives import objective_for
+
+    model_dir = build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+    task = builtin_task()
+    adapted = AdaptedModel.load(model_dir, "none", method, make_config(method, options), seed=0,
+                                num_labels=task.num_labels)
+    for module in adapted.model.modules():  # dropout on both passes would still match; keep the check strict
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    params = adapted.trainable_parameters()
+    objective = objective_for(adapted.model, adapted.tokenizer, task, max_length=48)
+    rows, _ = builtin_splits(8, 2, seed=0)
+    batch = objective.collate([objective.encode(r) for r in rows])
+    plain_bytes, plain_loss, plain_grads = _saved_bytes_and_grads(adapted.model, params,
+                                                                  lambda: objective.loss(adapted.model, batch))
+    with gradient_checkpointing(adapted.model, True, what=method):
+        ckpt_bytes, ckpt_loss, ckpt_grads = _saved_bytes_and_grads(adapted.model, params,
+                                                                   lambda: objective.loss(adapted.model, batch))
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for plain, ckpt in zip(plain_grads, ckpt_grads, strict=True):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-4, atol=1e-6)
+    assert ckpt_bytes < plain_bytes
+
+
+def test_switching_off_leaves_no_hook_and_keeps_a_callers_own_setting(deep_model_dir):
+    adapted = AdaptedModel.load(deep_model_dir, "none", "lora", make_config("lora", {"r": "4"}))
+    hf = _hf_model(adapted.model)
+    embeddings = hf.get_input_embeddings()
+    for _ in range(3):  # the client caches its model: one switch per round
+        with gradient_checkpointing(adapted.model, True):
+            assert hf.is_activation_checkpointing
+        assert not hf.is_activation_checkpointing
+    assert not embeddings._forward_hooks  # transformers' input-grad hook is not left behind
+    hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=2)
+    with gradient_checkpointing(adapted.model, True):
+        pass
+    assert hf.is_activation_checkpointing  # a setting the caller made is theirs to undo
