@@ -42,22 +42,32 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (batch * seq) of the hidden states that predict a target token
+    (row-major, as a boolean mask would select them). Computed where `labels` lives: from
+    labels still on the host, a GPU step never waits for the device to count targets."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols
+
+
 def target_token_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor | None:
+                      labels: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """The causal-LM loss (shifted cross-entropy, mean over target tokens) with `head` run
     only on the hidden states that predict a target; None when the batch has no target.
 
     Written here because HF's causal-LM loss takes full (batch, seq, vocab) logits: with a
     49k-token vocabulary those logits and their gradients dominate a training step's
     memory, while a classification row has one or two target tokens. Same value and
-    gradients as the full loss.
+    gradients as the full loss. `positions` (`target_positions`, on `hidden`'s device)
+    saves counting the targets on the device.
     """
-    shifted = labels[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    if not bool(keep.any()):
+    if positions is None:
+        positions = target_positions(labels)
+    if positions.numel() == 0:
         return None
-    logits = head(hidden[:, :-1][keep]).float()
-    return nn.functional.cross_entropy(logits, shifted[keep])
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = labels.reshape(-1).index_select(0, positions + 1)  # the next token of the same row
+    return nn.functional.cross_entropy(head(states).float(), targets)
 
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -110,13 +120,15 @@ class CausalLMObjective:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's own causal-LM loss; computed with the LM head only at target
         positions (`target_token_loss`) wherever that gives the same result."""
-        batch = _to(batch, model_device(model))
+        device = model_device(model)
         parts = _backbone_and_head(model)
+        positions = target_positions(batch["labels"]).to(device) if parts is not None else None  # before the move
+        batch = _to(batch, device)
         if parts is not None:
             backbone, head = parts
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             hidden = backbone(**inputs, use_cache=False).last_hidden_state  # training: no KV cache to build
-            loss = target_token_loss(head, hidden, batch["labels"])
+            loss = target_token_loss(head, hidden, batch["labels"], positions)
             if loss is not None:
                 return loss
         return model(**batch).loss
