@@ -21,6 +21,15 @@ from torch import nn
 
 from fedpeft.common.errors import ConfigError
 
+KV_PREFIX_REASON = "its trainable prefix reaches the blocks as past_key_values, which checkpointed blocks drop"
+
+
+def refuses_checkpointing(method: str) -> bool:
+    """True for a registered prefix-style method (config validators ask before a run starts)."""
+    from fedpeft.common.methods import available_methods, get_method
+
+    return method in available_methods() and get_method(method).kv_prefix
+
 
 def _hf_model(model: nn.Module) -> nn.Module | None:
     """The transformers model inside `model` (a peft or fedpeft wrapper, or the model itself)."""
@@ -49,8 +58,8 @@ def check_checkpointable(model: nn.Module, what: str) -> nn.Module:
         raise ConfigError(f"gradient checkpointing: {what} ({type(model).__name__}) has no transformers model "
                           "that supports it")
     if passes_kv_prefix(model):
-        raise ConfigError(f"gradient checkpointing cannot train {what}: its trainable prefix reaches the blocks as "
-                          "past_key_values, which checkpointed blocks drop; train it without gradient checkpointing")
+        raise ConfigError(f"gradient checkpointing cannot train {what}: {KV_PREFIX_REASON}; "
+                          "train it without gradient checkpointing")
     return hf
 
 

@@ -268,11 +268,10 @@ class RunConfig:
                 found.append(f"federation.topology 'offsite' trains the adapter blocks with {list(OFFSITE_METHODS)}, "
                              f"not method {f.method!r}")
         if self.training.gradient_checkpointing:
-            from fedpeft.common.methods import available_methods, get_method
+            from fedpeft.common.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 
-            if f.method in available_methods() and get_method(f.method).kv_prefix:
-                found.append(f"training.gradient_checkpointing cannot train method {f.method!r}: its prefix reaches "
-                             "the blocks as past_key_values, which checkpointed blocks drop")
+            if refuses_checkpointing(f.method):
+                found.append(f"training.gradient_checkpointing cannot train method {f.method!r}: {KV_PREFIX_REASON}")
         if self.task.eval_data and not Path(self.task.eval_data).is_file():
             found.append(f"task.eval_data: file {self.task.eval_data} does not exist")
         if s.enabled:

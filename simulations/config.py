@@ -135,11 +135,10 @@ class SimulationConfig:
             found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
                       .replace("target_delta", "delta") for p in self.dp_problems()]
         if self.gradient_checkpointing:
-            from fedpeft.common.methods import available_methods, get_method
+            from fedpeft.common.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 
-            if self.method in available_methods() and get_method(self.method).kv_prefix:
-                found.append(f"--gradient-checkpointing cannot train --method {self.method}: its prefix reaches the "
-                             "blocks as past_key_values, which checkpointed blocks drop")
+            if refuses_checkpointing(self.method):
+                found.append(f"--gradient-checkpointing cannot train --method {self.method}: {KV_PREFIX_REASON}")
         if self.publish_to is not None:
             from fedpeft.common.methods import get_method
 

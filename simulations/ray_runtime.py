@@ -28,7 +28,7 @@ START_ATTEMPTS = 3
 RAY_BINARIES = ("gcs_server", "raylet")
 
 
-def _descendants() -> set[psutil.Process]:
+def descendants() -> set[psutil.Process]:
     """This process's descendants (psutil.Process compares pid *and* start time: PID reuse is told apart)."""
     try:
         return set(psutil.Process().children(recursive=True))
@@ -52,7 +52,7 @@ def ray_processes(exclude: Iterable[psutil.Process] = ()) -> list[psutil.Process
     ray_dir = os.path.dirname(ray.__file__)
     skip = set(exclude)
     found: dict[psutil.Process, None] = {}
-    for proc in _descendants() - skip:
+    for proc in descendants() - skip:
         if proc not in found and _is_ray_process(proc, ray_dir):
             found[proc] = None
             try:
@@ -125,7 +125,7 @@ def ray_backend(init_args: dict[str, Any], attempts: int = START_ATTEMPTS) -> It
     if ray.is_initialized():  # a Ray this process started itself (a notebook): Flower runs on it
         yield
         return
-    before = _descendants()
+    before = descendants()
     args = flower_init_args(init_args)
     for attempt in range(1, attempts + 1):
         try:

@@ -49,11 +49,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     would keep CI's output pipe open long after pytest has reported."""
     import sys
 
-    from fedpeft.simulations.ray_runtime import _descendants, reap
+    from fedpeft.simulations.ray_runtime import descendants, reap
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()
-    reaped = reap(_descendants())
+    reaped = reap(descendants())
     if reaped:
         session.config.get_terminal_writer().line(f"conftest: stopped {len(reaped)} leftover processes: "
                                                   f"{', '.join(sorted(set(reaped)))}", yellow=True)
