@@ -25,21 +25,21 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.client.training import TrainConfig, reply_metrics, train_local
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.data import Record
+from fedpeft.common.data.records import Record
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.logs import setup_logging
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import model_fingerprint
-from fedpeft.common.plan import (
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import model_fingerprint
+from fedpeft.common.model.quantization import validate_quantize
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+from fedpeft.common.protocol.plan import (
     PLAN_KEY,
     RANK_KEY,
     REPLY_ARRAYS_KEY,
     REPLY_METRICS_KEY,
     FederationPlan,
 )
-from fedpeft.common.quantization import validate_quantize
 
 log = logging.getLogger("fedpeft.client")
 

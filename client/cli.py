@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedpeft.common.errors import FedPeftError
 from fedpeft.common.logs import apply_offline_env, setup_logging
-from fedpeft.common.models import DEFAULT_MODEL
+from fedpeft.common.model.base_model import DEFAULT_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace) -> int:
     from fedpeft.client.serving_client import open_stub, stream_text
-    from fedpeft.common.serving_api import GenerateParams, Sampling
+    from fedpeft.common.protocol.serving_api import GenerateParams, Sampling
 
     params = GenerateParams(args.adapter, args.version, args.prompt, args.max_new_tokens,
                             Sampling(args.temperature, args.top_p, args.top_k, args.seed))
@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "keygen":
-            from fedpeft.common.envelope import PeerIdentity
-            from fedpeft.common.pki import make_node_key
+            from fedpeft.common.security.envelope import PeerIdentity
+            from fedpeft.common.security.pki import make_node_key
 
             _, public = make_node_key(args.out, overwrite=args.overwrite)
             identity = PeerIdentity.generate()

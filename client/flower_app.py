@@ -29,7 +29,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.common.wire import trainer as wire
 
-# Keys shared with the server side (duplicated from fedpeft.common.plan, which imports torch).
+# Keys shared with the server side (duplicated from fedpeft.common.protocol.plan, which imports torch).
 PLAN_KEY = "fedpeft-plan"
 SEAL_TO_KEY = "fedpeft-seal-to"
 RUN_ID_KEY = "fedpeft-run-id"

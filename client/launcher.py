@@ -21,15 +21,15 @@ from pathlib import Path
 
 from fedpeft.client.app import ClientSetup
 from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address
-from fedpeft.common.builtin_task import builtin_splits
-from fedpeft.common.data import Record, read_records
-from fedpeft.common.envelope import PeerIdentity, PublicKeys
+from fedpeft.common.data.builtin_task import builtin_splits
+from fedpeft.common.data.partition import PartitionSpec, partition_records
+from fedpeft.common.data.records import Record, read_records
 from fedpeft.common.errors import ConfigError, DataError, FederationError
 from fedpeft.common.flower_deploy import flower_env, start_process, supernode_command
-from fedpeft.common.models import resolve_model_dir
-from fedpeft.common.partition import PartitionSpec, partition_records
-from fedpeft.common.pki import NODE_KEY
-from fedpeft.common.quantization import resolve_quantize, validate_quantize
+from fedpeft.common.model.base_model import resolve_model_dir
+from fedpeft.common.model.quantization import resolve_quantize, validate_quantize
+from fedpeft.common.security.envelope import PeerIdentity, PublicKeys
+from fedpeft.common.security.pki import NODE_KEY
 
 log = logging.getLogger("fedpeft.client")
 BUILTIN_PREFIX = "builtin:"
@@ -138,7 +138,7 @@ def run_client(options: ClientOptions) -> int:
     cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
                             clientappio_port=options.clientappio_port,
                             node_config={"trainer-address": socket_address(sock), "partition-id": partition,
-                                         # what fedpeft.client.inprocess_app needs (the benchmark's baseline)
+                                         # what fedpeft.simulations.harness.inprocess_client_app needs (the benchmark's baseline)
                                          "model-dir": str(model_dir), "quantize": quantize, "data": _absolute(options.data),
                                          "data-seed": options.seed, "torch-threads": threads})
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from fedpeft.common.errors import FedPeftError
-from fedpeft.common.serving_api import GenerateParams
+from fedpeft.common.protocol.serving_api import GenerateParams
 from fedpeft.common.wire import serving as wire
 
 

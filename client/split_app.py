@@ -17,13 +17,13 @@ from flwr.app import ArrayRecord
 
 from fedpeft.client.split_client import SplitSession, split_channel, train_split_local
 from fedpeft.client.training import TrainConfig, reply_metrics
-from fedpeft.common.data import Record
+from fedpeft.common.data.records import Record
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
-from fedpeft.common.models import load_tokenizer, model_fingerprint
-from fedpeft.common.plan import FederationPlan
-from fedpeft.common.quantization import validate_quantize
-from fedpeft.common.split_model import ClientPart, SplitConfig, load_client_part
+from fedpeft.common.model.base_model import load_tokenizer, model_fingerprint
+from fedpeft.common.model.quantization import validate_quantize
+from fedpeft.common.model.split import ClientPart, SplitConfig, load_client_part
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+from fedpeft.common.protocol.plan import FederationPlan
 from fedpeft.common.wire.split import wire_dtype
 
 log = logging.getLogger("fedpeft.client.split")

@@ -20,11 +20,11 @@ import grpc
 import torch
 
 from fedpeft.client.training import TrainConfig, TrainStats
-from fedpeft.common.activation_checkpointing import gradient_checkpointing
-from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError, SplitError
-from fedpeft.common.objectives import CausalLMObjective
-from fedpeft.common.split_model import ClientPart
+from fedpeft.common.model.split import ClientPart
+from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
+from fedpeft.common.training.objectives import CausalLMObjective
 from fedpeft.common.wire import split as wire
 
 log = logging.getLogger("fedpeft.client.split")

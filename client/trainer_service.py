@@ -21,11 +21,11 @@ from pathlib import Path
 import grpc
 
 from fedpeft.client.app import ClientSetup, receive_plan, train_round
-from fedpeft.common.data import Record
-from fedpeft.common.envelope import PeerIdentity, key_id, seal_delta, sign_metrics
+from fedpeft.common.data.records import Record
 from fedpeft.common.errors import ConfigError, FedPeftError
-from fedpeft.common.flower_io import delta_from_arrayrecord
-from fedpeft.common.plan import FederationPlan
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord
+from fedpeft.common.protocol.plan import FederationPlan
+from fedpeft.common.security.envelope import PeerIdentity, key_id, seal_delta, sign_metrics
 from fedpeft.common.wire import trainer as wire
 from fedpeft.common.wire.envelopes import envelope_to_bytes
 

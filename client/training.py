@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.common.activation_checkpointing import gradient_checkpointing
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError
-from fedpeft.common.objectives import objective_for
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
+from fedpeft.common.training.objectives import objective_for
 
 log = logging.getLogger("fedpeft.client")
 
@@ -84,7 +84,7 @@ class TrainStats:
 def reply_metrics(num_examples: int, stats: TrainStats, load_seconds: float, swap_seconds: float,
                   bytes_up: int) -> dict[str, float]:
     """The metrics a client's train reply carries (FedAvg weight, loss, timings, bytes sent)."""
-    from fedpeft.common.plan import UNIT_WEIGHT_KEY, WEIGHT_KEY
+    from fedpeft.common.protocol.plan import UNIT_WEIGHT_KEY, WEIGHT_KEY
 
     return {WEIGHT_KEY: num_examples, UNIT_WEIGHT_KEY: 1, "train-loss": stats.mean_loss,
             "train-loss-last": stats.last_loss, "train-seconds": stats.seconds, "load-seconds": load_seconds,

@@ -15,16 +15,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, FederationError, FedPeftError
 from fedpeft.common.files import atomic_write_bytes
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import MethodConfig
-from fedpeft.common.models import model_fingerprint
-from fedpeft.common.objectives import objective_for
-from fedpeft.common.plan import PLAN_KEY, FederationPlan
-from fedpeft.common.quantization import Quantize
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import model_fingerprint
+from fedpeft.common.model.quantization import Quantize
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.protocol.plan import PLAN_KEY, FederationPlan
+from fedpeft.common.training.objectives import objective_for
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
@@ -35,7 +35,7 @@ from fedpeft.server.serving.publishing import RegistryTarget, publish_round
 from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
 
 if TYPE_CHECKING:
-    from fedpeft.common.envelope import PeerIdentity
+    from fedpeft.common.security.envelope import PeerIdentity
     from fedpeft.server.run_config import DpSection, SecAggSection
     from fedpeft.server.split_run import SplitRun
 

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=9092, help="SuperLink port (Fleet, Control and ServerAppIo APIs)")
     run.add_argument("--attach", help="use the SuperLink at this address instead of starting one")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last completed round")
-    run.add_argument("--client-app", help="override the ClientApp component, e.g. fedpeft.client.inprocess_app:app "
-                                          "(loads the model per message; for benchmarks)")
+    run.add_argument("--client-app", help="override the ClientApp component (peft-bench-deploy: "
+                     "fedpeft.simulations.harness.inprocess_client_app:app, which loads the model per message)")
     serve = sub.add_parser("serve", help="serve the registry's adapters over one base model (gRPC AdapterServing)")
     serve.add_argument("--registry", type=Path, required=True, help="adapter registry dir (training publishes into it)")
     serve.add_argument("--model", help="base model: built-in name, .gguf file or HF dir (default: the built-in SmolLM2)")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from fedpeft.common.serving_api import EngineLimits
+    from fedpeft.common.protocol.serving_api import EngineLimits
     from fedpeft.server.serving.launch import ServeOptions, serve
 
     limits = EngineLimits(max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
@@ -134,12 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "certs":
-            from fedpeft.common.pki import make_dev_certificates
+            from fedpeft.common.security.pki import make_dev_certificates
 
             files = make_dev_certificates(args.out, args.host, args.days, args.overwrite)
             print(f"CA: {files.ca_cert} (give this to clients)\nserver: {files.server_cert}, {files.server_key}")
         elif args.command == "keys":
-            from fedpeft.common.envelope import PeerIdentity
+            from fedpeft.common.security.envelope import PeerIdentity
 
             identity = PeerIdentity.generate()
             identity.save(args.out, overwrite=args.overwrite)

@@ -15,15 +15,15 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.common.adapted_model import check_method_applies
-from fedpeft.common.envelope import PeerIdentity
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.model.adapted import check_method_applies
+from fedpeft.common.model.base_model import resolve_model_dir
+from fedpeft.common.model.quantization import resolve_quantize, validate_quantize
 from fedpeft.common.offsite.layer_map import read_layer_map
 from fedpeft.common.offsite.run import adapter_method_options, evaluate_plug_in, prepare_emulator
-from fedpeft.common.quantization import resolve_quantize, validate_quantize
+from fedpeft.common.security.envelope import PeerIdentity
 from fedpeft.server.app import ServerSetup, run_federation
 from fedpeft.server.run_config import RunConfig, load_eval_task
 from fedpeft.server.sealed_replies import load_trusted_clients
@@ -104,8 +104,8 @@ def finish_offsite(config: RunConfig, setup: ServerSetup, final: Path) -> dict:
 
 def start_configured_split(config: RunConfig, setup: ServerSetup):  # -> SplitRun
     """Start the split server a run config's [split] section describes, beside this ServerApp."""
-    from fedpeft.common.pki import TlsFiles
-    from fedpeft.common.split_model import SplitConfig, check_split
+    from fedpeft.common.model.split import SplitConfig, check_split
+    from fedpeft.common.security.pki import TlsFiles
     from fedpeft.server.split_run import start_split_run
 
     sp = config.split

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.common import __version__
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.files import write_json_atomic
+from fedpeft.common.model.adapted import AdaptedModel
 
 MANIFEST_FILE = "fedpeft.json"
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.common.deltas import DeltaSpec, TensorSpec
 from fedpeft.common.errors import DeltaError
+from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
 from fedpeft.server.lora_aggregation import LORA_A, LORA_B, lora_pairs, mean_update, refactor, weighted_mean
 
 Scaling = Callable[[int], float]

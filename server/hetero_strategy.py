@@ -22,11 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods.lora import LoraMethodConfig, lora_scaling
-from fedpeft.common.plan import RANK_KEY
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.protocol.plan import RANK_KEY
 from fedpeft.server.hetero_lora import Scaling, aggregate_flexlora, aggregate_hetlora, restrict, spec_at_rank
 
 log = logging.getLogger("fedpeft.server")

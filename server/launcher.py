@@ -28,7 +28,7 @@ from fedpeft.common.flower_deploy import (
     wait_for_port,
     write_cli_config,
 )
-from fedpeft.common.pki import TlsFiles
+from fedpeft.common.security.pki import TlsFiles
 from fedpeft.server.deploy_app import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY
 from fedpeft.server.recorder import last_completed_round
 from fedpeft.server.run_config import RunConfig
@@ -93,7 +93,7 @@ class LaunchOptions:
     resume: bool = False
     timeout: float = 24 * 3600.0
     clientapp: str | None = None
-    """Override the ClientApp component (benchmarks: fedpeft.client.inprocess_app:app)."""
+    """Override the ClientApp component (benchmarks: fedpeft.simulations.harness.inprocess_client_app:app)."""
 
 
 def _bracket(host: str) -> str:

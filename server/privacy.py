@@ -26,9 +26,9 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.plan import UNIT_WEIGHT_KEY
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.plan import UNIT_WEIGHT_KEY
 from fedpeft.server.strategy import DeltaValidation
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.common.deltas import load_delta_file, save_delta_file
+from fedpeft.common.protocol.deltas import load_delta_file, save_delta_file
 
 log = logging.getLogger("fedpeft.server")
 

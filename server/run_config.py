@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.client.training import TrainConfig
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
-from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, read_records
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.records import Record, TaskSpec, infer_task, parse_verbalizer, read_records
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import DEFAULT_MODEL
+from fedpeft.common.model.base_model import DEFAULT_MODEL
+from fedpeft.common.model.quantization import QUANTIZE_CHOICES
 from fedpeft.common.offsite.run import OFFSITE_METHODS, OffsiteSettings
-from fedpeft.common.quantization import QUANTIZE_CHOICES
-from fedpeft.common.topology import DEFAULT_TOPOLOGY, validate_topology
+from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, validate_topology
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 
@@ -162,7 +162,7 @@ SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainC
                              "registry": RegistrySection, "offsite": OffsiteSettings,
                              "split": SplitSection}
 DEPLOY_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite", "split")
-"""Topologies `peft-server run` deploys (a subset of `fedpeft.common.topology.TOPOLOGIES`)."""
+"""Topologies `peft-server run` deploys (a subset of `fedpeft.common.protocol.topology.TOPOLOGIES`)."""
 
 
 @dataclass
@@ -268,7 +268,7 @@ class RunConfig:
                 found.append(f"federation.topology 'offsite' trains the adapter blocks with {list(OFFSITE_METHODS)}, "
                              f"not method {f.method!r}")
         if self.training.gradient_checkpointing:
-            from fedpeft.common.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
+            from fedpeft.common.training.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 
             if refuses_checkpointing(f.method):
                 found.append(f"training.gradient_checkpointing cannot train method {f.method!r}: {KV_PREFIX_REASON}")

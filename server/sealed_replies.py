@@ -21,8 +21,11 @@ from pathlib import Path
 
 from flwr.app import Message, RecordDict
 
-from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.envelope import (
+from fedpeft.common.errors import ConfigError, DeltaError
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
+from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY
+from fedpeft.common.security.envelope import (
     EnvelopeError,
     PeerIdentity,
     PublicKeys,
@@ -31,9 +34,6 @@ from fedpeft.common.envelope import (
     open_delta,
     verify_metrics,
 )
-from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.flower_io import delta_to_arrayrecord
-from fedpeft.common.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY
 from fedpeft.common.wire.envelopes import envelope_from_bytes
 
 log = logging.getLogger("fedpeft.server")

@@ -30,10 +30,10 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import DeltaError, FederationError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.plan import PLAN_KEY
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.protocol.plan import PLAN_KEY
 from fedpeft.server.strategy import RoundTraffic, relax_minimums
 
 if TYPE_CHECKING:

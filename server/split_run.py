@@ -17,14 +17,14 @@ from pathlib import Path
 import grpc
 from torch import nn
 
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.errors import FederationError
 from fedpeft.common.files import atomic_write_bytes
 from fedpeft.common.methods import MethodConfig, get_method
-from fedpeft.common.models import load_tokenizer, model_fingerprint
-from fedpeft.common.pki import TlsFiles
-from fedpeft.common.quantization import Quantize
-from fedpeft.common.split_model import JoinedSplitModel, SplitConfig, load_client_part, load_server_part
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_tokenizer, model_fingerprint
+from fedpeft.common.model.quantization import Quantize
+from fedpeft.common.model.split import JoinedSplitModel, SplitConfig, load_client_part, load_server_part
+from fedpeft.common.security.pki import TlsFiles
 from fedpeft.server.split_service import SplitServer, serve_split
 
 log = logging.getLogger("fedpeft.server.split")
@@ -82,7 +82,7 @@ def global_client_part(run: SplitRun, model_dir: Path, method_config: MethodConf
 
 def joined_eval_model(run: SplitRun, adapted: AdaptedModel) -> nn.Module:
     """The global client part and the shared server part as one causal LM (for evaluation)."""
-    from fedpeft.common.split_model import ClientPart
+    from fedpeft.common.model.split import ClientPart
 
     client = ClientPart(model=adapted.model, blocks=range(run.split.cut), split=run.split,
                         delta_names=adapted.delta_names, spec=adapted.spec)

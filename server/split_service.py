@@ -27,8 +27,8 @@ import grpc
 import torch
 
 from fedpeft.common.errors import ConfigError, SplitAuthError, SplitError, SplitSessionError, SplitTooLargeError
-from fedpeft.common.pki import TlsFiles
-from fedpeft.common.split_model import ServerPart
+from fedpeft.common.model.split import ServerPart
+from fedpeft.common.security.pki import TlsFiles
 from fedpeft.common.wire import split as wire
 
 log = logging.getLogger("fedpeft.server.split")

@@ -41,10 +41,10 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
-from fedpeft.common.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 

@@ -40,8 +40,8 @@ def _ranks(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from fedpeft.common.methods import available_methods
-    from fedpeft.common.models import DEFAULT_MODEL
-    from fedpeft.common.topology import TOPOLOGIES
+    from fedpeft.common.model.base_model import DEFAULT_MODEL
+    from fedpeft.common.protocol.topology import TOPOLOGIES
     from fedpeft.server.strategy import LORA_AGGREGATIONS, STRATEGIES
     from fedpeft.simulations.config import SimulationConfig
 

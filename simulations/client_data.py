@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from fedpeft.common.data import Record, read_records
+from fedpeft.common.data.records import Record, read_records
 from fedpeft.common.errors import DataError
 
 _ROWS_CACHE: dict[str, list[Record]] = {}

@@ -9,19 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.common.data.partition import PartitionSpec
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.methods import MethodConfig, make_config
 from fedpeft.common.methods.lora import LoraMethodConfig
-from fedpeft.common.models import DEFAULT_MODEL
+from fedpeft.common.model.base_model import DEFAULT_MODEL
+from fedpeft.common.model.quantization import QUANTIZE_CHOICES, bitsandbytes_available, resolve_quantize  # noqa: F401
 from fedpeft.common.offsite.run import OFFSITE_METHODS, OffsiteSettings
-from fedpeft.common.partition import PartitionSpec
-from fedpeft.common.quantization import QUANTIZE_CHOICES, bitsandbytes_available, resolve_quantize  # noqa: F401
-from fedpeft.common.topology import DEFAULT_TOPOLOGY, validate_topology
+from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, validate_topology
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 SIM_TOPOLOGIES: tuple[str, ...] = ("fl", "offsite", "split")
-"""Topologies `peft-sim` runs (all of `fedpeft.common.topology.TOPOLOGIES`)."""
+"""Topologies `peft-sim` runs (all of `fedpeft.common.protocol.topology.TOPOLOGIES`)."""
 SPLIT_WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
@@ -135,7 +135,7 @@ class SimulationConfig:
             found += [p.replace("dp.", "--dp-").replace("clipping_norm", "clip").replace("noise_multiplier", "noise")
                       .replace("target_delta", "delta") for p in self.dp_problems()]
         if self.gradient_checkpointing:
-            from fedpeft.common.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
+            from fedpeft.common.training.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 
             if refuses_checkpointing(self.method):
                 found.append(f"--gradient-checkpointing cannot train --method {self.method}: {KV_PREFIX_REASON}")

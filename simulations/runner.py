@@ -16,18 +16,18 @@ from typing import Any
 
 from fedpeft.client.app import ClientSetup, build_client_app
 from fedpeft.client.training import TrainConfig
-from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
-from fedpeft.common.data import Record, TaskSpec, infer_task, parse_verbalizer, read_records
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.partition import PartitionSpec, partition_records
+from fedpeft.common.data.records import Record, TaskSpec, infer_task, parse_verbalizer, read_records
 from fedpeft.common.errors import FederationError
 from fedpeft.common.files import write_json_atomic
 from fedpeft.common.logs import apply_offline_env, setup_logging
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import resolve_model_dir
+from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
+from fedpeft.common.model.base_model import resolve_model_dir
+from fedpeft.common.model.split import SplitConfig, check_split
 from fedpeft.common.offsite.run import adapter_method_options, evaluate_plug_in, plan_layers, prepare_emulator
-from fedpeft.common.partition import PartitionSpec, partition_records
-from fedpeft.common.pki import make_dev_certificates
-from fedpeft.common.split_model import SplitConfig, check_split
+from fedpeft.common.security.pki import make_dev_certificates
 from fedpeft.server.app import ServerSetup, build_server_app
 from fedpeft.server.split_run import start_split_run
 from fedpeft.simulations.client_data import PartitionFiles, write_partitions

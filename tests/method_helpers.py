@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.evaluation import model_device
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.training.evaluation import model_device
 
 
 def probe_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,13 +8,13 @@ import torch
 from test_objectives import NOT_ON_TINY_LLAMA, OPTIONS, _batch, _objective
 
 from fedpeft.client.training import TrainConfig, train_local
-from fedpeft.common.activation_checkpointing import _hf_model, gradient_checkpointing, passes_kv_prefix
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import available_methods, get_method, make_config
-from fedpeft.common.quantization import bitsandbytes_available
-from fedpeft.common.split_model import SplitConfig, load_client_part
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.quantization import bitsandbytes_available
+from fedpeft.common.model.split import SplitConfig, load_client_part
+from fedpeft.common.training.activation_checkpointing import _hf_model, gradient_checkpointing, passes_kv_prefix
 
 
 def _saved_bytes_and_grads(model: torch.nn.Module, params, loss_fn) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
@@ -155,7 +155,7 @@ def test_an_encoder_classifier_checkpoints_with_the_same_gradients(tmp_path_fact
     """BERT-family encoders (sequence classification, where BitFit has biases to train)."""
     from tiny_models import build_tiny_bert
 
-    from fedpeft.common.objectives import objective_for
+    from fedpeft.common.training.objectives import objective_for
 
     model_dir = build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
     task = builtin_task()

@@ -8,12 +8,12 @@ import torch
 from method_helpers import logits, probe_batch
 
 from fedpeft.client.training import TrainConfig, train_local
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import bitsandbytes_available
 
 ROWS, _ = builtin_splits(32, 4, seed=2)
 # 8 steps: budgeting through step 6 (= total_step - tfinal), then 2 final steps
@@ -82,6 +82,6 @@ def test_adalora_options_are_validated(options, field):
 
 
 def test_adalora_passes_the_weightless_pre_flight_check(tiny_model_dir):
-    from fedpeft.common.adapted_model import check_method_applies
+    from fedpeft.common.model.adapted import check_method_applies
 
     assert check_method_applies(tiny_model_dir, "adalora", make_config("adalora", OPTIONS)) > 0

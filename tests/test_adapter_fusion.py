@@ -10,11 +10,11 @@ import pytest
 import torch
 from method_helpers import logits, probe_batch, train_steps
 
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import bitsandbytes_available
 
 QUANT = ["none", pytest.param("4bit", marks=pytest.mark.skipif(not bitsandbytes_available(), reason="no bnb"))]
 

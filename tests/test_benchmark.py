@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from fedpeft.simulations.benchmark import BenchRow, read_results, write_results
+from fedpeft.simulations.bench.method_quality import BenchRow, read_results, write_results
 
 
 def test_results_table_csv_and_plot(tmp_path):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import make_config
-from fedpeft.common.quantization import bitsandbytes_available, cpu_supports_bf16, four_bit_layers
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.quantization import bitsandbytes_available, cpu_supports_bf16, four_bit_layers
+from fedpeft.common.training.evaluation import model_device
 
 pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not importable")
 

@@ -66,7 +66,7 @@ def test_console_script_is_installed():
 
 
 def test_methods_without_4bit_support_fail_before_anything_starts(capsys, tmp_path, tiny_model_dir):
-    from fedpeft.common.quantization import bitsandbytes_available
+    from fedpeft.common.model.quantization import bitsandbytes_available
 
     if not bitsandbytes_available():
         pytest.skip("bitsandbytes not importable")

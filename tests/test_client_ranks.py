@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from fedpeft.client import app as client_app
-from fedpeft.common.builtin_task import builtin_task
+from fedpeft.common.data.builtin_task import builtin_task
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.flower_io import delta_to_arrayrecord
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import model_fingerprint
-from fedpeft.common.plan import FederationPlan
+from fedpeft.common.model.base_model import model_fingerprint
+from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
+from fedpeft.common.protocol.plan import FederationPlan
 from fedpeft.server.lora_aggregation import lora_pairs
 
 

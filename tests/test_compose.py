@@ -29,7 +29,7 @@ import yaml
 
 from fedpeft.client.cli import build_parser as client_parser
 from fedpeft.common.flower_deploy import superlink_command
-from fedpeft.common.pki import CA_CERT, LOOPBACK_NAMES, NODE_KEY, SERVER_CERT, SERVER_KEY, TlsFiles
+from fedpeft.common.security.pki import CA_CERT, LOOPBACK_NAMES, NODE_KEY, SERVER_CERT, SERVER_KEY, TlsFiles
 from fedpeft.server.cli import build_parser as server_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
-from fedpeft.common.data import (
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.records import (
     IGNORE_INDEX,
     TaskSpec,
     encode,
@@ -85,7 +85,7 @@ def test_bad_verbalizer_and_rows_are_reported():
 
 
 def test_loss_mask_covers_only_the_target(tiny_model_dir):
-    from fedpeft.common.models import load_tokenizer
+    from fedpeft.common.model.base_model import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     task = TaskSpec(kind="instruction")
@@ -97,7 +97,7 @@ def test_loss_mask_covers_only_the_target(tiny_model_dir):
 
 
 def test_truncation_keeps_the_whole_target(tiny_model_dir):
-    from fedpeft.common.models import load_tokenizer
+    from fedpeft.common.model.base_model import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     enc = encode(tok, "word " * 200, " billing", max_length=16, add_eos=False)

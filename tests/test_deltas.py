@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.deltas import DeltaSpec, delta_from_bytes, delta_to_bytes, load_delta_file, save_delta_file
 from fedpeft.common.errors import DeltaError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.methods import make_config
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.protocol.deltas import DeltaSpec, delta_from_bytes, delta_to_bytes, load_delta_file, save_delta_file
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 
 
 @pytest.fixture()

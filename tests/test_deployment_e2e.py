@@ -12,9 +12,9 @@ import pytest
 import torch
 from run_helpers import forget_round, split_server_steps
 
-from fedpeft.common.deltas import load_delta_file
+from fedpeft.common.protocol.deltas import load_delta_file
 from fedpeft.simulations.config import SimulationConfig
-from fedpeft.simulations.loopback import LoopbackDeployment, write_run_config
+from fedpeft.simulations.harness.loopback import LoopbackDeployment, write_run_config
 from fedpeft.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_a_client_killed_mid_run_is_tolerated_down_to_min_clients_under_secagg(d
 
 
 def test_a_split_run_across_processes_survives_a_coordinator_kill_and_resumes(deployment):
-    from fedpeft.simulations.loopback import free_port
+    from fedpeft.simulations.harness.loopback import free_port
 
     # Prepare: split topology (clients hold embeddings + block 0), the split server on its own TLS port
     dep, split_port, local_steps = deployment, free_port(), 4

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.flower_deploy import superlink_command, supernode_command
-from fedpeft.common.pki import make_dev_certificates, make_node_key
+from fedpeft.common.security.pki import make_dev_certificates, make_node_key
 from fedpeft.server.launcher import clientapp_component, write_app_dir
 from fedpeft.server.run_config import RunConfig, SecAggSection
 from fedpeft.server.secagg import quantization_error_bound, secagg_problems
@@ -137,7 +137,7 @@ def test_a_registry_section_makes_every_round_publish(tmp_path):
 
     (tmp_path / "run.toml").write_text('[federation]\nmodel = "tiny"\nquantize = "none"\n'
                                        '[registry]\nenabled = true\ndir = "registry"\nadapter_id = "support"\n')
-    from fedpeft.simulations.tiny_models import build_tiny_llama
+    from fedpeft.simulations.harness.tiny_models import build_tiny_llama
 
     build_tiny_llama(tmp_path / "tiny")
     config = RunConfig.from_toml(tmp_path / "run.toml")
@@ -170,8 +170,8 @@ def test_sealing_over_the_local_channel_gives_an_envelope_the_server_opens(tmp_p
     import torch
 
     from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address, wait_until_ready
-    from fedpeft.common.envelope import EnvelopeError, PeerIdentity, open_delta, verify_metrics
-    from fedpeft.common.flower_io import delta_to_arrayrecord
+    from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
+    from fedpeft.common.security.envelope import EnvelopeError, PeerIdentity, open_delta, verify_metrics
     from fedpeft.common.wire import envelope_from_bytes
     from fedpeft.common.wire import trainer as wire
 
@@ -220,8 +220,8 @@ def test_the_client_app_says_when_its_trainer_is_not_running(tmp_path):
 
 def test_builtin_client_data_is_the_simulations_partition():
     from fedpeft.client.launcher import load_client_rows
-    from fedpeft.common.builtin_task import builtin_splits
-    from fedpeft.common.partition import PartitionSpec, partition_records
+    from fedpeft.common.data.builtin_task import builtin_splits
+    from fedpeft.common.data.partition import PartitionSpec, partition_records
 
     rows, partition = load_client_rows("builtin:1/3", seed=7)
     train, _ = builtin_splits(800, 200, 7)

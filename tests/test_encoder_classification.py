@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
-from fedpeft.common.data import TaskSpec
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.records import TaskSpec
 from fedpeft.common.errors import ConfigError, DataError, ModelLoadError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model, model_kind
-from fedpeft.common.objectives import SequenceClassificationObjective, objective_for
+from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
+from fedpeft.common.model.base_model import load_base_model, model_kind
+from fedpeft.common.training.objectives import SequenceClassificationObjective, objective_for
 
 TASK = builtin_task()
 TRAIN, HELD_OUT = builtin_splits(64, 32, seed=3)
@@ -88,11 +88,11 @@ def test_meta_check_knows_encoders(tiny_bert_dir):
         check_method_applies(tiny_bert_dir, "lora", make_config("lora"))
 
 
-@pytest.mark.skipif(not __import__("fedpeft.common.quantization", fromlist=["x"]).bitsandbytes_available(),
+@pytest.mark.skipif(not __import__("fedpeft.common.model.quantization", fromlist=["x"]).bitsandbytes_available(),
                     reason="bitsandbytes not importable")
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
 def test_encoder_head_stays_full_precision_on_a_4bit_backbone(tiny_bert_dir, method):
-    from fedpeft.common.quantization import four_bit_layers
+    from fedpeft.common.model.quantization import four_bit_layers
 
     adapted = AdaptedModel.load(tiny_bert_dir, "4bit", method, make_config(method), num_labels=4)
     assert four_bit_layers(adapted.model)  # the encoder itself is 4-bit

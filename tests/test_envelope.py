@@ -11,9 +11,10 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from fedpeft.common import envelope as envelope_module
-from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.envelope import (
+from fedpeft.common.errors import ConfigError, DeltaError
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.security import envelope as envelope_module
+from fedpeft.common.security.envelope import (
     Envelope,
     EnvelopeError,
     IdentityError,
@@ -27,7 +28,6 @@ from fedpeft.common.envelope import (
     open_delta,
     seal_delta,
 )
-from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.wire import envelope_from_bytes, envelope_to_bytes, read_envelope_file, write_envelope_file
 
 RUN, ROUND, CLIENT = "run-1", 3, "client-1"

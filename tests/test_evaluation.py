@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
-from fedpeft.common.data import collate, encode_candidates
-from fedpeft.common.evaluation import evaluate, sequence_logprobs, single_token_label_ids
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.records import collate, encode_candidates
 from fedpeft.common.methods import make_config
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.training.evaluation import evaluate, sequence_logprobs, single_token_label_ids
 
 
 def test_single_token_fast_path_equals_full_sequence_scoring(tiny_model_dir):
@@ -34,7 +34,7 @@ def test_single_token_fast_path_equals_full_sequence_scoring(tiny_model_dir):
 
 def test_instruction_eval_reports_loss_only(tiny_model_dir):
     adapted = AdaptedModel.load(tiny_model_dir, "none", "prefix", make_config("prefix", {"num_virtual_tokens": "2"}))
-    from fedpeft.common.data import TaskSpec
+    from fedpeft.common.data.records import TaskSpec
 
     rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Route", "input": "refund", "output": "billing"}]
     result = evaluate(adapted.model, adapted.tokenizer, TaskSpec(kind="instruction"), rows, max_length=64)

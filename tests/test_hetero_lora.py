@@ -19,11 +19,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import DeltaError
 from fedpeft.common.methods import make_config
 from fedpeft.common.methods.lora import lora_scaling
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.server.hetero_lora import (
     aggregate_flexlora,
     aggregate_hetlora,

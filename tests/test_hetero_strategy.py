@@ -9,12 +9,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.methods import make_config
 from fedpeft.common.methods.lora import lora_scaling
-from fedpeft.common.plan import RANK_KEY, TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+from fedpeft.common.protocol.plan import RANK_KEY, TRAIN_METRIC_KEYS
 from fedpeft.server.hetero_lora import aggregate_flexlora, aggregate_hetlora, restrict
 from fedpeft.server.hetero_strategy import HeteroRanks, RankAssignment
 from fedpeft.server.strategy import build_strategy

@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.errors import DeltaError
 from fedpeft.common.methods import make_config
+from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.server.lora_aggregation import aggregate_lora_svd, lora_pairs, mean_update, refactor, weighted_mean
 
 A, B = "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from method_helpers import logits, probe_batch, train_steps
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.deltas import delta_from_bytes, delta_to_bytes
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import bitsandbytes_available
+from fedpeft.common.protocol.deltas import delta_from_bytes, delta_to_bytes
 
 needs_bnb = pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not importable")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from method_helpers import logits, probe_batch, train_steps
 
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import bitsandbytes_available
 
 CASES = [
     ("lora", {"r": "4"}),

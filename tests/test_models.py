@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.common import models
 from fedpeft.common.errors import ModelLoadError
-from fedpeft.common.models import BUILTIN_MODELS, DEFAULT_MODEL, load_base_model, model_fingerprint, resolve_model_dir
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model import base_model as models
+from fedpeft.common.model.base_model import BUILTIN_MODELS, DEFAULT_MODEL, load_base_model, model_fingerprint, resolve_model_dir
+from fedpeft.common.model.quantization import bitsandbytes_available
 
 
 def test_hf_dir_resolves_to_itself(tiny_model_dir):
@@ -103,7 +103,7 @@ Anonymous:             0 kB
 
 
 def test_only_clean_checkpoint_mappings_of_the_model_are_released():
-    from fedpeft.common.models import _clean_checkpoint_mappings
+    from fedpeft.common.model.base_model import _clean_checkpoint_mappings
 
     # a: dirty page cache of a fresh file is fine; b has a page this process wrote (it would be lost); a library is no checkpoint
     assert _clean_checkpoint_mappings(SMAPS, Path("/models")) == [(0x7F0000000000, 0x7F0000100000),
@@ -125,7 +125,7 @@ def _mapped_rss_kb(model_dir: Path) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not bitsandbytes_available(), reason="Linux + bitsandbytes")
 def test_a_4bit_model_gives_back_its_checkpoint_pages_and_computes_the_same(tiny_model_dir):
-    from fedpeft.common.models import release_checkpoint_pages
+    from fedpeft.common.model.base_model import release_checkpoint_pages
 
     model = load_base_model(tiny_model_dir, "4bit")  # releases once while loading
     ids = torch.randint(3, 300, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.data import IGNORE_INDEX, TaskSpec
-from fedpeft.common.evaluation import model_device
+from fedpeft.common.data.records import IGNORE_INDEX, TaskSpec
 from fedpeft.common.methods import available_methods, make_config
-from fedpeft.common.models import load_tokenizer
-from fedpeft.common.objectives import CausalLMObjective, _backbone_and_head
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_tokenizer
+from fedpeft.common.model.quantization import bitsandbytes_available
+from fedpeft.common.training.evaluation import model_device
+from fedpeft.common.training.objectives import CausalLMObjective, _backbone_and_head
 
 # Options that make a method's default config fit a 2-block tiny Llama.
 OPTIONS: dict[str, dict[str, str]] = {"adalora": {"total_step": "10"}}

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedpeft.common.architectures import blocks_of
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model
+from fedpeft.common.model.architectures import blocks_of
+from fedpeft.common.model.base_model import load_base_model
 from fedpeft.common.offsite import LayerMap, build_emulator, plug_in, read_layer_map
 from fedpeft.common.offsite.distill import distill_middle
 from fedpeft.common.offsite.emulator import load_full_model
-from fedpeft.common.topology import TOPOLOGIES, validate_topology
+from fedpeft.common.protocol.topology import TOPOLOGIES, validate_topology
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_an_emulator_stored_in_bfloat16_holds_the_rounded_blocks_and_bad_dtypes_
 
 
 def test_emulators_with_the_same_block_count_but_other_blocks_have_other_fingerprints(full_dir, emulator_dir, tmp_path):
-    from fedpeft.common.models import model_fingerprint
+    from fedpeft.common.model.base_model import model_fingerprint
 
     other = build_emulator(full_dir, tmp_path / "other", bottom=2, top=2, keep_every=2)
 
@@ -201,8 +201,8 @@ def test_distillation_moves_only_middle_blocks_toward_the_full_model(full_dir, t
 
 
 def test_four_bit_lora_on_the_emulator_trains_only_adapter_blocks(emulator_dir):
-    from fedpeft.common.adapted_model import AdaptedModel
-    from fedpeft.common.quantization import bitsandbytes_available
+    from fedpeft.common.model.adapted import AdaptedModel
+    from fedpeft.common.model.quantization import bitsandbytes_available
 
     if not bitsandbytes_available():
         pytest.skip("bitsandbytes not importable")
@@ -270,7 +270,7 @@ def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full
 
     assert Path(setup.model_dir) == tmp_path / "run" / "emulator"
     assert setup.method_config.layers_to_transform == (0, 3)
-    from fedpeft.common.adapted_model import AdaptedModel
+    from fedpeft.common.model.adapted import AdaptedModel
 
     adapted = AdaptedModel.load(Path(setup.model_dir), "none", "lora", setup.method_config)
     final = export_adapter(adapted, tmp_path / "run" / "final", setup.base_model, {})
@@ -305,7 +305,7 @@ def test_offsite_build_command_writes_an_emulator_dir(capsys, full_dir, tmp_path
 
 
 def test_topology_benchmark_table_reports_ratios_to_plain_fl():
-    from fedpeft.simulations.topology_benchmark import OffsiteVariant, results_table
+    from fedpeft.simulations.bench.topology_quality import OffsiteVariant, results_table
 
     fl = {"topology": "fl", "emulator_blocks": "30/30", "client_peak_mb": 1000.0, "seconds_per_step": 2.0,
           "bytes_per_step": 4000.0, "model_bytes": 2**20, "federated_acc": 0.8}
@@ -323,8 +323,8 @@ def test_topology_benchmark_table_reports_ratios_to_plain_fl():
 
 @pytest.mark.slow
 def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulator_dir, tmp_path):
-    from fedpeft.common.quantization import bitsandbytes_available
-    from fedpeft.simulations.topology_benchmark import ProbeSettings, measure_client_step
+    from fedpeft.common.model.quantization import bitsandbytes_available
+    from fedpeft.simulations.bench.topology_quality import ProbeSettings, measure_client_step
 
     if not bitsandbytes_available():
         pytest.skip("bitsandbytes not importable")
@@ -341,7 +341,7 @@ def test_client_step_probe_measures_an_emulator_client_in_a_fresh_process(emulat
 
 @pytest.mark.slow
 def test_deployed_offsite_run_clients_hold_only_the_emulator(full_dir, emulator_dir, tmp_path):
-    from fedpeft.simulations.loopback import LoopbackDeployment, write_run_config
+    from fedpeft.simulations.harness.loopback import LoopbackDeployment, write_run_config
 
     dep = LoopbackDeployment(tmp_path / "dep", model=str(emulator_dir))  # what every peft-client gets as --model
     try:

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from fedpeft.common.builtin_task import generate_tickets
+from fedpeft.common.data.builtin_task import generate_tickets
+from fedpeft.common.data.partition import PartitionSpec, partition_records
 from fedpeft.common.errors import PartitionError
-from fedpeft.common.partition import PartitionSpec, partition_records
 
 ROWS = generate_tickets(400, seed=5)
 

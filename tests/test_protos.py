@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.common.envelope import EnvelopeError, PeerIdentity, Rejection, seal_delta
+from fedpeft.common.security.envelope import EnvelopeError, PeerIdentity, Rejection, seal_delta
 from fedpeft.common.wire import envelope_from_bytes, envelope_from_proto, envelope_to_bytes, envelope_to_proto
 from fedpeft.v1 import delta_pb2
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from fedpeft.common.builtin_task import builtin_task
+from fedpeft.common.data.builtin_task import builtin_task
 from fedpeft.common.errors import ConfigError, FederationError
 from fedpeft.common.methods import make_config
 from fedpeft.server.app import ServerSetup, _resume_point

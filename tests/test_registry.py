@@ -82,7 +82,7 @@ def test_configs_validate_when_built_directly():
 
 
 def test_method_rejects_a_config_of_another_method(tiny_model_dir):
-    from fedpeft.common.models import load_base_model
+    from fedpeft.common.model.base_model import load_base_model
 
     base = load_base_model(tiny_model_dir, quantize="none")
     with pytest.raises(ConfigError, match="needs a LoraMethodConfig"):

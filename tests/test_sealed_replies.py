@@ -8,10 +8,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.common.deltas import DeltaSpec
-from fedpeft.common.envelope import PeerIdentity, seal_delta, sign_metrics
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.plan import TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.protocol.plan import TRAIN_METRIC_KEYS
+from fedpeft.common.security.envelope import PeerIdentity, seal_delta, sign_metrics
 from fedpeft.common.wire import envelope_to_bytes
 from fedpeft.server.sealed_replies import EnvelopeOpener, load_trusted_clients
 from fedpeft.server.strategy import build_strategy

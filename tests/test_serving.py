@@ -21,8 +21,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from fedpeft.common.models import load_base_model, load_tokenizer
-from fedpeft.common.serving_api import EngineLimits, GenerateParams, Sampling
+from fedpeft.common.model.base_model import load_base_model, load_tokenizer
+from fedpeft.common.protocol.serving_api import EngineLimits, GenerateParams, Sampling
 from fedpeft.common.wire import serving as wire
 from fedpeft.server.serving.engine import ServingEngine
 from fedpeft.server.serving.registry import ADAPTER_WEIGHTS, AdapterRegistry
@@ -278,7 +278,7 @@ def test_load_unload_list_and_health(served):
 
 
 def test_tenant_tokens_over_tls(tiny_model_dir, registry_dir, tmp_path):
-    from fedpeft.common.pki import make_dev_certificates
+    from fedpeft.common.security.pki import make_dev_certificates
 
     tls = make_dev_certificates(tmp_path / "tls")
     tokens_file = tmp_path / "tokens.json"
@@ -438,7 +438,7 @@ def test_rslora_and_rank_pattern_adapters_match_peft(tiny_model_dir, tmp_path):
 
 
 def test_sealed_registry_round_trip_and_tampering(tiny_model_dir, tmp_path):
-    from fedpeft.common.envelope import PeerIdentity
+    from fedpeft.common.security.envelope import PeerIdentity
 
     identity = PeerIdentity.generate()
     registry = AdapterRegistry(tmp_path / "reg", identity=identity)
@@ -540,7 +540,7 @@ def test_cli_publish_rollback_token_and_a_real_serve_process(tiny_model_dir, reg
 def test_serving_benchmark_runs_all_three_ways(tiny_model_dir, tmp_path):
     import csv
 
-    from fedpeft.simulations.serving_benchmark import main as bench_main
+    from fedpeft.simulations.bench.serving import main as bench_main
 
     assert bench_main(["--model", str(tiny_model_dir), "--adapters", "1,3", "--requests", "6", "--new-tokens", "3",
                        "--max-batch", "4", "--out", str(tmp_path)]) == 0

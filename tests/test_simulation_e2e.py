@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.deltas import load_delta_file
 from fedpeft.common.errors import FederationError
-from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import make_config
-from fedpeft.common.models import load_base_model
+from fedpeft.common.model.adapted import AdaptedModel
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.protocol.deltas import load_delta_file
+from fedpeft.common.training.evaluation import model_device
 from fedpeft.simulations.config import SimulationConfig, resolve_quantize
 from fedpeft.simulations.runner import run_simulation
 
@@ -84,7 +84,7 @@ def test_final_dir_is_a_stock_peft_adapter_matching_in_process_logits(lora_run, 
 def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
     """A client whose local data is broken fails its round; the others are aggregated."""
     from fedpeft.client.app import ClientSetup, build_client_app
-    from fedpeft.common.builtin_task import builtin_splits, builtin_task
+    from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
     from fedpeft.server.app import ServerSetup, build_server_app
     from fedpeft.simulations.ray_runtime import run_flower_simulation as flower_run_simulation
 
@@ -106,7 +106,7 @@ def test_a_failing_client_does_not_stop_the_round(tiny_model_dir, tmp_path):
 
 def test_a_round_where_every_client_fails_stops_the_run(tiny_model_dir, tmp_path):
     from fedpeft.client.app import ClientSetup, build_client_app
-    from fedpeft.common.builtin_task import builtin_splits, builtin_task
+    from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
     from fedpeft.server.app import ServerSetup, build_server_app
     from fedpeft.simulations.ray_runtime import run_flower_simulation as flower_run_simulation
 
@@ -154,7 +154,7 @@ def test_encoder_classification_federates(tmp_path):
 
     model_dir = build_tiny_bert(tmp_path / "bert")
     data = tmp_path / "train.jsonl"
-    from fedpeft.common.builtin_task import generate_tickets
+    from fedpeft.common.data.builtin_task import generate_tickets
 
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_tickets(160, seed=4)))
     config = SimulationConfig(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=2,

@@ -12,9 +12,9 @@ from run_helpers import forget_round, split_server_steps
 from fedpeft.client.split_client import SplitSession, split_channel
 from fedpeft.common.errors import ConfigError, DeltaError, SplitError
 from fedpeft.common.methods import get_method, make_config
-from fedpeft.common.models import load_base_model, model_fingerprint
-from fedpeft.common.pki import make_dev_certificates
-from fedpeft.common.split_model import JoinedSplitModel, SplitConfig, check_split, load_client_part, load_server_part
+from fedpeft.common.model.base_model import load_base_model, model_fingerprint
+from fedpeft.common.model.split import JoinedSplitModel, SplitConfig, check_split, load_client_part, load_server_part
+from fedpeft.common.security.pki import make_dev_certificates
 from fedpeft.common.wire import split as wire
 from fedpeft.server.split_service import SplitServer, serve_split
 
@@ -289,7 +289,7 @@ def test_client_refuses_plaintext_to_a_remote_server():
 # -- SplitFed on Flower's simulation engine ------------------------------------------------------------
 @pytest.mark.slow
 def test_splitfed_simulation_trains_client_parts_with_fedavg_against_one_server(model_dir, tmp_path):
-    from fedpeft.common.deltas import load_delta_file
+    from fedpeft.common.protocol.deltas import load_delta_file
     from fedpeft.simulations.config import SimulationConfig
     from fedpeft.simulations.runner import run_simulation
 
@@ -362,9 +362,9 @@ def test_split_topology_settings_are_checked_together():
 def test_u_shaped_round_through_the_flower_glue_sends_no_labels(model_dir, tls):
     from fedpeft.client.split_app import split_train_round
     from fedpeft.client.training import TrainConfig
-    from fedpeft.common.builtin_task import builtin_splits, builtin_task
-    from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-    from fedpeft.common.plan import FederationPlan
+    from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
+    from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+    from fedpeft.common.protocol.plan import FederationPlan
 
     # Prepare: a U-shaped server, the global client part, a plan as the coordinator sends it
     split = SplitConfig(cut=CUT, u_shaped=True)
@@ -433,7 +433,7 @@ def test_deployment_serverapp_starts_the_configured_split_server(model_dir, tmp_
 
 @pytest.mark.slow
 def test_client_step_benchmark_measures_all_three_topologies_the_same_way(tiny_model_dir, tmp_path):
-    from fedpeft.simulations.split_benchmark import (
+    from fedpeft.simulations.bench.client_cost import (
         measure_baseline,
         measure_fl_client_step,
         measure_offsite_client_step,
@@ -442,7 +442,7 @@ def test_client_step_benchmark_measures_all_three_topologies_the_same_way(tiny_m
     )
 
     tiny = tmp_path / "tiny4"
-    from fedpeft.simulations.tiny_models import build_tiny_llama
+    from fedpeft.simulations.harness.tiny_models import build_tiny_llama
 
     build_tiny_llama(tiny, num_layers=4)
     data = tmp_path / "train.tsv"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedpeft.common.deltas import DeltaSpec
 from fedpeft.common.errors import ConfigError, FederationError
-from fedpeft.common.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.plan import TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+from fedpeft.common.protocol.plan import TRAIN_METRIC_KEYS
 from fedpeft.server.strategy import STRATEGIES, build_strategy, strategy_options
 
 SPEC_DELTA = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedpeft.client.training import TrainConfig, train_local
-from fedpeft.common.adapted_model import AdaptedModel
-from fedpeft.common.builtin_task import builtin_splits, builtin_task
+from fedpeft.common.data.builtin_task import builtin_splits, builtin_task
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import make_config
+from fedpeft.common.model.adapted import AdaptedModel
 
 ROWS, _ = builtin_splits(24, 4, seed=2)
 CONFIG = TrainConfig(local_steps=4, learning_rate=1e-2, batch_size=4, max_length=48)

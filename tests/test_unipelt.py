@@ -6,13 +6,13 @@ import pytest
 import torch
 from method_helpers import logits, probe_batch, train_steps
 
-from fedpeft.common.adapted_model import AdaptedModel, check_method_applies
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.evaluation import model_device
 from fedpeft.common.methods import get_method, make_config
 from fedpeft.common.methods.unipelt import InputPrefixGate, PrefixGate, StaticPrefixGate
-from fedpeft.common.models import load_base_model
-from fedpeft.common.quantization import bitsandbytes_available
+from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
+from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import bitsandbytes_available
+from fedpeft.common.training.evaluation import model_device
 
 QUANT = ["none", pytest.param("4bit", marks=pytest.mark.skipif(not bitsandbytes_available(), reason="no bnb"))]
 OPTIONS = {"num_virtual_tokens": "4", "lora_r": "4", "reduction_factor": "4"}

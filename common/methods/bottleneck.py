@@ -5,7 +5,7 @@ so this module provides one. An adapter is down-projection → non-linearity →
 up-projection added residually to a sublayer's output; the up-projection starts at zero,
 so a fresh adapter is the identity and training starts from the base model.
 
-Placement (per block, looked up in `fedpeft.common.architectures`):
+Placement (per block, looked up in `fedpeft.common.model.architectures`):
 - houlsby: after the attention output projection and after the feed-forward output;
 - pfeiffer: after the feed-forward output only;
 - parallel (He et al. 2022, "Towards a unified view of parameter-efficient transfer
@@ -32,11 +32,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import ParallelSite, architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.native import NativeMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import ParallelSite, architecture_of, blocks_of
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 STYLES = ("houlsby", "pfeiffer", "parallel")

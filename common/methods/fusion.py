@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MethodConfig, require
 from fedpeft.common.methods.bottleneck import BottleneckAdapter, BottleneckMethod, BottleneckMethodConfig
 from fedpeft.common.methods.native import NativeMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import architecture_of, blocks_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class FusedSublayerOutput(nn.Module):
 
 def _stage_one(adapter_dir: Path) -> tuple[BottleneckMethodConfig, dict[str, torch.Tensor]]:
     """A stage-1 adapter's config and weights, refusing anything but a pfeiffer bottleneck."""
-    from fedpeft.common.deltas import load_delta_file
+    from fedpeft.common.protocol.deltas import load_delta_file
 
     config_file = adapter_dir / ADAPTER_CONFIG_FILE
     if not config_file.is_file():

@@ -58,7 +58,7 @@ class LoraMethodConfig(MethodConfig):
 def block_linear_names(model: nn.Module) -> tuple[str, ...]:
     """Names (last component) of every linear layer inside the transformer blocks: what
     "all-linear" selects there (4-bit `Linear4bit` layers are `nn.Linear` subclasses)."""
-    from fedpeft.common.architectures import blocks_of
+    from fedpeft.common.model.architectures import blocks_of
 
     names = {name.rsplit(".", 1)[-1] for block in blocks_of(model) for name, module in block.named_modules()
              if isinstance(module, nn.Linear)}

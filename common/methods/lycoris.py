@@ -16,7 +16,7 @@ from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.peft_backed import PeftLibraryMethod
 from fedpeft.common.methods.registry import register
-from fedpeft.common.quantization import four_bit_layers
+from fedpeft.common.model.quantization import four_bit_layers
 
 
 @dataclasses.dataclass(frozen=True)

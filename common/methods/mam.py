@@ -20,12 +20,12 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from fedpeft.common.architectures import is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.bottleneck import ACTIVATIONS, BottleneckMethodConfig, place_bottleneck_adapters
 from fedpeft.common.methods.native import PeftWrappedNativeMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import is_sequence_classifier
 
 
 @dataclasses.dataclass(frozen=True)

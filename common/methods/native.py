@@ -14,9 +14,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from fedpeft.common.architectures import architecture_of, is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MethodConfig, PeftMethod
+from fedpeft.common.model.architectures import architecture_of, is_sequence_classifier
 
 CONFIG_ATTR = "fedpeft_method_config"
 
@@ -46,7 +46,7 @@ class NativeMethod(PeftMethod):
         return model
 
     def save_adapter(self, model: nn.Module, out_dir: Path) -> None:
-        from fedpeft.common.deltas import extract_delta, save_delta_file
+        from fedpeft.common.protocol.deltas import extract_delta, save_delta_file
 
         config = getattr(model, CONFIG_ATTR, None)
         if not isinstance(config, self.config_cls):
@@ -57,7 +57,7 @@ class NativeMethod(PeftMethod):
         save_delta_file(extract_delta(model, self.delta_names(model)), out_dir / ADAPTER_WEIGHTS_FILE)
 
     def load_adapter(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
-        from fedpeft.common.deltas import DeltaSpec, apply_delta, load_delta_file
+        from fedpeft.common.protocol.deltas import DeltaSpec, apply_delta, load_delta_file
 
         meta = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
         if meta.get("peft_type") != self.peft_type:

@@ -8,9 +8,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from fedpeft.common.architectures import is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, PeftMethod
+from fedpeft.common.model.architectures import is_sequence_classifier
 
 
 class PeftLibraryMethod(PeftMethod):

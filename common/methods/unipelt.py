@@ -3,7 +3,7 @@ language model tuning"): LoRA + prefix tuning + a bottleneck adapter in every bl
 submodule scaled by its own learned gate G = sigmoid(W_g · x) computed from that
 submodule's input, so the model learns which submodules to use per layer (and input).
 
-Design (all placement comes from `fedpeft.common.architectures`; no forward is patched):
+Design (all placement comes from `fedpeft.common.model.architectures`; no forward is patched):
 
 - LoRA, in-house: each query and value projection (the table's `query_value`) is wrapped
   by `GatedLoraLinear`, computing base(x) + G_L(x)·(α/r)·B(A(dropout(x))) with a per-token
@@ -48,12 +48,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import architecture_of, blocks_of, is_sequence_classifier
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.bottleneck import ACTIVATIONS, BottleneckAdapter, output_features, sublayer_site
 from fedpeft.common.methods.native import PeftWrappedNativeMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import architecture_of, blocks_of, is_sequence_classifier
 
 #: Name fragments of the in-house trainable modules (peft freezes everything it did not add).
 OWN_MODULES = (".lora_A.", ".lora_B.", ".lora_gate.", ".adapter.", ".adapter_gate.", ".prefix_gate.")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import blocks_of
+from fedpeft.common.model.architectures import blocks_of
 from fedpeft.common.offsite.layer_map import LayerMap
 
 log = logging.getLogger("fedpeft.offsite")

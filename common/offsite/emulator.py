@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError, ModelLoadError
-from fedpeft.common.models import model_fingerprint, model_kind
+from fedpeft.common.model.architectures import architecture_of, blocks_of
+from fedpeft.common.model.base_model import model_fingerprint, model_kind
 from fedpeft.common.offsite.layer_map import LayerMap
 
 log = logging.getLogger("fedpeft.offsite")

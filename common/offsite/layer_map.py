@@ -29,7 +29,7 @@ class LayerMap:
     keep_every: int
     layers: tuple[int, ...]
     full_fingerprint: str = ""
-    """`fedpeft.common.models.model_fingerprint` of the full model (checked on plug-in)."""
+    """`fedpeft.common.model.base_model.model_fingerprint` of the full model (checked on plug-in)."""
     distill_steps: int = 0
     """Distillation steps the middle blocks got (part of the emulator's fingerprint)."""
 

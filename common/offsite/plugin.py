@@ -14,10 +14,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedpeft.common.architectures import ArchitectureSpec, architecture_of, blocks_of
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.files import write_json_atomic
 from fedpeft.common.methods.base import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from fedpeft.common.model.architectures import ArchitectureSpec, architecture_of, blocks_of
 from fedpeft.common.offsite.layer_map import LayerMap
 
 

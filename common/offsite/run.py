@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.common.data import Record, TaskSpec, read_records
+from fedpeft.common.data.records import Record, TaskSpec, read_records
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.files import write_json_atomic
-from fedpeft.common.models import model_fingerprint
+from fedpeft.common.model.base_model import model_fingerprint
 from fedpeft.common.offsite.emulator import EMULATOR_DTYPES
 from fedpeft.common.offsite.layer_map import LAYER_MAP_FILE, LayerMap, read_layer_map
 
@@ -73,7 +73,7 @@ def full_layer_count(model_dir: Path) -> int:
     """Blocks of a model dir, from its config (no weights loaded)."""
     from transformers import AutoConfig
 
-    from fedpeft.common.architectures import ARCHITECTURES
+    from fedpeft.common.model.architectures import ARCHITECTURES
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     spec = ARCHITECTURES.get(config.model_type)
@@ -142,7 +142,7 @@ def prepare_emulator(full_model_dir: Path, run_dir: Path, settings: OffsiteSetti
 
 def build_for_clients(model: str | None, out_dir: Path, settings: OffsiteSettings, overwrite: bool = False) -> LayerMap:
     """`peft-server offsite-build`: validate `settings`, then write the emulator clients get."""
-    from fedpeft.common.models import resolve_model_dir
+    from fedpeft.common.model.base_model import resolve_model_dir
     from fedpeft.common.offsite.emulator import build_emulator
 
     problems = settings.problems(lambda key: f"--{key.replace('_', '-')}")
@@ -163,9 +163,9 @@ def evaluate_plug_in(full_model_dir: Path, adapter_dir: Path, layer_map: LayerMa
                      batch_size: int = 16) -> dict[str, Any]:
     """Score the full model zero-shot, plug the adapter in, score again; writes the
     full-model adapter to `out_dir/plugged` and the numbers to `out_dir/offsite-metrics.json`."""
-    from fedpeft.common.models import load_base_model, load_tokenizer
-    from fedpeft.common.objectives import objective_for
+    from fedpeft.common.model.base_model import load_base_model, load_tokenizer
     from fedpeft.common.offsite.plugin import plug_in
+    from fedpeft.common.training.objectives import objective_for
 
     full = load_base_model(full_model_dir, quantize)  # type: ignore[arg-type]
     tokenizer = load_tokenizer(full_model_dir)

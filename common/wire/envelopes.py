@@ -12,7 +12,9 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from fedpeft.common.envelope import (
+from fedpeft.common.errors import DeltaError
+from fedpeft.common.files import atomic_write_bytes
+from fedpeft.common.security.envelope import (
     DEFAULT_MAX_ENVELOPE_BYTES,
     Envelope,
     EnvelopeError,
@@ -20,8 +22,6 @@ from fedpeft.common.envelope import (
     TensorInfo,
     check_envelope,
 )
-from fedpeft.common.errors import DeltaError
-from fedpeft.common.files import atomic_write_bytes
 from fedpeft.v1 import delta_pb2
 
 

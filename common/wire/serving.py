@@ -1,4 +1,4 @@
-"""`fedpeft.common.serving_api` types <-> `fedpeft.v1` serving messages (serde boundary).
+"""`fedpeft.common.protocol.serving_api` types <-> `fedpeft.v1` serving messages (serde boundary).
 
 Torch-free, so a client process (or the benchmark's load generator) can talk to
 `peft-server serve` without loading a model.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpeft.common.serving_api import AdapterStatus, GenerateParams, Sampling, ScoreResult, TokenEvent
+from fedpeft.common.protocol.serving_api import AdapterStatus, GenerateParams, Sampling, ScoreResult, TokenEvent
 from fedpeft.common.wire.grpc_service import GrpcService
 from fedpeft.v1 import serving_pb2
 

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from fedpeft.common.serving_api import (
+from fedpeft.common.protocol.serving_api import (
     AdapterStatus,
     EngineLimits,
     GenerateParams,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.serving_api import EngineLimits
+from fedpeft.common.protocol.serving_api import EngineLimits
 from fedpeft.server.serving.engine import ServingEngine
 from fedpeft.server.serving.registry import AdapterRegistry
 from fedpeft.server.serving.service import DEFAULT_MAX_REQUEST_BYTES, TenantTokens, start_grpc_server
@@ -37,21 +37,21 @@ def open_registry(registry_dir: Path, keys_dir: Path | None) -> AdapterRegistry:
     """The registry, sealed at rest with the identity in `keys_dir` when given."""
     identity = None
     if keys_dir is not None:
-        from fedpeft.common.envelope import PeerIdentity
+        from fedpeft.common.security.envelope import PeerIdentity
 
         identity = PeerIdentity.load(keys_dir)
     return AdapterRegistry(registry_dir, identity=identity)
 
 
 def build_engine(options: ServeOptions) -> ServingEngine:
-    from fedpeft.common.models import (
+    from fedpeft.common.model.base_model import (
         load_base_model,
         load_tokenizer,
         model_fingerprint,
         model_kind,
         resolve_model_dir,
     )
-    from fedpeft.common.quantization import resolve_quantize
+    from fedpeft.common.model.quantization import resolve_quantize
 
     model_dir = resolve_model_dir(options.model)
     if model_kind(model_dir) != "causal-lm":

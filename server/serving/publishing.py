@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.common.adapted_model import AdaptedModel
 from fedpeft.common.errors import ConfigError
+from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.server.serving.registry import check_adapter_id
 
 log = logging.getLogger("fedpeft.server")
@@ -35,7 +35,7 @@ class RegistryTarget:
 
 def publish_round(adapted: AdaptedModel, target: RegistryTarget, server_round: int, metrics: Mapping[str, Any]) -> int:
     """Save the model's current adapter as the next registry version; returns the version."""
-    from fedpeft.common.models import model_fingerprint
+    from fedpeft.common.model.base_model import model_fingerprint
     from fedpeft.server.serving.launch import open_registry
 
     registry = open_registry(Path(target.registry_dir), Path(target.keys_dir) if target.keys_dir else None)

@@ -16,7 +16,7 @@ Rollback only moves CURRENT.
 Integrity: plaintext versions are checked against the sha256s in registry.json
 (catches corruption and careless edits, not an attacker who can rewrite registry.json
 too). With a key, the weights *and* the adapter config are sealed in a `DeltaEnvelope`
-(fedpeft.common.envelope: AES-GCM to the registry's X25519 key, Ed25519-signed by the
+(fedpeft.common.security.envelope: AES-GCM to the registry's X25519 key, Ed25519-signed by the
 publisher): nothing can be read or altered without the keys.
 """
 
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.common.envelope import EnvelopeError, PeerIdentity, open_delta, seal_delta
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.files import atomic_write_bytes, write_json_atomic
+from fedpeft.common.security.envelope import EnvelopeError, PeerIdentity, open_delta, seal_delta
 from fedpeft.server.serving.errors import AdapterCorruptError, AdapterNotFoundError, ServingError
 
 ADAPTER_CONFIG = "adapter_config.json"

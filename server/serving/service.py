@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.files import write_json_atomic
-from fedpeft.common.pki import TlsFiles
+from fedpeft.common.security.pki import TlsFiles
 from fedpeft.common.wire import serving as wire
 from fedpeft.server.serving.engine import ServingEngine
 from fedpeft.server.serving.errors import PermissionDeniedError, ServingError, UnauthenticatedError

@@ -1,7 +1,7 @@
 """What a model is trained and scored on, per model kind.
 
 - causal LMs learn the target tokens (instruction responses, or a classification task's
-  label *word*) and are scored by label-word likelihoods (`fedpeft.common.evaluation`);
+  label *word*) and are scored by label-word likelihoods (`fedpeft.common.training.evaluation`);
 - sequence classifiers (encoders with a task head) learn label indices with
   cross-entropy on the head and are scored by the head's argmax.
 
@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import ARCHITECTURES, is_sequence_classifier
-from fedpeft.common.data import IGNORE_INDEX, Record, TaskSpec, collate, encode_for_training, template_fields
+from fedpeft.common.data.records import IGNORE_INDEX, Record, TaskSpec, collate, encode_for_training, template_fields
 from fedpeft.common.errors import ConfigError, DataError
-from fedpeft.common.evaluation import EvalResult, evaluate, model_device
+from fedpeft.common.model.architectures import ARCHITECTURES, is_sequence_classifier
+from fedpeft.common.training.evaluation import EvalResult, evaluate, model_device
 
 
 class Objective(Protocol):

@@ -8,7 +8,7 @@
 
 Each part carries its own LoRA (HF peft on that part's modules). Both sides call the HF
 model's own modules — embedding, rotary embedding, causal-mask builder, decoder layers,
-norm, head and `loss_function` — found through `fedpeft.common.architectures`; the only
+norm, head and `loss_function` — found through `fedpeft.common.model.architectures`; the only
 code written here is the loop over blocks, the same loop `LlamaModel.forward` runs.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedpeft.common.architectures import ARCHITECTURES, ArchitectureSpec, architecture_of, blocks_of
-from fedpeft.common.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.errors import ConfigError, SplitError
 from fedpeft.common.methods import MethodConfig, get_method
-from fedpeft.common.models import load_base_model, model_kind
-from fedpeft.common.objectives import target_token_loss
-from fedpeft.common.quantization import Quantize
+from fedpeft.common.model.architectures import ARCHITECTURES, ArchitectureSpec, architecture_of, blocks_of
+from fedpeft.common.model.base_model import load_base_model, model_kind
+from fedpeft.common.model.quantization import Quantize
+from fedpeft.common.protocol.deltas import DeltaAccess, DeltaSpec
+from fedpeft.common.training.objectives import target_token_loss
 
 SPLIT_METHODS: tuple[str, ...] = ("lora",)
 """Methods a split part can carry: ones that only wrap linear layers (others insert modules
@@ -77,7 +77,7 @@ class _Dropped(nn.Module):
 def _spec(base: nn.Module) -> ArchitectureSpec:
     spec = architecture_of(base)
     if not spec.splittable:
-        raise ConfigError(f"{type(base).__name__} has no split positions in fedpeft.common.architectures")
+        raise ConfigError(f"{type(base).__name__} has no split positions in fedpeft.common.model.architectures")
     return spec
 
 
@@ -114,7 +114,7 @@ def lm_loss(base: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 def target_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The same loss as `lm_loss(head_logits(hidden))`, with the head run only where a
-    token has a target (`fedpeft.common.objectives.target_token_loss`)."""
+    token has a target (`fedpeft.common.training.objectives.target_token_loss`)."""
     loss = target_token_loss(lambda h: head_logits(base, h), hidden, labels)
     if loss is None:
         raise SplitError("the batch has no target tokens (every label is -100)")

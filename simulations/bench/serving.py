@@ -60,7 +60,7 @@ class ServeRow:
 def load_prompts(path: Path | None, count: int, seed: int) -> list[str]:
     """Prompts from an Alpaca-style JSON/JSONL file (instruction + input), else built-in tickets."""
     if path is None:
-        from fedpeft.common.builtin_task import generate_tickets
+        from fedpeft.common.data.builtin_task import generate_tickets
 
         texts = [r["text"] for r in generate_tickets(count, seed)]
     else:
@@ -82,7 +82,7 @@ def make_adapters(model_dir: Path, count: int, out: Path, seed: int) -> list[Pat
     from peft import LoraConfig, get_peft_model
 
     from fedpeft.common.methods import make_config
-    from fedpeft.common.models import load_base_model
+    from fedpeft.common.model.base_model import load_base_model
 
     defaults = make_config("lora", {})
     model = get_peft_model(load_base_model(model_dir, "none"),
@@ -114,8 +114,8 @@ def run_engine(model_dir: Path, registry, prompts: list[str], adapter_ids: list[
     """Continuous batching over `registry` (or over a merged model when `merge_from` is set)."""
     from safetensors.torch import load_file
 
-    from fedpeft.common.models import load_base_model, load_tokenizer
-    from fedpeft.common.serving_api import EngineLimits, GenerateParams
+    from fedpeft.common.model.base_model import load_base_model, load_tokenizer
+    from fedpeft.common.protocol.serving_api import EngineLimits, GenerateParams
     from fedpeft.server.serving.batched_lora import merge_lora_into
     from fedpeft.server.serving.engine import ServingEngine
 
@@ -145,7 +145,7 @@ def run_swap(model_dir: Path, registry, prompts: list[str], adapter_ids: list[st
     alone (max_batch 1: `swap`) or with every queued request for the same adapter (`grouped`)."""
     import torch
 
-    from fedpeft.common.models import load_base_model, load_tokenizer
+    from fedpeft.common.model.base_model import load_base_model, load_tokenizer
     from fedpeft.server.serving.batched_lora import BatchedLoraModel
     from fedpeft.server.serving.kv_batch import decode_step, prefill
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(ks) < 1 or args.requests < 1 or args.new_tokens < 1 or args.max_batch < 1:
         p.error("--adapters, --requests, --new-tokens and --max-batch must be >= 1")
     try:
-        from fedpeft.common.models import resolve_model_dir
+        from fedpeft.common.model.base_model import resolve_model_dir
         from fedpeft.server.serving.registry import AdapterRegistry
 
         model_dir = resolve_model_dir(args.model)

@@ -7,7 +7,7 @@ LoRA on the adapter blocks), on a real task:
   offsite gives emulator zero-shot, emulator + adapter (what clients see) and the
   adapter plugged into the full model;
 - per client step, each in a fresh process (`peft-bench-client`'s harness,
-  `fedpeft.simulations.split_benchmark`): peak RSS minus a process that only imports the
+  `fedpeft.simulations.bench.client_cost`): peak RSS minus a process that only imports the
   same libraries, compute seconds per step, and bytes on the wire per step (delta up +
   down per round divided by local steps), all as ratios to plain FL.
 
@@ -54,7 +54,7 @@ def measure_client_step(model_dir: Path, settings: ProbeSettings, method_options
     peak memory over what the libraries alone take, seconds per step, bytes on the wire
     per step. Measured by `peft-bench-client`'s harness (`split_benchmark`), so these
     figures and that benchmark's split rows are comparable."""
-    from fedpeft.simulations.split_benchmark import measure_fl_client_step
+    from fedpeft.simulations.bench.client_cost import measure_fl_client_step
 
     result = measure_fl_client_step(model_dir, quantize=settings.quantize, batch_size=settings.batch_size,
                                     max_length=settings.max_length, steps=settings.steps, local_steps=local_steps,
@@ -91,7 +91,7 @@ def _accuracy(rows: list[dict[str, Any]], index: int) -> float | None:
 def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings, out_dir: Path,
                   skip_accuracy: bool = False) -> list[dict[str, Any]]:
     """One accuracy run and one client-step probe per topology; returns the table rows."""
-    from fedpeft.common.models import resolve_model_dir
+    from fedpeft.common.model.base_model import resolve_model_dir
     from fedpeft.common.offsite.run import (
         OffsiteSettings,
         adapter_method_options,
@@ -99,8 +99,8 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
         plan_layers,
         prepare_emulator,
     )
+    from fedpeft.simulations.bench.client_cost import measure_baseline
     from fedpeft.simulations.runner import run_simulation
-    from fedpeft.simulations.split_benchmark import measure_baseline
 
     full_dir = resolve_model_dir(base.model)
     baseline = measure_baseline(probe.threads, probe.repeats)

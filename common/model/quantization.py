@@ -5,7 +5,7 @@ layout on the first no-grad forward. After that, autograd no longer flows throug
 frozen 4-bit layers (adapters below them get no gradient) and `state_dict()` returns
 weights in the repacked layout. Turning `support_avx512bf16_for_cpu` off on every
 `Linear4bit` keeps the standard kernel path; `disable_cpu_weight_repacking` does that
-and is applied by `fedpeft.common.models.load_base_model` to every 4-bit model.
+and is applied by `fedpeft.common.model.base_model.load_base_model` to every 4-bit model.
 """
 
 from __future__ import annotations

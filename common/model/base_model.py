@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fedpeft.common.errors import ModelLoadError
-from fedpeft.common.quantization import (
+from fedpeft.common.model.quantization import (
     Quantize,
     disable_cpu_weight_repacking,
     four_bit_config,
@@ -191,7 +191,7 @@ def model_kind(model_dir: Path) -> ModelKind:
 
 def _head_modules(model_dir: Path) -> list[str]:
     """Names of the classification head for an encoder checkpoint (kept out of 4-bit)."""
-    from fedpeft.common.architectures import ARCHITECTURES
+    from fedpeft.common.model.architectures import ARCHITECTURES
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     spec = ARCHITECTURES.get(config.get("model_type", ""))

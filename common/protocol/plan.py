@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedpeft.common.data import TaskSpec
+from fedpeft.common.data.records import TaskSpec
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import MethodConfig, make_config
 

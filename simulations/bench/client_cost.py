@@ -74,12 +74,12 @@ def _import_stack() -> None:
 
     import fedpeft.client.split_client  # noqa: F401
     import fedpeft.client.training  # noqa: F401
-    import fedpeft.common.adapted_model  # noqa: F401
-    import fedpeft.common.split_model  # noqa: F401
+    import fedpeft.common.model.adapted  # noqa: F401
+    import fedpeft.common.model.split  # noqa: F401
 
 
 def _rows(spec: dict[str, Any], count: int):
-    from fedpeft.common.data import infer_task, read_records
+    from fedpeft.common.data.records import infer_task, read_records
 
     rows = read_records(Path(spec["data"]))
     task = infer_task(rows, template=spec.get("template"), labels=spec["labels"])
@@ -100,11 +100,11 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fedpeft.client.split_client import SplitSession, split_channel
-    from fedpeft.common.activation_checkpointing import gradient_checkpointing
     from fedpeft.common.methods import make_config
-    from fedpeft.common.models import load_tokenizer, model_fingerprint
-    from fedpeft.common.objectives import CausalLMObjective
-    from fedpeft.common.split_model import SplitConfig, load_client_part
+    from fedpeft.common.model.base_model import load_tokenizer, model_fingerprint
+    from fedpeft.common.model.split import SplitConfig, load_client_part
+    from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
+    from fedpeft.common.training.objectives import CausalLMObjective
     from fedpeft.common.wire.split import wire_dtype
 
     model_dir, steps, batch_size = Path(spec["model_dir"]), spec["steps"], spec["batch_size"]
@@ -153,10 +153,10 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
 def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from fedpeft.common.activation_checkpointing import gradient_checkpointing
-    from fedpeft.common.adapted_model import AdaptedModel
     from fedpeft.common.methods import make_config
-    from fedpeft.common.objectives import CausalLMObjective
+    from fedpeft.common.model.adapted import AdaptedModel
+    from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
+    from fedpeft.common.training.objectives import CausalLMObjective
 
     model_dir, steps, batch_size = Path(spec["model_dir"]), spec["steps"], spec["batch_size"]
     task, rows = _rows(spec, batch_size * (steps + 1))
@@ -224,7 +224,7 @@ def _run_worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 def _run_worker_once(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     from fedpeft.common.errors import FedPeftError
 
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.simulations.split_benchmark", "--worker", kind, json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "fedpeft.simulations.bench.client_cost", "--worker", kind, json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         raise FedPeftError(f"{kind} measurement failed:\n{proc.stderr[-3000:]}")
@@ -259,9 +259,9 @@ def measure_split_client_step(model_dir: Path, k: int, *, u_shaped: bool = False
     The server part runs in this process on loopback TLS gRPC; the client in a subprocess.
     """
     from fedpeft.common.methods import make_config
-    from fedpeft.common.models import model_fingerprint
-    from fedpeft.common.pki import make_dev_certificates
-    from fedpeft.common.split_model import SplitConfig, load_server_part
+    from fedpeft.common.model.base_model import model_fingerprint
+    from fedpeft.common.model.split import SplitConfig, load_server_part
+    from fedpeft.common.security.pki import make_dev_certificates
     from fedpeft.server.split_service import SplitServer, serve_split
 
     spec = _spec(Path(model_dir), quantize=quantize, batch_size=batch_size, max_length=max_length, steps=steps,
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_worker(args.worker[0], json.loads(args.worker[1]))))
         return 0
     from fedpeft.common.logs import apply_offline_env, setup_logging
-    from fedpeft.common.models import resolve_model_dir
+    from fedpeft.common.model.base_model import resolve_model_dir
 
     apply_offline_env()
     setup_logging()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from fedpeft.common.data import Record, TaskSpec
+from fedpeft.common.data.records import Record, TaskSpec
 
 DEPARTMENTS = ("billing", "shipping", "technical", "account")
 BRANCHES = ("north", "south", "east", "west")

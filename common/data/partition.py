@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedpeft.common.data import Record
+from fedpeft.common.data.records import Record
 from fedpeft.common.errors import PartitionError
 
 MIN_DIRICHLET_PARTITION = 2

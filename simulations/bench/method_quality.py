@@ -47,10 +47,10 @@ class BenchRow:
 def run_centralized(base, method: str, lr: float, out_dir: Path) -> BenchRow:
     """Train on all training rows in one process for the federation's total step count."""
     from fedpeft.client.training import TrainConfig, train_local
-    from fedpeft.common.adapted_model import AdaptedModel
     from fedpeft.common.methods import make_config
-    from fedpeft.common.models import resolve_model_dir
-    from fedpeft.common.objectives import objective_for
+    from fedpeft.common.model.adapted import AdaptedModel
+    from fedpeft.common.model.base_model import resolve_model_dir
+    from fedpeft.common.training.objectives import objective_for
     from fedpeft.simulations.config import resolve_quantize
     from fedpeft.simulations.runner import load_task_data
 

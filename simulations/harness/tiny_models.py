@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fedpeft.common.builtin_task import generate_tickets
+from fedpeft.common.data.builtin_task import generate_tickets
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 384):

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.common.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.methods import MethodConfig, PeftMethod, get_method
-from fedpeft.common.models import load_base_model, load_tokenizer, model_kind
-from fedpeft.common.quantization import Quantize
+from fedpeft.common.model.base_model import load_base_model, load_tokenizer, model_kind
+from fedpeft.common.model.quantization import Quantize
+from fedpeft.common.protocol.deltas import DeltaAccess, DeltaSpec
 
 
 @dataclass

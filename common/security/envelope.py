@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedpeft.common.deltas import DeltaSpec, delta_from_bytes, delta_to_bytes
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.files import atomic_write_bytes
+from fedpeft.common.protocol.deltas import DeltaSpec, delta_from_bytes, delta_to_bytes
 
 FORMAT_VERSION = 1
 KEY_BYTES = 32  # raw Ed25519 and X25519 public keys

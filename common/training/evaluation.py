@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedpeft.common.data import (
+from fedpeft.common.data.records import (
     IGNORE_INDEX,
     Encoded,
     Record,

@@ -7,7 +7,7 @@ last round's wall time and the bytes each client sent are read from the run's me
 Modes:
 - `plain`: Flower's Message API, the long-lived local trainer (what peft-client does);
 - `secagg`: the same with Flower's SecAgg+ (4 messages per round instead of 1);
-- `plain-inprocess`: the Message API with `fedpeft.client.inprocess_app`, which imports
+- `plain-inprocess`: the Message API with `fedpeft.simulations.harness.inprocess_client_app`, which imports
   torch and loads the base model in every per-message ClientApp process (the baseline
   the long-lived trainer removes).
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from fedpeft.common.errors import FedPeftError
 from fedpeft.common.logs import apply_offline_env, setup_logging
-from fedpeft.simulations.loopback import LoopbackDeployment, write_run_config
+from fedpeft.simulations.harness.loopback import LoopbackDeployment, write_run_config
 
 MODES = ("plain", "secagg", "plain-inprocess")
-INPROCESS_APP = "fedpeft.client.inprocess_app:app"
+INPROCESS_APP = "fedpeft.simulations.harness.inprocess_client_app:app"
 
 
 @dataclass
@@ -155,11 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown mode(s) {unknown}; choose from {MODES}")
     out = args.out.resolve()
     if args.model:
-        from fedpeft.common.models import resolve_model_dir
+        from fedpeft.common.model.base_model import resolve_model_dir
 
         model_dir = resolve_model_dir(args.model).resolve()  # built-in name, .gguf or HF dir
     else:
-        from fedpeft.simulations.tiny_models import build_tiny_llama
+        from fedpeft.simulations.harness.tiny_models import build_tiny_llama
 
         model_dir = build_tiny_llama(out / "tiny-llama")
     rows: list[DeployRow] = []

@@ -1,0 +1,1 @@
+"""Task data: records, the built-in task, partitioning."""

@@ -1,0 +1,1 @@
+"""Base models: loading, architectures, 4-bit quantization, PEFT adaptation, split parts."""

@@ -1,0 +1,1 @@
+"""What peers agree on: the federation plan, delta specs, Flower record I/O, topology names."""

@@ -1,0 +1,1 @@
+"""Local training pieces shared by clients and server: objectives, evaluation, checkpointing."""

@@ -1,0 +1,1 @@
+"""Benchmarks: entries that print a table, write CSV and plot (speed, memory and quality targets live here)."""
