@@ -128,6 +128,8 @@ def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
     torch.set_num_threads(setup.torch_threads)
     plan = FederationPlan.from_json(plan_json)
     adapted, load_seconds = _adapted_model(setup, plan, assigned_options(plan, lora_rank))
+    if lora_rank is not None:
+        log.info("training at LoRA rank %s (assigned by the server)", lora_rank)
     if arrays is None:
         raise DeltaError("message from server carries no global delta")
     start = time.perf_counter()
@@ -135,31 +137,34 @@ def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
     return plan, adapted, load_seconds, time.perf_counter() - start
 
 
-def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
-    """One Message API train message, handled in this process: plan -> model -> train -> reply."""
-    config = msg.content.config_records.get("config")
-    if config is None or PLAN_KEY not in config:
-        raise ConfigError("message from server carries no federation plan")
-    server_round = int(config.get("server-round", 0))
-    partition = int(context.node_config.get("partition-id", context.node_id))
-    plan = FederationPlan.from_json(str(config[PLAN_KEY]))
+def client_round(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None, rows: list[Record], *,
+                 server_round: int, partition: int, proximal_mu: float, lora_rank: object, client_id: str,
+                 ) -> tuple[ArrayRecord, dict[str, float]]:
+    """One client round, whoever runs the client (a simulation worker or `peft-client`'s trainer):
+    the plan decides what is trained (the whole model's delta, or the split client part's)."""
+    plan = FederationPlan.from_json(plan_json)
     if plan.split:  # SplitFed: only the client part is loaded and trained, against the split server
         from fedpeft.client.split_app import split_train_round
 
         setup_logging()
         torch.set_num_threads(setup.torch_threads)
-        reply_arrays, metrics = split_train_round(
-            setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan,
-            msg.content.array_records.get("arrays"), setup.data(context), server_round=server_round,
-            partition=partition, client_id=f"node-{context.node_id}")
-        return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}),
-                       reply_to=msg)
-    plan, adapted, load_s, swap_s = receive_plan(setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"),
-                                                 config.get(RANK_KEY))
-    proximal_mu = float(config.get("proximal-mu", 0.0))  # set by Flower's FedProx
-    reply_arrays, metrics = train_round(setup, plan, adapted, setup.data(context), server_round=server_round,
-                                        partition=partition, proximal_mu=proximal_mu, load_seconds=load_s,
-                                        swap_seconds=swap_s)
+        return split_train_round(setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan, arrays, rows,
+                                 server_round=server_round, partition=partition, client_id=client_id)
+    plan, adapted, load_s, swap_s = receive_plan(setup, plan_json, arrays, lora_rank)
+    return train_round(setup, plan, adapted, rows, server_round=server_round, partition=partition,
+                       proximal_mu=proximal_mu, load_seconds=load_s, swap_seconds=swap_s)
+
+
+def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
+    """One Message API train message, handled in this process: plan -> model -> train -> reply."""
+    config = msg.content.config_records.get("config")
+    if config is None or PLAN_KEY not in config:
+        raise ConfigError("message from server carries no federation plan")
+    reply_arrays, metrics = client_round(
+        setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"), setup.data(context),
+        server_round=int(config.get("server-round", 0)), partition=int(context.node_config.get("partition-id", context.node_id)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by Flower's FedProx
+        lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}")
     return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -168,10 +173,13 @@ def build_client_app(setup: ClientSetup, dp: bool = False) -> ClientApp:
     `dp`, Flower's `fixedclipping_mod` clips each update (the server's DP wrapper adds noise)."""
     from flwr.clientapp.mod import fixedclipping_mod
 
+    from fedpeft.client.flower_app import partition_query
+
     app = ClientApp(mods=[fixedclipping_mod] if dp else [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(setup, msg, context)
 
+    app.query()(partition_query)
     return app

@@ -21,7 +21,7 @@ import os
 
 import grpc
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Parameters, Status
@@ -40,6 +40,8 @@ MAX_WEIGHT_KEY = "fedpeft-secagg-max-weight"
 CLIPPING_RANGE_KEY = "fedpeft-secagg-clipping-range"
 ENVELOPE_RECORD = "envelope"
 TRAINER_ADDRESS_KEY = "trainer-address"
+PARTITION_KEY = "partition-id"
+QUERY_KEY = "fedpeft-query"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_LOCAL_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", wire.MAX_LOCAL_MESSAGE_BYTES)]
 TRAIN_TIMEOUT_S = float(os.environ.get("FEDPEFT_TRAIN_TIMEOUT", "3600"))
@@ -76,6 +78,18 @@ def _train(context: Context, plan_json: str, server_round: int, proximal_mu: flo
     return wire.arrays_from_proto(reply.delta), dict(reply.metrics)  # type: ignore[attr-defined]
 
 
+def partition_query(msg: Message, context: Context) -> Message:
+    """Answer the server's partition query: the partition id this node declares (the simulation's
+    partition, or `peft-client start --partition-id`). The server orders per-client LoRA ranks by it,
+    so the same spec gives each client the same rank in simulation and in deployment."""
+    config = msg.content.config_records.get("config")
+    if config is None or config.get(QUERY_KEY) != PARTITION_KEY:
+        raise ValueError(f"unsupported query {dict(config) if config is not None else {}!r}")
+    value = context.node_config.get(PARTITION_KEY)
+    metrics = {PARTITION_KEY: int(value)} if isinstance(value, int) and not isinstance(value, bool) else {}
+    return Message(RecordDict({"partition": MetricRecord(metrics)}), reply_to=msg)
+
+
 def _train_message(msg: Message, context: Context) -> Message:
     """Message API train: {"arrays", "config"} in, {"arrays", "metrics"} out."""
     config = msg.content.config_records["config"]
@@ -89,6 +103,8 @@ def _train_message(msg: Message, context: Context) -> Message:
 def seal_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
     """Replace the reply's plaintext delta by an envelope sealed to the server's key,
     when the server's config asks for it (`fedpeft-seal-to`)."""
+    if msg.metadata.message_type != MessageType.TRAIN:  # a query carries no delta
+        return call_next(msg, context)
     config = msg.content.config_records.get("config")
     if config is None or SEAL_TO_KEY not in config:
         status = _call(context, "Health", wire.health_request()).status  # type: ignore[attr-defined]
@@ -152,6 +168,7 @@ def _check_secagg_bounds(delta: ArrayRecord, num_examples: int, config: dict) ->
 def _build(mods: list, legacy: bool = False) -> ClientApp:  # type: ignore[type-arg]
     app = ClientApp(mods=mods)
     app.train()(_legacy_train if legacy else _train_message)
+    app.query()(partition_query)
     return app
 
 

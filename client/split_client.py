@@ -1,13 +1,13 @@
 """The client side of split fine-tuning: run the client part, stream activations, backprop
 the gradients the server sends back, step the client part's LoRA.
 
-A round reads like `fedpeft.client.training.train_local`: encode rows, AdamW over the
-client part's LoRA, a fixed number of steps. The difference is the middle of each step,
-which happens on the server (`SplitSession.exchange`).
+A round runs the same local loop as plain FL (`fedpeft.client.training.run_steps`); only
+the step differs: its middle happens on the server (`SplitSession.step`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import torch
 
-from fedpeft.client.training import TrainConfig, TrainStats
+from fedpeft.client.training import TrainConfig, TrainStats, run_steps, shuffled_batches
 from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError, SplitError
 from fedpeft.common.model.split import ClientPart
@@ -128,31 +128,14 @@ class SplitRoundStats(TrainStats):
 
 def train_split_local(part: ClientPart, session: SplitSession, task: TaskSpec, tokenizer: Any, rows: Sequence[Record],
                       config: TrainConfig, seed: int, label: str = "client") -> SplitRoundStats:
-    """Train the client part's LoRA on `rows` against the server behind `session`."""
+    """Train the client part's LoRA on `rows` against the server behind `session`: the one
+    local loop (`run_steps`) with a step whose middle happens on the split server."""
     if not rows:
         raise DataError(f"{label}: no local training data")
     objective = CausalLMObjective(task, tokenizer, config.max_length)
     encoded = [objective.encode(r) for r in rows]
-    params = part.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    steps = config.steps_for(len(encoded))
-    order: list[int] = []
-    losses: list[float] = []
     part.model.train()
-    start = time.perf_counter()
     with gradient_checkpointing(part.model, config.gradient_checkpointing, what="the split client part"):
-        for step in range(1, steps + 1):
-            if len(order) < config.batch_size:
-                order += torch.randperm(len(encoded), generator=generator).tolist()
-            batch_idx, order = order[:config.batch_size], order[config.batch_size:]
-            optimizer.zero_grad(set_to_none=True)
-            loss = session.step(step, objective.collate([encoded[i] for i in batch_idx]))
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            losses.append(loss)
-            if step % config.log_every == 0 or step == steps:
-                log.info("%s split step %d/%d loss %.4f (%.1f s)", label, step, steps, loss, time.perf_counter() - start)
-    return SplitRoundStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
-                           seconds=time.perf_counter() - start, bytes_up=session.bytes_up, bytes_down=session.bytes_down)
+        stats = run_steps(part.trainable_parameters(), shuffled_batches(encoded, objective.collate, config.batch_size, seed),
+                          config, session.step, seed=seed, label=f"{label} split", steps=config.steps_for(len(encoded)))
+    return SplitRoundStats(**dataclasses.asdict(stats), bytes_up=session.bytes_up, bytes_down=session.bytes_down)

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import grpc
 
-from fedpeft.client.app import ClientSetup, receive_plan, train_round
+from fedpeft.client.app import ClientSetup, client_round
 from fedpeft.common.data.records import Record
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord
-from fedpeft.common.protocol.plan import FederationPlan
 from fedpeft.common.security.envelope import PeerIdentity, key_id, seal_delta, sign_metrics
 from fedpeft.common.wire import trainer as wire
 from fedpeft.common.wire.envelopes import envelope_to_bytes
@@ -54,16 +53,13 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
 
     def Train(self, request, context):  # noqa: N802  (gRPC method name)
         with self._lock:
+            state = self.state
             try:
-                arrays = wire.arrays_from_proto(request.global_delta)
-                if FederationPlan.from_json(request.plan_json).split:
-                    return self._train_split(request, arrays)
-                plan, adapted, load_s, swap_s = receive_plan(self.state.setup, request.plan_json, arrays,
-                                                                 request.lora_rank or None)
-                reply_arrays, metrics = train_round(
-                    self.state.setup, plan, adapted, list(self.state.rows), server_round=int(request.server_round),
-                    partition=self.state.partition, proximal_mu=float(request.proximal_mu), load_seconds=load_s,
-                    swap_seconds=swap_s)
+                reply_arrays, metrics = client_round(
+                    state.setup, request.plan_json, wire.arrays_from_proto(request.global_delta), list(state.rows),
+                    server_round=int(request.server_round), partition=state.partition,
+                    proximal_mu=float(request.proximal_mu), lora_rank=request.lora_rank or None,
+                    client_id=state.identity.public_keys.key_id if state.identity else f"partition-{state.partition}")
             except FedPeftError as exc:
                 log.error("round %d: refusing to train: %s", request.server_round, exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -71,19 +67,6 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
             log.info("round %d: sent %.3f MB (delta), %d examples, train loss %.4f", request.server_round,
                      metrics["bytes-up"] / 1e6, metrics["num-examples"], metrics["train-loss"])
             return wire.train_reply(reply_arrays, metrics)
-
-    def _train_split(self, request, arrays):
-        """A split-topology round: only the client part is loaded and trained, against the split server."""
-        from fedpeft.client.split_app import split_train_round
-
-        setup = self.state.setup
-        client_id = self.state.identity.public_keys.key_id if self.state.identity else f"partition-{self.state.partition}"
-        reply_arrays, metrics = split_train_round(
-            setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, FederationPlan.from_json(request.plan_json),
-            arrays, list(self.state.rows), server_round=int(request.server_round), partition=self.state.partition,
-            client_id=client_id)
-        self.state.rounds_trained += 1
-        return wire.train_reply(reply_arrays, metrics)
 
     def Seal(self, request, context):  # noqa: N802
         identity = self.state.identity

@@ -6,10 +6,11 @@ delta's tensors only, run the steps (logging loss), report what happened.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ log = logging.getLogger("fedpeft.client")
 class TrainConfig:
     """Local optimization settings a server sends to every client each round."""
 
-    local_steps: int = 10
+    local_steps: int = 8
     """Optimizer steps per round (ignored when local_epochs > 0)."""
     local_epochs: float = 0.0
     """If > 0, train this many passes over the local data instead of local_steps."""
@@ -36,25 +37,14 @@ class TrainConfig:
     max_length: int = 128
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    log_every: int = 5
+    log_every: int = 4
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them: a fraction of
     the activation memory for about one more forward pass (QLoRA's default). Not with
     prefix-style methods (prefix, ptuning_v2, mam, unipelt)."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "local_steps": self.local_steps >= 1,
-            "local_epochs": self.local_epochs >= 0,
-            "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
-            "batch_size": self.batch_size >= 1,
-            "max_length": self.max_length >= 8,
-            "weight_decay": self.weight_decay >= 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "log_every": self.log_every >= 1,
-            "gradient_checkpointing": isinstance(self.gradient_checkpointing, bool),
-        }
-        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        bad = train_problems(dataclasses.asdict(self))
         if bad:
             raise ConfigError(f"invalid training settings: {', '.join(bad)}")
 
@@ -70,6 +60,34 @@ class TrainConfig:
         if self.local_epochs > 0:
             return max(1, math.ceil(self.local_epochs * num_rows / self.batch_size))
         return self.local_steps
+
+
+_TRAIN_CHECKS: dict[str, tuple[str, object]] = {
+    "local_steps": ("must be >= 1", lambda v: v >= 1),
+    "local_epochs": ("must be a finite number >= 0", lambda v: 0 <= v < math.inf),
+    "learning_rate": ("must be a finite number > 0", lambda v: 0 < v < math.inf),
+    "batch_size": ("must be >= 1", lambda v: v >= 1),
+    "max_length": ("must be >= 8", lambda v: v >= 8),
+    "weight_decay": ("must be a finite number >= 0", lambda v: 0 <= v < math.inf),
+    "max_grad_norm": ("must be a finite number > 0", lambda v: 0 < v < math.inf),
+    "log_every": ("must be >= 1", lambda v: v >= 1),
+    "gradient_checkpointing": ("must be true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def train_problems(values: dict[str, object]) -> list[str]:
+    """What is wrong with these training settings ("KEY must be ... (got V)"); the one check
+    used by the run spec and by a client reading the plan it was sent."""
+    found = []
+    for key, (rule, ok) in _TRAIN_CHECKS.items():
+        if key in values:
+            try:
+                good = bool(ok(values[key]))  # type: ignore[operator]
+            except TypeError:
+                good = False
+            if not good:
+                found.append(f"{key} {rule} (got {values[key]!r})")
+    return found
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,71 @@ def reply_metrics(num_examples: int, stats: TrainStats, load_seconds: float, swa
             "swap-seconds": swap_seconds, "bytes-up": bytes_up}
 
 
+StepFn = Callable[[int, dict[str, torch.Tensor]], torch.Tensor | float]
+"""One step's forward and backward: given the step number and a batch, leave the gradients in
+`.grad` and return the loss (a tensor to backpropagate is the caller's to backward, see `run_steps`)."""
+
+
+def run_steps(params: list[torch.nn.Parameter], batches: Callable[[int], dict[str, torch.Tensor]], config: TrainConfig,
+              step_fn: StepFn, *, seed: int, label: str, steps: int | None = None,
+              after_step: Callable[[int], None] | None = None,
+              on_step: Callable[[int, float], None] | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> TrainStats:
+    """The one local training loop: AdamW over `params`, `steps` (default `config.local_steps`)
+    steps of `step_fn`, gradient clipping, a finite-loss check, progress logging.
+
+    The step is the plug: plain FL computes the loss on the whole model (`train_local`),
+    split training exchanges activations with the split server (`train_split_local`), the
+    client-cost benchmark times either. `after_step(step)` runs after each optimizer step
+    (AdaLoRA's rank schedule); `on_step(step, seconds)` sees each step's wall time; a caller
+    that must see the optimizer's state (the benchmark) passes its own `optimizer` over `params`.
+    """
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker
+    steps = steps if steps is not None else config.local_steps
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = batches(step)
+        began = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = step_fn(step, batch)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise DataError(f"{label}: training loss became {value} at step {step}; lower the learning rate")
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, time.perf_counter() - began)
+        if step % config.log_every == 0 or step == steps:
+            log.info("%s step %d/%d loss %.4f (%.1f s)", label, step, steps, value, time.perf_counter() - start)
+    return TrainStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
+                      seconds=time.perf_counter() - start)
+
+
+def shuffled_batches(encoded: Sequence[object], collate: Callable[[list], dict[str, torch.Tensor]], batch_size: int,
+                     seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Batches of `encoded` in a seeded order, reshuffled on each pass over the local data."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+
+    def batch(_step: int) -> dict[str, torch.Tensor]:
+        nonlocal order
+        if len(order) < batch_size:
+            order += torch.randperm(len(encoded), generator=generator).tolist()
+        batch_idx, order = order[:batch_size], order[batch_size:]
+        return collate([encoded[i] for i in batch_idx])
+
+    return batch
+
+
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
                 seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0) -> TrainStats:
     """Train `adapted`'s delta on `rows` in place; returns loss statistics.
@@ -109,34 +192,17 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
     encoded = [objective.encode(r) for r in rows]
     params = adapted.trainable_parameters()
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker
-    generator = torch.Generator().manual_seed(seed)
-    steps = config.steps_for(len(encoded))
-    order: list[int] = []
-    losses: list[float] = []
     model = adapted.model
+
+    def step_fn(_step: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = objective.loss(model, batch)
+        if anchors:
+            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+        return loss
+
     model.train()
     adapted.method.begin_local_training(model)
-    start = time.perf_counter()
     with gradient_checkpointing(model, config.gradient_checkpointing, what=f"method {adapted.method.name!r}"):
-        for step in range(1, steps + 1):
-            if len(order) < config.batch_size:  # reshuffle each pass over the local data
-                order += torch.randperm(len(encoded), generator=generator).tolist()
-            batch_idx, order = order[:config.batch_size], order[config.batch_size:]
-            loss = objective.loss(model, objective.collate([encoded[i] for i in batch_idx]))
-            if anchors:
-                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-            if not torch.isfinite(loss):
-                raise DataError(f"{label}: training loss became {loss.item()} at step {step}; lower the learning rate")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            adapted.method.after_optimizer_step(model, step_offset + step)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if step % config.log_every == 0 or step == steps:
-                log.info("%s step %d/%d loss %.4f (%.1f s)", label, step, steps, losses[-1], time.perf_counter() - start)
-    return TrainStats(steps=steps, first_loss=losses[0], last_loss=losses[-1], mean_loss=sum(losses) / len(losses),
-                      seconds=time.perf_counter() - start)
-
+        return run_steps(params, shuffled_batches(encoded, objective.collate, config.batch_size, seed), config, step_fn,
+                         seed=seed, label=label, steps=config.steps_for(len(encoded)),
+                         after_step=lambda step: adapted.method.after_optimizer_step(model, step_offset + step))

@@ -36,8 +36,8 @@ from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
 
 if TYPE_CHECKING:
     from fedpeft.common.security.envelope import PeerIdentity
-    from fedpeft.server.run_config import DpSection, SecAggSection
-    from fedpeft.server.split_run import SplitRun
+    from fedpeft.server.federation.spec import DpSection, SecAggSection
+    from fedpeft.server.federation.topologies import Topology
 
 log = logging.getLogger("fedpeft.server")
 
@@ -86,20 +86,29 @@ class ServerSetup:
     """(server identity, {client id: Ed25519 key}): clients must reply with sealed envelopes."""
     publish: RegistryTarget | None = None
     """Publish the global adapter to this registry after every round (serving hot-loads it)."""
-    split: SplitRun | None = None
-    """Split topology (SplitFed): the running split server; the federated delta is the client part's LoRA."""
+    topology: Topology | None = None
+    """What the topology adds (see `fedpeft.server.federation.topologies`); None = plain FL."""
+    full_model_dir: str = ""
+    """The model the federation fine-tunes, when clients hold another (offsite: the emulator's source)."""
+
+    def model_context(self):  # -> ModelContext
+        from fedpeft.server.federation.topologies import ModelContext
+
+        return ModelContext(model_dir=Path(self.model_dir), full_model_dir=Path(self.full_model_dir or self.model_dir),
+                            quantize=self.quantize, method=self.method, method_config=self.method_config,
+                            seed=self.seed, num_labels=self.task.num_labels)
+
+    def plugin(self) -> Topology:
+        from fedpeft.server.federation.topologies import Topology
+
+        return self.topology if self.topology is not None else Topology()
 
 
 def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = None) -> Path:
     """Run all rounds on `grid`; returns the exported final adapter dir."""
     out_dir = Path(setup.out_dir)
-    if setup.split is not None:
-        from fedpeft.server.split_run import global_client_part
-
-        adapted = global_client_part(setup.split, Path(setup.model_dir), setup.method_config, setup.quantize, setup.seed)
-    else:
-        adapted = AdaptedModel.load(Path(setup.model_dir), setup.quantize, setup.method, setup.method_config,
-                                    seed=setup.seed, num_labels=setup.task.num_labels)
+    topology, models = setup.plugin(), setup.model_context()
+    adapted = topology.server_model(models)
     if setup.publish is not None:
         setup.publish.check(adapted.method.peft_backed)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
@@ -107,15 +116,11 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
                           train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint(),
-                          split=setup.split.plan_entry() if setup.split else {})
+                          split=topology.plan_entry())
     done = _resume_point(setup) if setup.resume else None
     recorder = RunRecorder(out_dir, resume_from=done)
-    split_traffic = [0, 0]  # the split server's (bytes in, bytes out) when the previous round was recorded
-    if setup.split is not None:
-        from fedpeft.server.split_run import load_server_state, save_server_state, server_state_path
-
-        if done is not None:
-            load_server_state(setup.split, server_state_path(recorder.checkpoint_path(done).parent, done))
+    if done is not None:
+        topology.restore(recorder.checkpoint_path(done).parent, done)
     strategy: Any
     if setup.dp is not None:
         strategy = build_dp_strategy(spec=adapted.spec, max_delta_bytes=setup.max_delta_bytes,
@@ -142,11 +147,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
-    eval_model = adapted.model
-    if setup.split is not None:  # the global client part joined with the shared server part
-        from fedpeft.server.split_run import joined_eval_model
-
-        eval_model = joined_eval_model(setup.split, adapted)
+    eval_model = topology.eval_model(adapted)
     started = time.perf_counter()
 
     def evaluate_global(local_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -158,9 +159,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         delta = delta_from_arrayrecord(arrays)
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         recorder.save_checkpoint(server_round, delta)
-        if setup.split is not None:  # the shared server part is the other half of the model
-            save_server_state(setup.split, server_state_path(recorder.checkpoint_path(server_round).parent, server_round),
-                              server_round)
+        topology.checkpoint(recorder.checkpoint_path(server_round).parent, server_round)
         t0 = time.perf_counter()
         result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
         traffic = strategy.traffic.get(server_round)
@@ -181,12 +180,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         }
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
-        if setup.split is not None:  # activations up and gradients down during the round, counted by the split server
-            now = [setup.split.server.bytes_in, setup.split.server.bytes_out]
-            row["split_bytes_up"], row["split_bytes_down"] = now[0] - split_traffic[0], now[1] - split_traffic[1]
-            row["bytes_up"] += row["split_bytes_up"]
-            row["bytes_down"] += row["split_bytes_down"]
-            split_traffic[:] = now
+        topology.round_metrics(row)
         refactor_errors = getattr(strategy, "refactor_errors", {})
         if server_round in refactor_errors:
             row["svd_max_relative_error"] = refactor_errors[server_round]
@@ -255,10 +249,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     final_dir = export_adapter(adapted, out_dir / "final", setup.base_model,
                                {"rounds": setup.num_rounds, "clients": setup.num_clients, "task": setup.task.to_dict()})
     log.info("server: final adapter written to %s", final_dir)
-    if setup.split is not None:
-        from fedpeft.server.split_run import export_server_part
-
-        export_server_part(setup.split, final_dir / "server-part")
+    topology.finish(final_dir, models, setup.task, list(setup.eval_rows), int(setup.train.get("max_length", 128)))
     if setup.on_complete is not None:
         setup.on_complete(adapted)
     return final_dir

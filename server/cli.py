@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "clients then hold a converted copy of the embedding; blocks are 4-bit on clients either way)")
     off.add_argument("--overwrite", action="store_true")
     run = sub.add_parser("run", help="start a SuperLink (or attach to one) and run a federation from a TOML config")
-    run.add_argument("--config", type=Path, required=True, help="TOML run config (see fedpeft.server.run_config)")
+    run.add_argument("--config", type=Path, required=True, help="TOML run config (see fedpeft.server.federation.spec)")
     run.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, metrics and final/ go")
     security = run.add_mutually_exclusive_group(required=True)
     security.add_argument("--tls", type=Path, help="dir with ca.crt, server.pem, server.key (peft-server certs)")

@@ -14,7 +14,7 @@ The global delta stays at r_max = max(ranks), the rank of the server's own model
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,7 +26,7 @@ from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.methods.lora import LoraMethodConfig, lora_scaling
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.protocol.plan import RANK_KEY
+from fedpeft.common.protocol.plan import PARTITION_KEY, QUERY_KEY, RANK_KEY
 from fedpeft.server.hetero_lora import Scaling, aggregate_flexlora, aggregate_hetlora, restrict, spec_at_rank
 
 log = logging.getLogger("fedpeft.server")
@@ -56,8 +56,10 @@ class HeteroRanks:
 
 
 class RankAssignment:
-    """Which LoRA rank each node trains at: `ranks` cycled over the nodes in the order
-    the server first sees them (ascending node id among those seen together)."""
+    """Which LoRA rank each node trains at: `ranks` cycled over the clients by the partition
+    id each declares (client k trains at ranks[k % len(ranks)], in simulation and deployment
+    alike); a node that declares none takes the next rank of the cycle in the order the
+    server first sees it (ascending node id among those seen together)."""
 
     def __init__(self, ranks: Sequence[int]) -> None:
         if not ranks or any(int(r) != r or r < 1 for r in ranks):
@@ -69,15 +71,34 @@ class RankAssignment:
     def max_rank(self) -> int:
         return max(self.ranks)
 
-    def assign(self, node_ids: Iterable[int]) -> None:
-        """Give every not yet known node the next rank of the cycle."""
+    def assign(self, node_ids: Iterable[int], declared: Mapping[int, int] | None = None) -> None:
+        """Give every not yet known node its rank: by its `declared` partition id, else the next of the cycle."""
+        declared = declared or {}
         for node in sorted(set(node_ids) - set(self.by_node)):
-            self.by_node[node] = self.ranks[len(self.by_node) % len(self.ranks)]
+            position = declared[node] if node in declared else len(self.by_node)
+            self.by_node[node] = self.ranks[position % len(self.ranks)]
 
     def rank_of(self, node_id: int) -> int:
         if node_id not in self.by_node:
             raise DeltaError(f"node {node_id} was never assigned a LoRA rank (no train message was sent to it)")
         return self.by_node[node_id]
+
+
+def declared_partitions(grid: Grid, nodes: Sequence[int], timeout: float = 120.0) -> dict[int, int]:
+    """{node: partition id} of the nodes that answer a partition query (see
+    `fedpeft.client.flower_app.partition_query`); a node that fails or declares none is left out."""
+    query = ConfigRecord({QUERY_KEY: PARTITION_KEY})
+    messages = [Message(RecordDict({"config": query}), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    declared: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            log.warning("node %d did not declare a partition id: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        record = reply.content.metric_records.get("partition")
+        value = record.get(PARTITION_KEY) if record is not None else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+            declared[reply.metadata.src_node_id] = value
+    return declared
 
 
 class HeteroRankLoraFedAvg(FedAvg):
@@ -100,7 +121,9 @@ class HeteroRankLoraFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         known = set(self.assignment.by_node)
-        self.assignment.assign(grid.get_node_ids())
+        new_nodes = sorted(set(grid.get_node_ids()) - known)
+        if new_nodes:
+            self.assignment.assign(new_nodes, declared_partitions(grid, new_nodes))
         new = {n: r for n, r in self.assignment.by_node.items() if n not in known}
         if new:
             log.info("LoRA ranks assigned to nodes: %s", new)

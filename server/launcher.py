@@ -30,24 +30,20 @@ from fedpeft.common.flower_deploy import (
 )
 from fedpeft.common.security.pki import TlsFiles
 from fedpeft.server.deploy_app import CONFIG_KEY, RESUME_KEY, RUN_DIR_KEY
+from fedpeft.server.federation.spec import RunSpec
 from fedpeft.server.recorder import last_completed_round
-from fedpeft.server.run_config import RunConfig
 
 log = logging.getLogger("fedpeft.server")
 APP_NAME = "fedpeftapp"
 FEDERATION = "fedpeft"
 
 
-def clientapp_component(config: RunConfig) -> str:
+def clientapp_component(config: RunSpec) -> str:
     """The ClientApp variant the run's security settings need (see `fedpeft.client.flower_app`)."""
-    if config.secagg.enabled:
-        return "fedpeft.client.flower_app:secagg_app"
-    if config.dp.enabled:
-        return "fedpeft.client.flower_app:dp_app"
-    return "fedpeft.client.flower_app:plain_app"
+    return f"fedpeft.client.flower_app:{config.client_mods}_app"
 
 
-def write_app_dir(run_dir: Path, config_path: Path, config: RunConfig, resume: bool, clientapp: str | None = None) -> Path:
+def write_app_dir(run_dir: Path, config_path: Path, config: RunSpec, resume: bool, clientapp: str | None = None) -> Path:
     """The Flower App `flwr run` bundles: only a pyproject; the code is the installed fedpeft."""
     app_dir = run_dir / "flower-app" / APP_NAME
     app_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +111,7 @@ def _register_nodes(clients_dir: Path, env: dict[str, str]) -> list[str]:
 
 def launch(options: LaunchOptions) -> Path:
     """Run the federation to the end; returns the final adapter dir."""
-    config = RunConfig.from_toml(options.config_path)
+    config = RunSpec.from_toml(options.config_path, driver="deployment")
     if options.clientapp and (config.secagg.enabled or config.dp.enabled or config.envelopes.enabled):
         raise ConfigError("--client-app replaces the ClientApp that implements SecAgg+, DP clipping and sealing; "
                           "it cannot be combined with [secagg], [dp] or [envelopes]")

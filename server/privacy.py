@@ -32,7 +32,7 @@ from fedpeft.common.protocol.plan import UNIT_WEIGHT_KEY
 from fedpeft.server.strategy import DeltaValidation
 
 if TYPE_CHECKING:
-    from fedpeft.server.run_config import DpSection
+    from fedpeft.server.federation.spec import DpSection
 
 log = logging.getLogger("fedpeft.server")
 

@@ -37,7 +37,7 @@ from fedpeft.common.protocol.plan import PLAN_KEY
 from fedpeft.server.strategy import RoundTraffic, relax_minimums
 
 if TYPE_CHECKING:
-    from fedpeft.server.run_config import SecAggSection
+    from fedpeft.server.federation.spec import SecAggSection
 
 log = logging.getLogger("fedpeft.server")
 TENSOR_NAMES_KEY = "fedpeft-tensor-names"

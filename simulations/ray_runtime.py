@@ -153,10 +153,27 @@ def ray_backend(init_args: dict[str, Any], attempts: int = START_ATTEMPTS) -> It
             log.debug("stopped %d Ray processes left after shutdown: %s", len(reaped), sorted(set(reaped)))
 
 
+class _RunSimulationDeprecation(logging.Filter):
+    """Drops the one "DEPRECATED FEATURE" banner Flower 1.41 logs on every `run_simulation` call.
+
+    Flower's supported path (`flwr run` against a local simulation SuperLink) cannot host
+    this driver yet: it starts Ray inside its own `flwr-simulation` process (so a failed
+    Ray start could no longer be cleaned up and retried, see `ray_backend`), leaves a
+    detached SuperLink on fixed ports, and exits 0 when a run fails. Every other Flower
+    log line is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("DEPRECATED FEATURE")
+                    and any("run_simulation" in str(arg) for arg in (record.args or ())))
+
+
 def run_flower_simulation(server_app: Any, client_app: Any, num_supernodes: int, backend_config: dict[str, Any]) -> None:
     """Flower's `run_simulation`, on a Ray backend started (and cleaned up) by `ray_backend`."""
     from flwr.simulation import run_simulation
 
+    flower_log = logging.getLogger("flwr")
+    if not any(isinstance(f, _RunSimulationDeprecation) for f in flower_log.filters):
+        flower_log.addFilter(_RunSimulationDeprecation())
     with ray_backend(dict(backend_config.get("init_args") or {})):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_config=backend_config)

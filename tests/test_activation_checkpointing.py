@@ -127,25 +127,25 @@ def test_a_split_client_part_checkpoints_its_blocks(deep_model_dir):
 
 
 def test_the_cli_and_the_plan_carry_the_setting_to_clients():
-    from fedpeft.simulations.cli import build_parser, config_from_args
+    from fedpeft.simulations.cli import build_parser, spec_from_args
 
-    config = config_from_args(build_parser().parse_args(["--gradient-checkpointing"]))
-    assert config.gradient_checkpointing is True
+    spec = spec_from_args(build_parser().parse_args(["--gradient-checkpointing"]))
+    assert spec.training.gradient_checkpointing is True
     plan_train = TrainConfig(gradient_checkpointing=True).plan_fields()  # what the server puts in the plan
     assert TrainConfig(**plan_train).gradient_checkpointing is True
     assert "gradient_checkpointing" not in TrainConfig().plan_fields()  # clients from before the option read it
 
 
 def test_prefix_methods_with_checkpointing_are_refused_before_a_run_starts():
-    from fedpeft.server.run_config import RunConfig
-    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.server.federation.flags import spec_from_flags
+    from fedpeft.server.federation.spec import RunSpec
 
-    assert any("--gradient-checkpointing cannot train --method prefix" in p
-               for p in SimulationConfig(method="prefix", gradient_checkpointing=True).problems())
-    assert not any("gradient-checkpointing" in p
-                   for p in SimulationConfig(method="lora", gradient_checkpointing=True).problems())
-    config = RunConfig.from_dict({"federation": {"method": "mam"}, "training": {"gradient_checkpointing": True}})
-    assert any("training.gradient_checkpointing cannot train method 'mam'" in p for p in config.problems())
+    assert any("training.gradient_checkpointing cannot train method 'prefix'" in p
+               for p in spec_from_flags(method="prefix", gradient_checkpointing=True).problems("simulation"))
+    assert not any("gradient_checkpointing" in p
+                   for p in spec_from_flags(method="lora", gradient_checkpointing=True).problems("simulation"))
+    config = RunSpec.from_dict({"federation": {"method": "mam"}, "training": {"gradient_checkpointing": True}})
+    assert any("training.gradient_checkpointing cannot train method 'mam'" in p for p in config.problems("deployment"))
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         TrainConfig(gradient_checkpointing="yes")  # type: ignore[arg-type]
 

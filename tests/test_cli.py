@@ -23,8 +23,9 @@ def test_all_config_problems_are_reported_together(capsys, tmp_path):
                  "-o", "r=0", "--data", str(tmp_path / "missing.jsonl")])
     err = capsys.readouterr().err
     assert code == 2
-    for fragment in ("--clients must be >= 1", "--rounds must be >= 1", "unknown partition 'shards'",
-                     "--quantize '8bit'", "LoraMethodConfig.r", "missing.jsonl does not exist"):
+    for fragment in ("federation.clients (--clients) must be >= 1", "federation.rounds (--rounds) must be >= 1",
+                     "unknown partition 'shards'", "federation.quantize (--quantize) '8bit'", "LoraMethodConfig.r",
+                     "missing.jsonl does not exist"):
         assert fragment in err
 
 
@@ -89,12 +90,12 @@ def test_new_catalogue_methods_are_accepted_and_their_options_checked(capsys, me
 
 
 def test_client_ranks_are_parsed_and_set_the_global_rank():
-    from fedpeft.simulations.cli import build_parser, config_from_args
+    from fedpeft.simulations.cli import build_parser, spec_from_args
 
-    config = config_from_args(build_parser().parse_args(["--lora-aggregation", "flexlora", "--client-ranks", "2,4,8"]))
-    assert config.client_ranks == [2, 4, 8] and config.problems() == []
-    assert config.effective_method_options()["r"] == "8"
-    hetero = config.hetero_ranks(make_config("lora", config.effective_method_options()))
+    config = spec_from_args(build_parser().parse_args(["--lora-aggregation", "flexlora", "--client-ranks", "2,4,8"]))
+    assert config.federation.client_ranks == [2, 4, 8] and config.problems("simulation") == []
+    assert config.method_options()["r"] == "8"
+    hetero = config.hetero_ranks(make_config("lora", config.method_options()))
     assert hetero.mode == "flexlora" and hetero.ranks == (2, 4, 8)
     assert hetero.scaling(2) == pytest.approx(16 / 2) and hetero.scaling(8) == pytest.approx(16 / 8)
     with pytest.raises(SystemExit):
@@ -102,11 +103,11 @@ def test_client_ranks_are_parsed_and_set_the_global_rank():
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
-    (["--client-ranks", "2,4"], "--client-ranks needs --lora-aggregation hetlora or flexlora"),
-    (["--lora-aggregation", "hetlora", "--client-ranks", "2,4", "-o", "r=16"], "-o r=16 conflicts with --client-ranks"),
-    (["--lora-aggregation", "flexlora", "--strategy", "fedmedian"], "it needs --strategy fedavg"),
+    (["--client-ranks", "2,4"], "federation.client_ranks (--client-ranks) needs lora_aggregation hetlora or flexlora"),
+    (["--lora-aggregation", "hetlora", "--client-ranks", "2,4", "-o", "r=16"], "r=16 conflicts with client_ranks"),
+    (["--lora-aggregation", "flexlora", "--strategy", "fedmedian"], "it needs strategy 'fedavg'"),
     (["--lora-aggregation", "hetlora", "--client-ranks", "2,4", "-o", "use_dora=true"], "need plain LoRA"),
-    (["--lora-aggregation", "flexlora", "--method", "ia3"], "needs --method lora"),
+    (["--lora-aggregation", "flexlora", "--method", "ia3"], "needs method 'lora'"),
 ])
 def test_bad_heterogeneous_rank_settings_are_reported(capsys, argv, fragment):
     assert main(argv) == 2

@@ -502,15 +502,16 @@ def test_vendored_schema_is_the_official_file():
 
 def test_documented_run_config_is_valid_and_matches_the_clients(tmp_path):
     """docker/README.md's example run.toml validates and names the clients' model and count."""
-    from fedpeft.server.run_config import RunConfig, load_eval_task
+    from fedpeft.server.federation.spec import RunSpec
+    from fedpeft.server.federation.task_data import load_task_data
 
     blocks = re.findall(r"```toml\n(.*?)```", DOCKER_README.read_text(encoding="utf-8"), re.S)
     assert len(blocks) == 1
     (tmp_path / "run.toml").write_text(blocks[0], encoding="utf-8")
     rows = [{"text": "great film", "label": 1}, {"text": "dull and long", "label": 0}]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    config = RunConfig.from_toml(tmp_path / "run.toml")
-    load_eval_task(config.task, config.federation.seed)
+    config = RunSpec.from_toml(tmp_path / "run.toml", driver="deployment")
+    load_task_data(config.task, config.federation.seed, with_train=False)
     topo, _ = topology(load_compose())
     assert {args.model for args in topo.clients.values()} == {config.federation.model}
     assert config.federation.clients == len(topo.clients)

@@ -13,7 +13,7 @@ import torch
 from run_helpers import forget_round, split_server_steps
 
 from fedpeft.common.protocol.deltas import load_delta_file
-from fedpeft.simulations.config import SimulationConfig
+from fedpeft.server.federation.flags import spec_from_flags
 from fedpeft.simulations.harness.loopback import LoopbackDeployment, write_run_config
 from fedpeft.simulations.runner import run_simulation
 
@@ -42,10 +42,10 @@ def _rows(run_dir: Path) -> list[dict]:
 def simulated(tiny_model_dir, tmp_path_factory) -> Path:
     """The same federation on the Simulation Engine: the reference result."""
     out = tmp_path_factory.mktemp("reference") / "sim"
-    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=CLIENTS,
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=CLIENTS,
                               rounds=ROUNDS, local_steps=6, learning_rate=0.005, quantize="4bit", eval_limit=48,
-                              seed=SEED, out=str(out))
-    return run_simulation(config).out_dir
+                              seed=SEED)
+    return run_simulation(config, str(out)).out_dir
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def test_secagg_with_tls_and_node_auth_matches_the_simulation_within_the_quantiz
     shutil.copy(run_dir / "checkpoints" / "global-round-0001.safetensors", resumed / "checkpoints")
     lines = (simulated / "metrics.jsonl").read_text().splitlines()[:2]
     (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    run_simulation(SimulationConfig(resume=str(resumed)))
+    run_simulation(None, resume=str(resumed))
     assert _max_diff(_checkpoint(run_dir, 2), _checkpoint(resumed, 2)) <= bounds[1]
     # Deltas are the only thing sent: bytes up per client per round is the adapter's size
     # (plus the .npy headers of its tensors).

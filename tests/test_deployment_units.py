@@ -16,22 +16,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.flower_deploy import superlink_command, supernode_command
 from fedpeft.common.security.pki import make_dev_certificates, make_node_key
+from fedpeft.server.federation.spec import RunSpec, SecAggSection
 from fedpeft.server.launcher import clientapp_component, write_app_dir
-from fedpeft.server.run_config import RunConfig, SecAggSection
 from fedpeft.server.secagg import quantization_error_bound, secagg_problems
 
 
-def _config(**sections) -> RunConfig:
-    return RunConfig.from_dict({"federation": {"clients": 3}, **sections})
+def _config(**sections) -> RunSpec:
+    return RunSpec.from_dict({"federation": {"clients": 3}, **sections})
 
 
 def test_a_valid_run_config_reads_relative_paths_from_its_folder(tmp_path):
     (tmp_path / "eval.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
     (tmp_path / "run.toml").write_text('[federation]\nclients = 3\nrounds = 2\n[federation.method_options]\nr = 4\n'
                                        '[task]\neval_data = "eval.jsonl"\n[secagg]\nenabled = true\n')
-    config = RunConfig.from_toml(tmp_path / "run.toml")
+    config = RunSpec.from_toml(tmp_path / "run.toml", driver="deployment")
     assert config.task.eval_data == str(tmp_path / "eval.jsonl")
-    assert config.method_options() == {"r": "4"} and config.secagg.enabled and config.training.local_steps == 10
+    assert config.method_options() == {"r": "4"} and config.secagg.enabled and config.training.local_steps == 8
 
 
 @pytest.mark.parametrize(("sections", "fragment"), [
@@ -43,18 +43,21 @@ def test_a_valid_run_config_reads_relative_paths_from_its_folder(tmp_path):
     ({"secagg": {"enabled": True}, "dp": {"enabled": True}}, "secagg and dp cannot be combined"),
     ({"secagg": {"enabled": True}, "federation": {"clients": 3, "strategy": "fedmedian"}}, "needs strategy 'fedavg'"),
     ({"envelopes": {"enabled": True}}, "envelopes.server_identity is required"),
-    ({"dp": {"enabled": True, "clipping_norm": 0}}, "dp.clipping_norm must be > 0"),
+    ({"dp": {"enabled": True, "clipping_norm": 0}}, "dp.clipping_norm must be a finite number > 0"),
+    ({"task": {"train_data": "x.jsonl"}}, "task.train_data is a simulation setting"),
+    ({"simulation": {"cpus_per_client": 2.0}}, "simulation.cpus_per_client is a simulation setting"),
+    ({"federation": {"clients": 3, "round_timeout": 0.0}}, "federation.round_timeout must be a finite number > 0"),
     ({"federation": {"clients": 3, "method": "nope"}}, "unknown PEFT method"),
     ({"federation": {"clients": 2, "min_clients": 3}}, "min_clients 3 exceeds"),
     ({"dp": {"enabled": "false"}}, "dp.enabled = 'false' is not a boolean"),
     ({"secagg": {"num_shares": 3.0}}, "secagg.num_shares = 3.0 is not an integer"),
     ({"federation": {"rounds": "3"}}, "federation.rounds = '3' is not an integer"),
     ({"registry": {"enabled": True}}, "registry.dir is required"),
-    ({"registry": {"enabled": True, "dir": "r", "keys": "/nonexistent-keys"}}, "registry.keys: directory"),
+    ({"registry": {"enabled": True, "dir": "r", "keys": "/nonexistent-keys"}}, "registry keys dir /nonexistent-keys does not"),
 ])
 def test_bad_run_configs_name_the_key(sections, fragment):
     with pytest.raises(ConfigError) as info:
-        RunConfig.from_dict({"federation": {"clients": 3}} | sections).validate()
+        RunSpec.from_dict({"federation": {"clients": 3}} | sections).validate("deployment")
     assert fragment in str(info.value)
 
 
@@ -133,16 +136,16 @@ def test_the_app_bundle_names_our_server_app_and_the_client_app_the_run_needs(tm
 
 
 def test_a_registry_section_makes_every_round_publish(tmp_path):
-    from fedpeft.server.deploy_app import server_setup
+    from fedpeft.server.federation.assembly import assemble
 
     (tmp_path / "run.toml").write_text('[federation]\nmodel = "tiny"\nquantize = "none"\n'
                                        '[registry]\nenabled = true\ndir = "registry"\nadapter_id = "support"\n')
     from fedpeft.simulations.harness.tiny_models import build_tiny_llama
 
     build_tiny_llama(tmp_path / "tiny")
-    config = RunConfig.from_toml(tmp_path / "run.toml")
+    config = RunSpec.from_toml(tmp_path / "run.toml", driver="deployment")
     assert config.registry.dir == str(tmp_path / "registry")
-    setup = server_setup(config, tmp_path / "run", resume=False)
+    setup = assemble(config, "deployment", tmp_path / "run").server
     assert setup.publish is not None and setup.publish.adapter_id == "support"
     assert setup.publish.registry_dir == str(tmp_path / "registry")
 

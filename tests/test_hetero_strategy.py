@@ -30,8 +30,26 @@ def _delta(rank: int, gen: torch.Generator, scale: float = 1.0) -> OrderedDict:
 
 
 class Grid:
+    """Three nodes that declare partitions 0, 1, 2 in ascending node-id order (unless told otherwise)."""
+
+    def __init__(self, declared: dict[int, int] | None = None) -> None:
+        self.declared = dict(zip(sorted(NODES), range(len(NODES)), strict=True)) if declared is None else declared
+
     def get_node_ids(self):
         return list(NODES)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error
+
+        for msg in messages:
+            assert msg.metadata.message_type == "query" and msg.content["config"]["fedpeft-query"] == "partition-id"
+            node = msg.metadata.dst_node_id
+            if node in self.declared:
+                reply = Message(RecordDict({"partition": MetricRecord({"partition-id": self.declared[node]})}),
+                                reply_to=msg)
+            else:
+                reply = Message(Error(code=0, reason="no answer"), reply_to=msg)
+            yield reply
 
 
 def _build(mode="flexlora", clip=0.0, name="fedavg"):
@@ -66,6 +84,15 @@ def test_each_node_is_sent_its_rank_and_the_global_restricted_to_it(flower_task_
     # downlink bytes are counted per message: lower-rank nodes are sent less
     assert strategy.traffic[1].bytes_down == sum(record_bytes(m.content["arrays"]) for m in sent.values())
     assert strategy.traffic[1].bytes_down < 3 * record_bytes(delta_to_arrayrecord(global_delta))
+
+
+def test_ranks_follow_the_partition_each_node_declares_not_its_node_id(flower_task_identity):
+    """Client k trains at ranks[k % len(ranks)] whatever node id Flower gave it (random in
+    simulation and deployment alike); a node that does not answer takes the next free turn."""
+    strategy = _build()
+    messages = strategy.configure_train(1, delta_to_arrayrecord(_delta(8, torch.Generator().manual_seed(0))),
+                                        ConfigRecord({}), Grid({7: 2, 19: 0}))
+    assert {m.metadata.dst_node_id: m.content["config"][RANK_KEY] for m in messages} == {7: 8, 19: 2, 31: 8}
 
 
 @pytest.mark.parametrize("mode", ["hetlora", "flexlora"])

@@ -228,23 +228,24 @@ def test_peft_sim_refuses_bad_offsite_settings_before_anything_starts(capsys, fu
     assert "leave no middle block to emulate in a 8-block model" in capsys.readouterr().err
     assert main(["--topology", "offsite", "--method", "prefix", "--offsite-keep-every", "0", "--quantize", "none"]) == 2
     err = capsys.readouterr().err
-    assert "not --method prefix" in err and "--offsite-keep-every must be >= 1" in err
-    from fedpeft.simulations.config import SimulationConfig
+    assert "not method 'prefix'" in err and "offsite.keep_every (--offsite-keep-every) must be >= 1" in err
+    from fedpeft.server.federation.flags import spec_from_flags
 
-    assert any("--topology" in p for p in SimulationConfig(topology="mesh").problems())
+    with pytest.raises(ConfigError, match="federation.topology 'mesh'"):
+        spec_from_flags(topology="mesh").validate("simulation")
     assert not out.exists()
 
 
 @pytest.mark.slow
 def test_offsite_simulation_plugs_the_federated_adapter_into_the_full_model(full_dir, tmp_path):
-    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
-    config = SimulationConfig(model=str(full_dir), topology="offsite", offsite_bottom=1, offsite_top=1,
+    config = spec_from_flags(model=str(full_dir), topology="offsite", offsite_bottom=1, offsite_top=1,
                               offsite_keep_every=2, clients=2, rounds=1, local_steps=3, learning_rate=5e-3,
-                              quantize="none", out=str(tmp_path / "run"), eval_limit=24, builtin_train_rows=48)
+                              quantize="none", eval_limit=24, builtin_train_rows=48)
 
-    result = run_simulation(config)
+    result = run_simulation(config, str(tmp_path / "run"))
 
     emulator = read_layer_map(result.out_dir / "emulator")
     assert emulator.layers == (0, 1, 3, 5, 7) and emulator.adapter == (0, 4)
@@ -258,15 +259,16 @@ def test_offsite_simulation_plugs_the_federated_adapter_into_the_full_model(full
 
 
 def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full_dir, tmp_path):
-    from fedpeft.server.deploy_app import finish_offsite, server_setup
     from fedpeft.server.export import export_adapter
-    from fedpeft.server.run_config import RunConfig
+    from fedpeft.server.federation.assembly import assemble
+    from fedpeft.server.federation.spec import RunSpec
 
     (tmp_path / "run.toml").write_text(f'[federation]\nmodel = "{full_dir}"\ntopology = "offsite"\nquantize = "none"\n'
                                        "[offsite]\nbottom = 1\ntop = 1\nkeep_every = 3\n[task]\neval_limit = 8\n")
-    config = RunConfig.from_toml(tmp_path / "run.toml")
+    config = RunSpec.from_toml(tmp_path / "run.toml", driver="deployment")
 
-    setup = server_setup(config, tmp_path / "run", resume=False)
+    federation = assemble(config, "deployment", tmp_path / "run")
+    setup = federation.server
 
     assert Path(setup.model_dir) == tmp_path / "run" / "emulator"
     assert setup.method_config.layers_to_transform == (0, 3)
@@ -274,7 +276,7 @@ def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full
 
     adapted = AdaptedModel.load(Path(setup.model_dir), "none", "lora", setup.method_config)
     final = export_adapter(adapted, tmp_path / "run" / "final", setup.base_model, {})
-    metrics = finish_offsite(config, setup, final)
+    metrics = federation.topology.finish(final, federation.models, setup.task, list(setup.eval_rows), 128)
     assert metrics["plug_in_loss"] == metrics["full_zero_shot_loss"]  # untouched adapter: the full model itself
     assert (tmp_path / "run" / "plugged" / "adapter_model.safetensors").is_file()
 
@@ -287,10 +289,10 @@ def test_deployment_run_config_builds_the_emulator_and_plugs_the_adapter_in(full
     ({"federation": {"topology": "offsite"}, "offsite": {"emulator": "/nowhere"}}, "has no offsite.json"),
 ])
 def test_bad_offsite_run_configs_name_the_key(sections, fragment):
-    from fedpeft.server.run_config import RunConfig
+    from fedpeft.server.federation.spec import RunSpec
 
     with pytest.raises(ConfigError, match=fragment):
-        RunConfig.from_dict(sections).validate()
+        RunSpec.from_dict(sections).validate("deployment")
 
 
 def test_offsite_build_command_writes_an_emulator_dir(capsys, full_dir, tmp_path):

@@ -24,10 +24,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from fedpeft.common.model.base_model import load_base_model, load_tokenizer
 from fedpeft.common.protocol.serving_api import EngineLimits, GenerateParams, Sampling
 from fedpeft.common.wire import serving as wire
+from fedpeft.server.federation.flags import spec_from_flags
 from fedpeft.server.serving.engine import ServingEngine
 from fedpeft.server.serving.registry import ADAPTER_WEIGHTS, AdapterRegistry
 from fedpeft.server.serving.service import TenantTokens, channel_to, start_grpc_server
-from fedpeft.simulations.config import SimulationConfig
 from fedpeft.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -41,10 +41,11 @@ def registry_dir(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     registry = root / "registry"
     for adapter_id, seed in (("alice", 1), ("bob", 2)):
-        run_simulation(SimulationConfig(
+        run_simulation(spec_from_flags(
             model=str(tiny_model_dir), method="lora", method_options={"r": "4" if seed == 1 else "8"}, clients=2,
-            rounds=2, local_steps=8, learning_rate=3e-2, quantize="none", out=str(root / adapter_id),
-            builtin_train_rows=120, eval_limit=16, seed=seed, publish_to=str(registry), adapter_id=adapter_id))
+            rounds=2, local_steps=8, learning_rate=3e-2, quantize="none",
+            builtin_train_rows=120, eval_limit=16, seed=seed, publish_to=str(registry), adapter_id=adapter_id),
+            str(root / adapter_id))
     return registry
 
 

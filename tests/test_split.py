@@ -290,15 +290,15 @@ def test_client_refuses_plaintext_to_a_remote_server():
 @pytest.mark.slow
 def test_splitfed_simulation_trains_client_parts_with_fedavg_against_one_server(model_dir, tmp_path):
     from fedpeft.common.protocol.deltas import load_delta_file
-    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
     # Prepare: 2 clients x 2 rounds, 4-bit client parts holding 2 of 4 blocks
-    config = SimulationConfig(model=str(model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=2,
-                              local_steps=6, learning_rate=5e-3, quantize="4bit", out=str(tmp_path / "run"),
+    config = spec_from_flags(model=str(model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=2,
+                              local_steps=6, learning_rate=5e-3, quantize="4bit",
                               builtin_train_rows=160, eval_limit=32, seed=3, topology="split", split_cut=CUT)
     # Execute
-    result = run_simulation(config)
+    result = run_simulation(config, str(tmp_path / "run"))
     # Assert: every round aggregated both clients, the loss fell, the global delta is the client part's
     rows = result.rows
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -316,7 +316,7 @@ def test_splitfed_simulation_trains_client_parts_with_fedavg_against_one_server(
 
     # A crash before round 2 was recorded: --resume redoes round 2 on the checkpointed server part
     forget_round(result.out_dir, 2)
-    resumed = run_simulation(SimulationConfig(resume=str(result.out_dir)))
+    resumed = run_simulation(None, resume=str(result.out_dir))
     assert [r["round"] for r in resumed.rows] == [0, 1, 2]
     steps = {r: split_server_steps(result.out_dir, r) for r in (0, 1, 2)}
     assert steps == {0: 0, 1: 12, 2: 24}  # 2 clients x 6 steps a round, counted on from round 1's checkpoint
@@ -350,13 +350,14 @@ def test_split_server_state_round_trips_and_a_foreign_state_is_refused(model_dir
 
 
 def test_split_topology_settings_are_checked_together():
-    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.server.federation.flags import spec_from_flags
 
-    found = SimulationConfig(topology="split", method="prefix", split_cut=0, split_wire_dtype="int8",
-                             dp_clipping_norm=1.0).problems()
-    assert any("--split-cut" in p for p in found) and any("--split-wire-dtype" in p for p in found)
-    assert any("--method 'prefix'" in p for p in found) and any("--dp-clip" in p for p in found)
-    assert any("--topology 'mesh'" in p for p in SimulationConfig(topology="mesh").problems())
+    found = spec_from_flags(topology="split", method="prefix", split_cut=0, dp_clipping_norm=1.0,
+                            strategy="fedprox").problems("simulation")
+    assert any("split.cut" in p for p in found) and any("federation.method 'lora'" in p for p in found)
+    assert any("split and dp" in p for p in found)
+    assert any("strategy 'fedprox' is not supported" in p for p in found)  # the split client has no proximal term
+    assert any("federation.topology 'mesh'" in p for p in spec_from_flags(topology="mesh").problems("simulation"))
 
 
 def test_u_shaped_round_through_the_flower_glue_sends_no_labels(model_dir, tls):
@@ -397,25 +398,30 @@ def test_u_shaped_round_through_the_flower_glue_sends_no_labels(model_dir, tls):
 
 
 def test_run_config_split_section_is_checked(tmp_path):
-    from fedpeft.server.run_config import RunConfig
+    from fedpeft.server.federation.spec import RunSpec
 
-    config = RunConfig.from_dict({"federation": {"method": "prefix"}, "dp": {"enabled": True},
+    config = RunSpec.from_dict({"federation": {"method": "prefix"}, "dp": {"enabled": True},
                                   "split": {"enabled": True, "cut": 0, "host": "0.0.0.0", "wire_dtype": "int8"}})
-    found = "\n".join(config.problems())
-    for needle in ("split.cut must be >= 1", "split.wire_dtype", "federation.method 'lora'", "split and dp",
+    found = "\n".join(config.problems("deployment"))
+    for needle in ("split.cut must be an integer >= 1", "split.wire_dtype", "federation.method 'lora'", "split and dp",
                    "split.tls_dir is required"):
         assert needle in found
-    assert RunConfig.from_dict({"split": {"enabled": True}}).split_problems() == []
+    assert RunSpec.from_dict({"split": {"enabled": True}}).problems("deployment") == []
+    assert RunSpec.from_dict({"split": {"enabled": True, "port": 70000}}).problems("simulation") == [
+        "split.port must be in 1..65535 (got 70000)"]
 
 
 def test_deployment_serverapp_starts_the_configured_split_server(model_dir, tmp_path):
-    from fedpeft.server.deploy_app import server_setup, start_configured_split
-    from fedpeft.server.run_config import RunConfig
+    from fedpeft.server.deploy_app import deployed_federation
+    from fedpeft.server.federation.spec import RunSpec
+    from fedpeft.simulations.harness.loopback import free_port
 
-    config = RunConfig.from_dict({"federation": {"model": str(model_dir), "quantize": "none", "method_options": {"r": 4}},
-                                  "split": {"enabled": True, "cut": CUT, "port": 0, "wire_dtype": "float16"}})
-    config.validate()
-    run = start_configured_split(config, server_setup(config, tmp_path / "run", resume=False))
+    config = RunSpec.from_dict({"federation": {"model": str(model_dir), "quantize": "none", "method_options": {"r": 4}},
+                                "split": {"enabled": True, "cut": CUT, "port": free_port(), "wire_dtype": "float16"}},
+                               driver="deployment")
+    federation = deployed_federation(config, tmp_path / "run", resume=False)
+    run = federation.topology.run
+    assert run is not None
     try:
         entry = run.plan_entry()  # the run's split access token travels to clients in the plan
         assert entry == {"cut": CUT, "u_shaped": False, "wire_dtype": "float16", "token": run.server.access_token}

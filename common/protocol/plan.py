@@ -26,6 +26,10 @@ UNIT_WEIGHT_KEY = "unit-weight"
 # Train-config entry with the LoRA rank the server assigned this client (heterogeneous
 # ranks); absent when every client trains the plan's own rank.
 RANK_KEY = "lora-rank"
+# A query message asking a node which data partition it holds (answered from its node
+# config's partition-id); per-client LoRA ranks are assigned by it.
+QUERY_KEY = "fedpeft-query"
+PARTITION_KEY = "partition-id"
 TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, UNIT_WEIGHT_KEY, "train-loss", "train-loss-last", "train-seconds", "load-seconds",
                                "swap-seconds", "bytes-up"})
 

@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,10 +95,24 @@ def _optimizer_tensors(optimizer) -> list:
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
+def _bench_config(spec: dict[str, Any]):  # -> TrainConfig
+    """The measured round: one warm-up step plus `steps` measured ones, AdamW at 1e-4."""
+    from fedpeft.client.training import TrainConfig
+
+    return TrainConfig(local_steps=spec["steps"] + 1, learning_rate=1e-4, batch_size=spec["batch_size"],
+                       max_length=spec["max_length"], log_every=spec["steps"] + 1)
+
+
+def _sequential(encoded: list, collate: Any, batch_size: int) -> Any:
+    """Step k's batch: rows (k-1)*batch_size .. k*batch_size-1 (every client measures the same batches)."""
+    return lambda step: collate(encoded[(step - 1) * batch_size:step * batch_size])
+
+
 def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from fedpeft.client.split_client import SplitSession, split_channel
+    from fedpeft.client.training import run_steps
     from fedpeft.common.methods import make_config
     from fedpeft.common.model.base_model import load_tokenizer, model_fingerprint
     from fedpeft.common.model.split import SplitConfig, load_client_part
@@ -118,19 +131,18 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     params = part.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     part.model.train()  # as train_split_local: dropout on, and blocks only checkpoint in training mode
-    times, waits = [], []
+    times: list[float] = []
+    waits: list[float] = []
     checkpointed = gradient_checkpointing(part.model, bool(spec.get("gradient_checkpointing")))
     with checkpointed, split_channel(spec["target"], Path(spec["ca_cert"])) as channel:
         session = SplitSession(channel, part, "bench", model_fingerprint(model_dir), dtype=wire_dtype(spec["wire_dtype"]))
-        for step in range(steps + 1):
-            batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
-            wait_before, start = session.wait_seconds, time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            session.step(step + 1, batch)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-            waits.append(session.wait_seconds - wait_before)
+
+        def timed(_step: int, seconds: float) -> None:  # the step's own compute is its time less the server's
+            times.append(seconds)
+            waits.append(session.wait_seconds - sum(waits))
+
+        run_steps(params, _sequential(encoded, objective.collate, batch_size), _bench_config(spec), session.step,
+                  seed=0, label="bench split", on_step=timed, optimizer=optimizer)
         session.close()
     delta_bytes = _held_bytes(part.get_delta().values())
     per_step = (session.bytes_up + session.bytes_down) / (steps + 1)
@@ -153,6 +165,7 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
 def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from fedpeft.client.training import run_steps
     from fedpeft.common.methods import make_config
     from fedpeft.common.model.adapted import AdaptedModel
     from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
@@ -168,16 +181,11 @@ def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     params = adapted.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     adapted.model.train()
-    times = []
+    times: list[float] = []
     with gradient_checkpointing(adapted.model, bool(spec.get("gradient_checkpointing"))):
-        for step in range(steps + 1):
-            batch = objective.collate(encoded[step * batch_size:(step + 1) * batch_size])
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            objective.loss(adapted.model, batch).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            times.append(time.perf_counter() - start)
+        run_steps(params, _sequential(encoded, objective.collate, batch_size), _bench_config(spec),
+                  lambda _step, batch: objective.loss(adapted.model, batch), seed=0, label="bench fl",
+                  on_step=lambda _step, seconds: times.append(seconds), optimizer=optimizer)
     delta_bytes = _held_bytes(adapted.get_delta().values())
     return {
         "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),

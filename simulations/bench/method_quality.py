@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.common.errors import FedPeftError
@@ -50,31 +50,34 @@ def run_centralized(base, method: str, lr: float, out_dir: Path) -> BenchRow:
     from fedpeft.common.methods import make_config
     from fedpeft.common.model.adapted import AdaptedModel
     from fedpeft.common.model.base_model import resolve_model_dir
+    from fedpeft.common.model.quantization import resolve_quantize
     from fedpeft.common.training.objectives import objective_for
-    from fedpeft.simulations.config import resolve_quantize
-    from fedpeft.simulations.runner import load_task_data
+    from fedpeft.server.federation.task_data import load_task_data
 
     start = time.perf_counter()
-    task, train_rows, eval_rows = load_task_data(base)
-    adapted = AdaptedModel.load(resolve_model_dir(base.model), resolve_quantize(base.quantize), method,  # type: ignore[arg-type]
-                                make_config(method), seed=base.seed, num_labels=task.num_labels)
-    steps = base.rounds * base.clients * base.local_steps
-    config = TrainConfig(local_steps=steps, learning_rate=lr, batch_size=base.batch_size, max_length=base.max_length,
-                         log_every=max(1, steps // 5))
-    train_local(adapted, task, train_rows, config, seed=base.seed, label=f"centralized {method}")
-    result = objective_for(adapted.model, adapted.tokenizer, task, base.max_length).evaluate(adapted.model, eval_rows, 32)
+    f, training = base.federation, base.training
+    data = load_task_data(base.task, f.seed)
+    task = data.task
+    adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
+                                make_config(method), seed=f.seed, num_labels=task.num_labels)
+    steps = f.rounds * f.clients * training.local_steps
+    config = TrainConfig(local_steps=steps, learning_rate=lr, batch_size=training.batch_size,
+                         max_length=training.max_length, log_every=max(1, steps // 5))
+    train_local(adapted, task, data.train_rows, config, seed=f.seed, label=f"centralized {method}")
+    result = objective_for(adapted.model, adapted.tokenizer, task, training.max_length).evaluate(
+        adapted.model, data.eval_rows, 32)
     (out_dir / f"{method}-centralized.json").write_text(json.dumps({"accuracy": result.accuracy, "loss": result.loss}))
     return BenchRow(method, "centralized", result.accuracy or 0.0, result.loss, adapted.spec.num_parameters,
                     0.0, time.perf_counter() - start)
 
 
 def run_federated(base, method: str, lr: float, setting: str, out_dir: Path) -> BenchRow:
+    from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
     start = time.perf_counter()
-    config = replace(base, method=method, learning_rate=lr, partition=setting,
-                     out=str(out_dir / f"{method}-{setting.replace(':', '-')}"))
-    result = run_simulation(config)
+    spec = spec_from_flags(base, method=method, learning_rate=lr, partition=setting)
+    result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-')}")
     last = result.rows[-1]
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     per_client_round = last["bytes_up"] / max(last["clients_accepted"], 1) / 1e6
@@ -151,7 +154,7 @@ def read_results(path: Path) -> list[BenchRow]:
 def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
     from fedpeft.common.logs import setup_logging
-    from fedpeft.simulations.config import SimulationConfig
+    from fedpeft.server.federation.flags import spec_from_flags
 
     p = argparse.ArgumentParser(prog="peft-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-minilm-l6-v2")
@@ -175,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = SimulationConfig(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
-                            template=args.template, clients=args.clients, rounds=args.rounds,
-                            local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length,
-                            train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize,
-                            seed=args.seed, log_every=args.local_steps)
+    base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
+                           template=args.template, clients=args.clients, rounds=args.rounds,
+                           local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length,
+                           train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize,
+                           seed=args.seed)
     rows: list[BenchRow] = []
     title = (f"{args.model} on {Path(args.data).parent.name}: {args.train_limit or 'all'} train rows, "
              f"{args.clients} clients x {args.rounds} rounds x {args.local_steps} steps")
@@ -189,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise FedPeftError(f"benchmark has no learning rate for method {method!r}; choose from {list(METHODS)}")
             for setting in args.settings.split(","):
                 log.info("=== %s / %s ===", method, setting)
-                row = (run_centralized(replace(base, method=method), method, LEARNING_RATES[method], out_dir)
+                row = (run_centralized(base, method, LEARNING_RATES[method], out_dir)
                        if setting == "centralized" else
                        run_federated(base, method, LEARNING_RATES[method], setting, out_dir))
                 rows.append(row)

@@ -22,7 +22,7 @@ import csv
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,17 +99,18 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
         plan_layers,
         prepare_emulator,
     )
+    from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.bench.client_cost import measure_baseline
     from fedpeft.simulations.runner import run_simulation
 
-    full_dir = resolve_model_dir(base.model)
+    full_dir = resolve_model_dir(base.federation.model)
     baseline = measure_baseline(probe.threads, probe.repeats)
     results: list[dict[str, Any]] = []
     row: dict[str, Any] = {"topology": "fl (4-bit QLoRA, whole model)"}
     if not skip_accuracy:
-        fl = run_simulation(replace(base, topology="fl", out=str(out_dir / "fl")))
+        fl = run_simulation(spec_from_flags(base, topology="fl"), out_dir / "fl")
         row |= {"full_zero_shot_acc": _accuracy(fl.rows, 0), "federated_acc": _accuracy(fl.rows, -1)}
-    row |= measure_client_step(full_dir, probe, local_steps=base.local_steps, baseline=baseline)
+    row |= measure_client_step(full_dir, probe, local_steps=base.training.local_steps, baseline=baseline)
     row["emulator_blocks"] = f"{full_layer_count(full_dir)}/{full_layer_count(full_dir)}"
     results.append(row)
     _write(results, out_dir)
@@ -118,18 +119,18 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
         run_dir = out_dir / f"offsite-{variant.bottom}-{variant.top}-{variant.keep_every}"
         row = {"topology": variant.name}
         if not skip_accuracy:
-            off = run_simulation(replace(base, topology="offsite", offsite_bottom=variant.bottom, offsite_top=variant.top,
-                                         offsite_keep_every=variant.keep_every, out=str(run_dir)))
+            off = run_simulation(spec_from_flags(base, topology="offsite", offsite_bottom=variant.bottom,
+                                                 offsite_top=variant.top, offsite_keep_every=variant.keep_every), run_dir)
             assert off.offsite is not None
             row |= {"full_zero_shot_acc": off.offsite["full_zero_shot_accuracy"],
                     "emulator_zero_shot_acc": _accuracy(off.rows, 0), "emulator_adapter_acc": _accuracy(off.rows, -1),
                     "plug_in_acc": off.offsite["plug_in_accuracy"]}
             emulator_dir = run_dir / "emulator"
         else:
-            emulator_dir, _ = prepare_emulator(full_dir, run_dir, settings, base.seed)
+            emulator_dir, _ = prepare_emulator(full_dir, run_dir, settings, base.federation.seed)
         layer_map = plan_layers(full_dir, settings)
         options = adapter_method_options("lora", probe.method_options, layer_map)
-        row |= measure_client_step(emulator_dir, probe, options, local_steps=base.local_steps, baseline=baseline)
+        row |= measure_client_step(emulator_dir, probe, options, local_steps=base.training.local_steps, baseline=baseline)
         row["emulator_blocks"] = f"{layer_map.emulator_layers}/{layer_map.full_layers}"
         results.append(row)
         _write(results, out_dir)
@@ -235,15 +236,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         from fedpeft.common.logs import setup_logging
-        from fedpeft.simulations.config import SimulationConfig
+        from fedpeft.server.federation.flags import spec_from_flags
 
         setup_logging()
         variants = [OffsiteVariant.parse(v) for v in (args.offsite or ["2:2:4"])]
-        base = SimulationConfig(model=args.model, data=args.data, eval_data=args.eval_data, template=args.template,
-                                labels=args.labels, clients=args.clients, rounds=args.rounds, local_steps=args.local_steps,
-                                learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                                train_limit=args.train_limit, eval_limit=args.eval_limit, quantize="4bit", seed=args.seed)
-        base.validate()
+        base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, template=args.template,
+                               labels=args.labels, clients=args.clients, rounds=args.rounds, local_steps=args.local_steps,
+                               learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                               train_limit=args.train_limit, eval_limit=args.eval_limit, quantize="4bit", seed=args.seed)
+        base.validate("simulation")
         probe = ProbeSettings(data=args.data, template=args.template, labels=args.labels, batch_size=args.batch_size,
                               max_length=args.max_length, steps=args.probe_steps, threads=args.probe_threads,
                               repeats=args.probe_repeats)

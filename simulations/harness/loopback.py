@@ -109,10 +109,10 @@ class LoopbackDeployment:
             shutil.copy(out / "identity" / "public.json", self.root / "trusted" / f"{name}.json")
         return out
 
-    def start_server(self, config: Path, run_dir: Path, *, secure: bool = True, resume: bool = False,
-                     name: str = "server", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_server(self, config: Path, run_dir: Path, *, secure: bool = True, node_auth: bool = True,
+                     resume: bool = False, name: str = "server", extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         args = ["run", "--config", str(config), "--run-dir", str(run_dir), "--port", str(self.port)]
-        args += ["--tls", "tls", "--clients", "nodes"] if secure else ["--insecure"]
+        args += (["--tls", "tls"] + (["--clients", "nodes"] if node_auth else [])) if secure else ["--insecure"]
         if resume:
             args.append("--resume")
         return self._start(name, [sys.executable, "-m", "fedpeft.server.cli", *args, *extra])

@@ -1,0 +1,111 @@
+"""One assembly: a validated `RunSpec` in, the server side and the client side of a federation out.
+
+`peft-sim` and the deployment ServerApp both call `assemble`; everything a setting
+changes is decided here once (the model, the task data, the method options the topology
+implies, the aggregation mode and its LoRA scale, per-client ranks, DP, SecAgg+, sealed
+envelopes, publishing), so a setting cannot be honoured by one driver and dropped by
+the other. Nothing is written to the run dir before every input has been checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedpeft.common.data.partition import PartitionSpec, partition_records
+from fedpeft.common.data.records import Record
+from fedpeft.common.methods import make_config
+from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
+from fedpeft.common.model.base_model import resolve_model_dir
+from fedpeft.common.model.quantization import resolve_quantize, validate_quantize
+from fedpeft.server.app import ServerSetup
+from fedpeft.server.federation.spec import Driver, RunSpec
+from fedpeft.server.federation.task_data import TaskData, load_task_data
+from fedpeft.server.federation.topologies import ModelContext, SplitEndpoint, Topology, topology_for
+
+if TYPE_CHECKING:
+    from fedpeft.client.app import ClientSetup, DataProvider
+
+log = logging.getLogger("fedpeft.server")
+SPEC_FILE = "run-spec.json"
+"""The resolved spec a run dir was started with (what `peft-sim --resume` reads back)."""
+
+
+@dataclass
+class Federation:
+    """An assembled federation: hand `server` to `run_federation`, build clients with `client_setup`."""
+
+    spec: RunSpec
+    driver: Driver
+    run_dir: Path
+    data: TaskData
+    models: ModelContext
+    topology: Topology
+    server: ServerSetup
+    partitions: list[list[Record]]
+    """Simulation: each virtual client's rows (partition k is client k's); empty in a deployment."""
+
+    def start(self, endpoint: SplitEndpoint | None = None) -> None:
+        """Start the topology's services (split: the split server at `endpoint`)."""
+        self.topology.start(self.spec, self.models, self.run_dir, endpoint)
+
+    def stop(self) -> None:
+        self.topology.stop()
+
+    def client_setup(self, data: DataProvider, torch_threads: int = 1) -> ClientSetup:
+        """What an in-process client of this federation holds (the simulation's virtual clients)."""
+        from fedpeft.client.app import ClientSetup
+
+        endpoint = self.topology.client_endpoint()
+        return ClientSetup(model_dir=str(self.models.model_dir), quantize=self.models.quantize, data=data,
+                           torch_threads=torch_threads, split_server=endpoint[0] if endpoint else None,
+                           split_ca=endpoint[1] if endpoint else None)
+
+
+def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = False,
+             on_complete: Callable[[AdaptedModel], None] | None = None) -> Federation:
+    """Validate `spec` for `driver` and build its federation in `run_dir`."""
+    spec.validate(driver)
+    f = spec.federation
+    quantize = validate_quantize(resolve_quantize(f.quantize))
+    full_model_dir = resolve_model_dir(f.model)
+    data = load_task_data(spec.task, f.seed, with_train=driver == "simulation")
+    partitions: list[list[Record]] = []
+    if driver == "simulation":  # the virtual clients' data, split before anything is written
+        partitions = partition_records(data.train_rows, f.clients, PartitionSpec.parse(spec.task.partition),
+                                       data.task.label_column, f.seed)
+    topology = topology_for(spec.topology)
+    method_options = topology.plan_layers(spec, full_model_dir, spec.method_options())
+    method_config = make_config(f.method, method_options)
+    check_method_applies(full_model_dir, f.method, method_config, num_labels=data.task.num_labels, quantize=quantize)
+    # Every input is checked: from here on the run dir is written.
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = topology.prepare(spec, full_model_dir, run_dir)
+    models = ModelContext(model_dir=Path(model_dir), full_model_dir=full_model_dir, quantize=quantize, method=f.method,
+                          method_config=method_config, seed=f.seed, num_labels=data.task.num_labels)
+    envelopes = None
+    if spec.envelopes.enabled:
+        from fedpeft.common.security.envelope import PeerIdentity
+        from fedpeft.server.sealed_replies import load_trusted_clients
+
+        envelopes = (PeerIdentity.load(Path(str(spec.envelopes.server_identity))),
+                     load_trusted_clients(Path(str(spec.envelopes.trusted_clients))))
+    server = ServerSetup(
+        run_name=run_dir.name, base_model=str(model_dir) if model_dir != full_model_dir else f.model,
+        model_dir=str(model_dir), full_model_dir=str(full_model_dir), quantize=quantize, method=f.method,
+        method_config=method_config, task=data.task, train=spec.training.plan_fields(), eval_rows=data.eval_rows,
+        out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
+        seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
+        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, round_timeout=f.round_timeout, resume=resume,
+        # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use
+        lora_svd_scaling=method_config.scaling if f.lora_aggregation == "svd" else None,  # type: ignore[attr-defined]
+        hetero=spec.hetero_ranks(method_config),
+        secagg=spec.secagg if spec.secagg.enabled else None,
+        dp=spec.dp if spec.dp.enabled else None,
+        envelopes=envelopes, publish=spec.registry_target(run_dir.name), topology=topology, on_complete=on_complete)
+    return Federation(spec=spec, driver=driver, run_dir=run_dir, data=data, models=models, topology=topology,
+                      server=server, partitions=partitions)

@@ -1,0 +1,136 @@
+"""One spec, two drivers, one result: the parity matrix.
+
+Every case is one TOML run spec, given unchanged to the in-process simulation
+(`run_simulation(RunSpec.from_toml(path))`, Flower's Simulation Engine) and to a real
+loopback deployment (`peft-server run --config path` submitting to a running Flower
+SuperLink, two `peft-client start` processes, TLS on). Both must end with bit-identical
+final adapters and the same per-round held-out loss. A combination the federation
+cannot run is refused by both drivers with the same problem text.
+
+The deployment side shares one SuperLink and one pair of clients across the cases
+(`peft-server run --attach`): clients keep their trainer, and each case is a new
+Flower run, which keeps the matrix cheap enough for CI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft.simulations.harness.loopback import LoopbackDeployment, free_port, write_run_config
+
+pytestmark = pytest.mark.slow
+CLIENTS, SEED = 2, 5
+BASE = {"federation": {"rounds": 2, "clients": CLIENTS, "seed": SEED, "quantize": "4bit", "method_options": {"r": 4}},
+        "training": {"local_steps": 3, "learning_rate": 0.01, "batch_size": 4, "max_length": 64},
+        "task": {"eval_limit": 16}}
+CASES: dict[str, dict] = {
+    "naive-fedavg": {},
+    "svd": {"federation": {"lora_aggregation": "svd"}},
+    "svd-rslora": {"federation": {"lora_aggregation": "svd", "method_options": {"r": 4, "use_rslora": True}}},
+    "ffa": {"federation": {"lora_aggregation": "ffa"}},
+    "hetlora": {"federation": {"lora_aggregation": "hetlora", "client_ranks": [2, 4], "method_options": {}}},
+    "flexlora": {"federation": {"lora_aggregation": "flexlora", "client_ranks": [4, 2], "method_options": {}}},
+    "fedprox": {"federation": {"strategy": "fedprox", "strategy_options": {"proximal_mu": 0.5}}},
+    "split": {"federation": {"topology": "split"}, "split": {"cut": 1}},
+}
+REFUSED = {"split-fedprox": {"federation": {"topology": "split", "strategy": "fedprox"}, "split": {"cut": 1}}}
+
+
+def _merge(base: dict, case: dict) -> dict:
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in case.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    """A TLS SuperLink and two clients (builtin:K/2, the simulation's partitions), shared by every case."""
+    from fedpeft.common.flower_deploy import flower_env, start_process, stop_process, superlink_command, wait_for_port
+
+    dep = LoopbackDeployment(tmp_path_factory.mktemp("parity"), model=str(tiny_model_dir))
+    tls = dep.make_tls()
+    split_port = free_port()
+    superlink = start_process(superlink_command(host="127.0.0.1", port=dep.port, node_auth=False,
+                                                tls=(tls / "ca.crt", tls / "server.pem", tls / "server.key")),
+                              flower_env(dep.root / "superlink-home"), dep.root / "superlink.log")
+    try:
+        wait_for_port("127.0.0.1", dep.port, proc=superlink)
+        for k in range(CLIENTS):
+            dep.start_client(f"c{k}", f"builtin:{k}/{CLIENTS}", keys=False,
+                             extra=["--seed", str(SEED), "--split-server", f"127.0.0.1:{split_port}",
+                                    "--split-ca", str(tls / "ca.crt")])
+        yield dep, split_port
+    finally:
+        dep.stop_all()
+        stop_process(superlink)
+
+
+def _spec_file(dep: LoopbackDeployment, name: str, case: dict, split_port: int) -> Path:
+    sections = _merge(BASE, case)
+    sections["federation"]["model"] = dep.model
+    if "split" in sections:  # one split server address for both drivers: the spec's
+        sections["split"].update({"port": split_port, "tls_dir": str(dep.root / "tls")})
+    return write_run_config(dep.root / f"{name}.toml", sections)
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["eval_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_simulation_and_deployment_give_bit_identical_adapters(cluster, name):
+    from fedpeft.server.federation.spec import RunSpec
+    from fedpeft.simulations.runner import run_simulation
+
+    dep, split_port = cluster
+    spec_path = _spec_file(dep, name, CASES[name], split_port)
+    simulated = run_simulation(RunSpec.from_toml(spec_path), dep.root / "sim" / name).out_dir
+    deployed = dep.root / "dep" / name
+    client_logs = {k: len(dep.log(f"c{k}")) for k in range(CLIENTS)}
+    dep.start_server(spec_path, deployed, name=f"server-{name}", node_auth=False, extra=["--attach", f"127.0.0.1:{dep.port}"])
+    assert dep.wait(f"server-{name}", timeout=600) == 0, dep.log(f"server-{name}")[-4000:]
+
+    sim_final, dep_final = _final(simulated), _final(deployed)
+    assert sim_final.keys() == dep_final.keys() and sim_final
+    different = [k for k in sim_final if not torch.equal(sim_final[k], dep_final[k])]
+    assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+    assert _losses(simulated) == _losses(deployed)
+    rows = [json.loads(line) for line in (deployed / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["clients_accepted"] == CLIENTS for r in rows[1:])
+    if name == "split":
+        assert all(r["split_bytes_up"] > 0 for r in rows[1:])
+    if name in ("hetlora", "flexlora"):  # client k (builtin:k/2) trains at client_ranks[k], whatever its node id
+        for k, rank in enumerate(CASES[name]["federation"]["client_ranks"]):
+            assert f"training at LoRA rank {rank} (assigned" in dep.log(f"c{k}")[client_logs[k]:]
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_refused_combination_is_refused_by_both_drivers_with_the_same_problem(cluster, capsys, name):
+    from fedpeft.server.cli import main as server_main
+    from fedpeft.simulations.cli import main as sim_main
+
+    dep, split_port = cluster
+    spec_path = _spec_file(dep, name, REFUSED[name], split_port)
+    assert sim_main(["--config", str(spec_path), "--out", str(dep.root / "sim" / name)]) == 2
+    sim_err = capsys.readouterr().err
+    assert server_main(["run", "--config", str(spec_path), "--run-dir", str(dep.root / "dep" / name),
+                        "--attach", f"127.0.0.1:{dep.port}", "--tls", str(dep.root / "tls")]) == 2
+    dep_err = capsys.readouterr().err
+
+    def problems(err: str) -> list[str]:  # peft-sim adds the flag that sets a key: "key (--flag)"
+        return [re.sub(r" \(--[a-z-]+\)", "", line.strip()) for line in err.splitlines() if line.strip().startswith("- ")]
+
+    assert problems(sim_err) == problems(dep_err) and problems(dep_err)
+    assert any("strategy 'fedprox' is not supported" in p for p in problems(dep_err))
+    assert not (dep.root / "sim" / name).exists() and not (dep.root / "dep" / name / "metrics.jsonl").exists()
