@@ -7,9 +7,15 @@ SuperLink, two `peft-client start` processes, TLS on). Both must end with bit-id
 final adapters and the same per-round held-out loss. A combination the federation
 cannot run is refused by both drivers with the same problem text.
 
-The deployment side shares one SuperLink and one pair of clients across the cases
+The deployment side shares one SuperLink and one set of clients across the cases
 (`peft-server run --attach`): clients keep their trainer, and each case is a new
 Flower run, which keeps the matrix cheap enough for CI.
+
+The split case runs one client: with several, the shared split server applies their
+steps in the order they arrive (SplitFed's one shared server part), so two runs of the
+same spec, under either driver, differ in float summation order. One client makes that
+order fixed, and the case then checks everything else bit for bit (client part, server
+part, FedAvg of the client part, evaluation of the joined model).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ CASES: dict[str, dict] = {
     "hetlora": {"federation": {"lora_aggregation": "hetlora", "client_ranks": [2, 4], "method_options": {}}},
     "flexlora": {"federation": {"lora_aggregation": "flexlora", "client_ranks": [4, 2], "method_options": {}}},
     "fedprox": {"federation": {"strategy": "fedprox", "strategy_options": {"proximal_mu": 0.5}}},
-    "split": {"federation": {"topology": "split"}, "split": {"cut": 1}},
+    "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
 }
+SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
 REFUSED = {"split-fedprox": {"federation": {"topology": "split", "strategy": "fedprox"}, "split": {"cut": 1}}}
 
 
@@ -49,12 +56,11 @@ def _merge(base: dict, case: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
-    """A TLS SuperLink and two clients (builtin:K/2, the simulation's partitions), shared by every case."""
+def _cluster(root: Path, model: str, clients: int):
+    """A TLS SuperLink and `clients` clients (builtin:K/N, the simulation's partitions), shared by cases."""
     from fedpeft.common.flower_deploy import flower_env, start_process, stop_process, superlink_command, wait_for_port
 
-    dep = LoopbackDeployment(tmp_path_factory.mktemp("parity"), model=str(tiny_model_dir))
+    dep = LoopbackDeployment(root, model=model)
     tls = dep.make_tls()
     split_port = free_port()
     superlink = start_process(superlink_command(host="127.0.0.1", port=dep.port, node_auth=False,
@@ -62,14 +68,24 @@ def cluster(tiny_model_dir, tmp_path_factory):
                               flower_env(dep.root / "superlink-home"), dep.root / "superlink.log")
     try:
         wait_for_port("127.0.0.1", dep.port, proc=superlink)
-        for k in range(CLIENTS):
-            dep.start_client(f"c{k}", f"builtin:{k}/{CLIENTS}", keys=False,
+        for k in range(clients):
+            dep.start_client(f"c{k}", f"builtin:{k}/{clients}", keys=False,
                              extra=["--seed", str(SEED), "--split-server", f"127.0.0.1:{split_port}",
                                     "--split-ca", str(tls / "ca.crt")])
         yield dep, split_port
     finally:
         dep.stop_all()
         stop_process(superlink)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    yield from _cluster(tmp_path_factory.mktemp("parity"), str(tiny_model_dir), CLIENTS)
+
+
+@pytest.fixture(scope="module")
+def solo_cluster(tiny_model_dir, tmp_path_factory):
+    yield from _cluster(tmp_path_factory.mktemp("parity-solo"), str(tiny_model_dir), 1)
 
 
 def _spec_file(dep: LoopbackDeployment, name: str, case: dict, split_port: int) -> Path:
@@ -89,11 +105,12 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_simulation_and_deployment_give_bit_identical_adapters(cluster, name):
+def test_simulation_and_deployment_give_bit_identical_adapters(request, name):
     from fedpeft.server.federation.spec import RunSpec
     from fedpeft.simulations.runner import run_simulation
 
-    dep, split_port = cluster
+    dep, split_port = request.getfixturevalue("solo_cluster" if name in SOLO else "cluster")
+    clients = CASES[name].get("federation", {}).get("clients", CLIENTS)
     spec_path = _spec_file(dep, name, CASES[name], split_port)
     simulated = run_simulation(RunSpec.from_toml(spec_path), dep.root / "sim" / name).out_dir
     deployed = dep.root / "dep" / name
@@ -107,9 +124,12 @@ def test_simulation_and_deployment_give_bit_identical_adapters(cluster, name):
     assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
     assert _losses(simulated) == _losses(deployed)
     rows = [json.loads(line) for line in (deployed / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["clients_accepted"] == CLIENTS for r in rows[1:])
-    if name == "split":
+    assert all(r["clients_accepted"] == clients for r in rows[1:])
+    if name == "split":  # the shared server part, trained by both drivers, is bit-identical too
         assert all(r["split_bytes_up"] > 0 for r in rows[1:])
+        sim_server = load_file(str(simulated / "final" / "server-part" / "adapter_model.safetensors"))
+        dep_server = load_file(str(deployed / "final" / "server-part" / "adapter_model.safetensors"))
+        assert sim_server.keys() == dep_server.keys() and all(torch.equal(sim_server[k], dep_server[k]) for k in sim_server)
     if name in ("hetlora", "flexlora"):  # client k (builtin:k/2) trains at client_ranks[k], whatever its node id
         for k, rank in enumerate(CASES[name]["federation"]["client_ranks"]):
             assert f"training at LoRA rank {rank} (assigned" in dep.log(f"c{k}")[client_logs[k]:]
