@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--quantize", default="auto", help="4bit | none | auto (4bit where bitsandbytes works)")
     start.add_argument("--workdir", type=Path, default=Path("peft-client-work"), help="private working dir")
     start.add_argument("--port", type=int, default=9094, help="this node's local ClientAppIo port (one per node per host)")
-    start.add_argument("--partition-id", type=int, help="seed offset for local training (default: from builtin:K/N, else 0)")
+    start.add_argument("--partition-id", type=int,
+                       help="this client's partition K: its seed offset for local training and its turn in per-client "
+                            "LoRA rank cycles (default: K of builtin:K/N; with a data file, seed offset 0 and no declared turn)")
     start.add_argument("--threads", type=int, default=0, help="torch threads (0 = half the cores)")
     start.add_argument("--seed", type=int, default=0, help="seed of the built-in task's split (builtin:K/N only)")
     start.add_argument("--server-key", type=Path,

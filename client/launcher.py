@@ -101,6 +101,7 @@ def run_client(options: ClientOptions) -> int:
     quantize = validate_quantize(resolve_quantize(options.quantize))
     model_dir = resolve_model_dir(options.model)
     rows, partition = load_client_rows(options.data, options.seed)
+    declared = options.partition_id is not None or options.data.startswith(BUILTIN_PREFIX)
     if options.partition_id is not None:
         partition = options.partition_id
     identity = None
@@ -137,7 +138,9 @@ def run_client(options: ClientOptions) -> int:
              quantize, sock)
     cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
                             clientappio_port=options.clientappio_port,
-                            node_config={"trainer-address": socket_address(sock), "partition-id": partition,
+                            node_config={"trainer-address": socket_address(sock),
+                                         # declared only when known: the server orders per-client ranks by it
+                                         **({"partition-id": partition} if declared else {}),
                                          # what fedpeft.simulations.harness.inprocess_client_app needs (the benchmark's baseline)
                                          "model-dir": str(model_dir), "quantize": quantize, "data": _absolute(options.data),
                                          "data-seed": options.seed, "torch-threads": threads})

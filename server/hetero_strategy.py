@@ -58,14 +58,17 @@ class HeteroRanks:
 class RankAssignment:
     """Which LoRA rank each node trains at: `ranks` cycled over the clients by the partition
     id each declares (client k trains at ranks[k % len(ranks)], in simulation and deployment
-    alike); a node that declares none takes the next rank of the cycle in the order the
-    server first sees it (ascending node id among those seen together)."""
+    alike). A node that declares none, or a partition another node already holds, takes the
+    lowest turn nobody holds, in the order the server first sees it (ascending node id
+    among those seen together)."""
 
     def __init__(self, ranks: Sequence[int]) -> None:
         if not ranks or any(int(r) != r or r < 1 for r in ranks):
             raise ConfigError(f"client ranks must be integers >= 1, got {list(ranks)}")
         self.ranks = tuple(int(r) for r in ranks)
         self.by_node: dict[int, int] = {}
+        self.turn_of: dict[int, int] = {}
+        """node -> its turn in the cycle (its declared partition id, or the lowest free one)."""
 
     @property
     def max_rank(self) -> int:
@@ -74,9 +77,24 @@ class RankAssignment:
     def assign(self, node_ids: Iterable[int], declared: Mapping[int, int] | None = None) -> None:
         """Give every not yet known node its rank: by its `declared` partition id, else the next of the cycle."""
         declared = declared or {}
-        for node in sorted(set(node_ids) - set(self.by_node)):
-            position = declared[node] if node in declared else len(self.by_node)
-            self.by_node[node] = self.ranks[position % len(self.ranks)]
+        new = sorted(set(node_ids) - set(self.by_node))
+        taken = set(self.turn_of.values())
+        undeclared = []
+        for node in new:  # declared turns first, so a free turn never lands on a declared one
+            turn = declared.get(node)
+            if turn is None or turn in taken:
+                if turn is not None:
+                    log.warning("node %d declares partition %d, which another node already holds", node, turn)
+                undeclared.append(node)
+                continue
+            self.turn_of[node] = turn
+            taken.add(turn)
+        for node in undeclared:
+            turn = next(t for t in range(len(taken) + 1) if t not in taken)
+            self.turn_of[node] = turn
+            taken.add(turn)
+        for node in new:
+            self.by_node[node] = self.ranks[self.turn_of[node] % len(self.ranks)]
 
     def rank_of(self, node_id: int) -> int:
         if node_id not in self.by_node:
@@ -98,6 +116,10 @@ def declared_partitions(grid: Grid, nodes: Sequence[int], timeout: float = 120.0
         value = record.get(PARTITION_KEY) if record is not None else None
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
             declared[reply.metadata.src_node_id] = value
+    silent = sorted(set(nodes) - set(declared))
+    if silent:
+        log.warning("nodes %s declared no partition id (peft-client start --partition-id K, or --data builtin:K/N); "
+                    "they take the lowest free turns of the rank cycle", silent)
     return declared
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.common.errors import ConfigError, FederationError
-from fedpeft.common.files import atomic_write_bytes, write_json_atomic
+from fedpeft.common.files import atomic_write_bytes
 from fedpeft.common.flower_deploy import (
     flower_env,
     run_flwr,
@@ -124,7 +124,6 @@ def launch(options: LaunchOptions) -> Path:
     elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or pick a new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "run-config.json", config.to_dict())
     tls = TlsFiles.in_dir(options.tls_dir) if options.tls_dir is not None else None
     if tls is not None:
         tls.check(ca_only=options.attach is not None)  # attached: only the CLI's trust root is needed

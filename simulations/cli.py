@@ -41,13 +41,12 @@ def spec_from_args(args: argparse.Namespace):  # -> RunSpec
     from fedpeft.server.federation.flags import overrides_from_args
     from fedpeft.server.federation.spec import RunSpec
 
-    overrides = overrides_from_args(args)
     if args.resume is not None:
-        if overrides or args.config or args.out:
+        if overrides_from_args(args) or args.config or args.out:
             raise ConfigError("--resume continues a run with the spec it was started with; give no other option")
         return None
     base = RunSpec.from_toml(args.config) if args.config else RunSpec(source="peft-sim")
-    return base.with_overrides(overrides)
+    return base.with_overrides(overrides_from_args(args, base))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,9 +93,7 @@ def run_simulation(spec: RunSpec, out: str | Path | None = None, *, resume: str 
     out_dir = Path(out) if out is not None else default_out_dir()
     federation = assemble(spec, "simulation", out_dir, resume=resume is not None, on_complete=on_complete)
     out_dir, data, f = federation.run_dir, federation.data, spec.federation
-    if resume is None:  # a resumed run keeps its spec and its clients' data files
-        resolved = spec.with_overrides({"federation.quantize": federation.models.quantize})
-        write_json_atomic(out_dir / SPEC_FILE, resolved.to_dict())
+    if resume is None:  # a resumed run keeps its clients' data files (and the spec, written by assemble)
         write_partitions(federation.partitions, out_dir / "partitions")
     clients = describe_partitions(federation.partitions, data.task)
     write_json_atomic(out_dir / "clients.json", clients)

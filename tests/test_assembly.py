@@ -8,6 +8,7 @@ FedProx under the split topology was accepted and its proximal term never applie
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -115,10 +116,10 @@ def test_peft_sim_reads_the_deployment_spec_and_flags_override_its_fields(tiny_m
 
 def test_flag_settings_enable_their_sections():
     parser = build_flag_parser()
-    overrides = overrides_from_args(parser.parse_args(["--dp-clip", "0.5", "--publish-to", "reg"]))
-    assert overrides == {"dp.clipping_norm": 0.5, "dp.enabled": True, "registry.dir": "reg", "registry.enabled": True}
-    spec = spec_from_flags(dp_clipping_norm=0.0)
-    assert spec.dp.enabled is False
+    overrides = overrides_from_args(parser.parse_args(["--dp-clip", "0.5", "--publish-to", "/srv/reg"]))
+    assert overrides == {"dp.clipping_norm": 0.5, "dp.enabled": True, "registry.dir": "/srv/reg", "registry.enabled": True}
+    spec = spec_from_flags(dp_clipping_norm=0.0)  # 0 switches DP off and leaves its settings alone
+    assert spec.dp.enabled is False and spec.problems("simulation") == []
 
 
 def test_all_problems_of_a_spec_are_reported_together(tiny_model_dir):
@@ -138,3 +139,60 @@ def test_the_readme_lists_every_spec_field_with_its_default_and_flag():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert spec_table_markdown() in readme, "regenerate the README's run-spec table with spec_table_markdown()"
+
+
+def test_key_value_flags_merge_into_the_spec_files_table_and_switches_turn_off(tiny_model_dir, tmp_path):
+    from fedpeft.simulations.cli import build_parser, spec_from_args
+
+    path = write_run_config(tmp_path / "run.toml", {
+        "federation": {"model": str(tiny_model_dir), "method_options": {"r": 8, "alpha": 32, "use_rslora": True}},
+        "training": {"gradient_checkpointing": True}})
+    spec = spec_from_args(build_parser().parse_args(["--config", str(path), "-o", "r=16", "--no-gradient-checkpointing"]))
+    assert spec.federation.method_options == {"r": "16", "alpha": 32, "use_rslora": True}
+    assert spec.training.gradient_checkpointing is False
+
+
+def test_paths_given_as_flags_are_saved_absolute(tmp_path, monkeypatch):
+    from fedpeft.simulations.cli import build_parser, spec_from_args
+
+    monkeypatch.chdir(tmp_path)
+    spec = spec_from_args(build_parser().parse_args(["--data", "train.jsonl", "--eval-data", "dev.jsonl"]))
+    assert spec.task.train_data == str(tmp_path / "train.jsonl") and spec.task.eval_data == str(tmp_path / "dev.jsonl")
+
+
+@pytest.mark.parametrize(("sections", "fragment"), [
+    ({"split": {"cut": 4}}, 'split.cut is set, but would be ignored without federation.topology = "split"'),
+    ({"offsite": {"bottom": 1}}, 'offsite.bottom is set, but would be ignored without federation.topology = "offsite"'),
+    ({"dp": {"noise_multiplier": 3.0}}, "dp.noise_multiplier is set, but would be ignored without dp.enabled = true"),
+    ({"federation": {"lora_aggregation": "hetlora", "client_ranks": [2, "4"]}},
+     "federation.client_ranks = [2, '4'] is not a list of integers"),
+    ({"federation": {"topology": "split"}, "registry": {"enabled": True, "dir": "r"}}, "a split run's global delta"),
+    ({"federation": {"topology": "offsite"}, "registry": {"enabled": True, "dir": "r"}}, "an offsite run's rounds"),
+    ({"task": {"kind": "bogus"}}, "task.kind 'bogus'"),
+    ({"simulation": {"gpus_per_client": float("nan")}}, "simulation.gpus_per_client must be a finite number"),
+])
+def test_settings_that_would_be_ignored_or_are_malformed_are_refused(sections, fragment):
+    with pytest.raises(ConfigError) as info:
+        RunSpec.from_dict(sections, driver="simulation")
+    assert fragment in str(info.value)
+
+
+def test_a_split_cut_the_model_cannot_take_fails_before_the_run_dir_is_written(tiny_model_dir, tmp_path):
+    spec = _spec(tiny_model_dir, federation={"topology": "split"}, split={"cut": 99})
+    with pytest.raises(ConfigError):
+        assemble(spec, "deployment", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_run_dir_keeps_its_spec_new_runs_refuse_it_and_resumes_may_only_add_rounds(tiny_model_dir, tmp_path, driver):
+    run_dir = tmp_path / "run"
+    spec = _spec(tiny_model_dir)
+    assemble(spec, driver, run_dir)
+    assert RunSpec.from_dict(json.loads((run_dir / "run-spec.json").read_text())).federation.quantize == "none"
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        assemble(spec, driver, run_dir)
+    with pytest.raises(ConfigError, match=r"training.learning_rate differ from"):
+        assemble(spec.with_overrides({"training.learning_rate": 0.5}), driver, run_dir, resume=True)
+    assemble(spec.with_overrides({"federation.rounds": 9}), driver, run_dir, resume=True)

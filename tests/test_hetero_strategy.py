@@ -88,11 +88,20 @@ def test_each_node_is_sent_its_rank_and_the_global_restricted_to_it(flower_task_
 
 def test_ranks_follow_the_partition_each_node_declares_not_its_node_id(flower_task_identity):
     """Client k trains at ranks[k % len(ranks)] whatever node id Flower gave it (random in
-    simulation and deployment alike); a node that does not answer takes the next free turn."""
+    simulation and deployment alike); a node that does not answer takes the lowest free turn."""
     strategy = _build()
     messages = strategy.configure_train(1, delta_to_arrayrecord(_delta(8, torch.Generator().manual_seed(0))),
                                         ConfigRecord({}), Grid({7: 2, 19: 0}))
-    assert {m.metadata.dst_node_id: m.content["config"][RANK_KEY] for m in messages} == {7: 8, 19: 2, 31: 8}
+    assert {m.metadata.dst_node_id: m.content["config"][RANK_KEY] for m in messages} == {7: 8, 19: 2, 31: 4}
+
+
+def test_two_nodes_declaring_one_partition_do_not_share_its_turn():
+    from fedpeft.server.hetero_strategy import RankAssignment
+
+    assignment = RankAssignment(RANKS)
+    assignment.assign([7, 19, 31], {7: 0, 19: 0, 31: 1})
+    assert assignment.turn_of == {7: 0, 31: 1, 19: 2}
+    assert [assignment.rank_of(n) for n in (7, 31, 19)] == [2, 4, 8]
 
 
 @pytest.mark.parametrize("mode", ["hetlora", "flexlora"])

@@ -316,7 +316,8 @@ def test_differential_privacy_reports_the_epsilon_flowers_accountant_gives(tiny_
         assert row["dp_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5)) and row["dp_delta"] == 1e-5
     assert rows[2]["dp_epsilon"] > rows[1]["dp_epsilon"] > 0
     # the noise is real: the same seed without DP gives another adapter
-    plain = run_simulation(spec_from_flags(config, dp_clipping_norm=0.0), str(tmp_path / "p"))
+    plain_spec = config.with_overrides({"dp.enabled": False, "dp.clipping_norm": 1.0, "dp.noise_multiplier": 1.0})
+    plain = run_simulation(plain_spec, str(tmp_path / "p"))
     dp_final = load_delta_file(tmp_path / "dp" / "checkpoints" / "global-round-0002.safetensors")
     plain_final = load_delta_file(plain.out_dir / "checkpoints" / "global-round-0002.safetensors")
     assert any(not torch.equal(dp_final[k], plain_final[k]) for k in dp_final)

@@ -58,6 +58,8 @@ class OffsiteSettings:
             found.append(f"{name('dtype')} must be one of {list(EMULATOR_DTYPES)} (got {self.dtype!r})")
         if self.keep_every < 1:
             found.append(f"{name('keep_every')} must be >= 1 (got {self.keep_every})")
+        if not 0 < self.distill_lr < float("inf"):
+            found.append(f"{name('distill_lr')} must be a finite number > 0 (got {self.distill_lr})")
         if self.distill_steps < 0:
             found.append(f"{name('distill_steps')} must be >= 0 (got {self.distill_steps})")
         if self.distill_steps and not self.distill_data:

@@ -9,6 +9,7 @@ the other. Nothing is written to the run dir before every input has been checked
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from fedpeft.common.data.partition import PartitionSpec, partition_records
 from fedpeft.common.data.records import Record
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.files import write_json_atomic
 from fedpeft.common.methods import make_config
 from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
 from fedpeft.common.model.base_model import resolve_model_dir
@@ -65,6 +68,33 @@ class Federation:
                            split_ca=endpoint[1] if endpoint else None)
 
 
+RESUMABLE_CHANGES = frozenset({"federation.rounds"})
+"""What a resumed run may change: only how many rounds it runs in all."""
+
+
+def check_run_dir(run_dir: Path, spec: RunSpec, resume: bool) -> None:
+    """A new run needs a run dir without one; a resumed run must keep the spec it was started with."""
+    saved_path = run_dir / SPEC_FILE
+    if not resume:
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"{run_dir} already holds a run; resume it or pick a new run dir")
+        return
+    if not saved_path.is_file():
+        log.warning("%s has no %s (a run dir from an older fedpeft): its settings cannot be compared", run_dir, SPEC_FILE)
+        return
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot resume {run_dir}: {saved_path} is unreadable ({exc})") from exc
+    now = spec.to_dict()
+    changed = sorted(f"{section}.{key}" for section, values in now.items() for key, value in values.items()
+                     if f"{section}.{key}" not in RESUMABLE_CHANGES
+                     and (saved.get(section) or {}).get(key, value) != value)
+    if changed:
+        raise ConfigError(f"cannot resume {run_dir} with other settings than it was started with: {', '.join(changed)} "
+                          f"differ from {saved_path} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
 def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = False,
              on_complete: Callable[[AdaptedModel], None] | None = None) -> Federation:
     """Validate `spec` for `driver` and build its federation in `run_dir`."""
@@ -81,9 +111,13 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     method_options = topology.plan_layers(spec, full_model_dir, spec.method_options())
     method_config = make_config(f.method, method_options)
     check_method_applies(full_model_dir, f.method, method_config, num_labels=data.task.num_labels, quantize=quantize)
-    # Every input is checked: from here on the run dir is written.
     run_dir = Path(run_dir).resolve()
+    resolved = spec.with_overrides({"federation.quantize": quantize})  # what the run dir records
+    check_run_dir(run_dir, resolved, resume)
+    # Every input is checked: from here on the run dir is written.
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json_atomic(run_dir / SPEC_FILE, resolved.to_dict())
     model_dir = topology.prepare(spec, full_model_dir, run_dir)
     models = ModelContext(model_dir=Path(model_dir), full_model_dir=full_model_dir, quantize=quantize, method=f.method,
                           method_config=method_config, seed=f.seed, num_labels=data.task.num_labels)

@@ -17,6 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedpeft.server.federation.spec import SECTIONS, RunSpec
@@ -160,8 +161,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         common: dict[str, Any] = {"dest": flag.name, "default": argparse.SUPPRESS, "help": flag.help + shown}
         if flag.repeated:
             parser.add_argument(*names, action="append", type=key_value, metavar="KEY=VALUE", **common)
-        elif kind is bool:
-            parser.add_argument(*names, action="store_true", **common)
+        elif kind is bool:  # --x / --no-x: a flag can switch a spec's true back off
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
         else:
             parse = flag.parse or (kind if kind in (int, float) else str)
             parser.add_argument(*names, type=parse, choices=flag.choices, **common)
@@ -174,31 +175,50 @@ def build_flag_parser(prog: str = "peft-sim") -> argparse.ArgumentParser:
     return parser
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """{"section.key": value} for every table flag the user gave."""
+PATH_KEYS: tuple[str, ...] = ("task.train_data", "task.eval_data", "offsite.distill_data", "offsite.emulator",
+                               "registry.dir", "registry.keys", "split.tls_dir")
+"""Fields holding paths: given on the command line, they are taken from the current directory
+(and saved absolute, so a run resumes from anywhere)."""
+
+
+def overrides_from_args(args: argparse.Namespace, base: RunSpec | None = None) -> dict[str, Any]:
+    """{"section.key": value} for every table flag the user gave (paths made absolute)."""
     given = {f.name: getattr(args, f.name) for f in FLAGS if hasattr(args, f.name)}
-    return overrides_from_flags(given)
+    overrides = overrides_from_flags(given, base)
+    for key in PATH_KEYS:
+        if isinstance(overrides.get(key), str) and overrides[key]:
+            overrides[key] = str(Path(overrides[key]).resolve())
+    model = overrides.get("federation.model")
+    if isinstance(model, str) and Path(model).exists():  # a local file or dir (built-in names stay names)
+        overrides["federation.model"] = str(Path(model).resolve())
+    return overrides
 
 
-def overrides_from_flags(values: Mapping[str, Any]) -> dict[str, Any]:
-    """{"section.key": value} for settings named by their flag names."""
+def overrides_from_flags(values: Mapping[str, Any], base: RunSpec | None = None) -> dict[str, Any]:
+    """{"section.key": value} for settings named by their flag names. KEY=VALUE tables (`-o`,
+    `--strategy-opt`) are merged into `base`'s table, key by key; a flag that switches its
+    section on (`--dp-clip`, `--publish-to`) switches it off when given 0 or "" (and leaves
+    the section's value alone)."""
     out: dict[str, Any] = {}
     for name, value in values.items():
         if name not in FLAGS_BY_NAME:
             raise TypeError(f"unknown setting {name!r}; known: {sorted(FLAGS_BY_NAME)}")
         flag = FLAGS_BY_NAME[name]
-        if flag.repeated and not isinstance(value, Mapping):
-            value = dict(value)
-        out[flag.key] = dict(value) if isinstance(value, Mapping) else value
+        if flag.repeated:
+            given = dict(value) if not isinstance(value, Mapping) else dict(value)
+            value = {**(base.get(flag.key) if base is not None else {}), **given}
         if flag.enables:
             out[flag.enables] = bool(value)
+            if not value:
+                continue
+        out[flag.key] = value
     return out
 
 
 def spec_from_flags(base: RunSpec | None = None, **values: Any) -> RunSpec:
     """A spec with settings given by flag name (`clients=2, learning_rate=0.01, data=...`), type-checked."""
     base = base or RunSpec()
-    return base.with_overrides(overrides_from_flags(values))
+    return base.with_overrides(overrides_from_flags(values, base))
 
 
 def describe_for_cli(problem: str) -> str:

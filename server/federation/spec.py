@@ -205,6 +205,7 @@ SIMULATION_ONLY: tuple[str, ...] = ("task.train_data", "task.partition", "task.t
                                     "simulation.cpus_per_client", "simulation.gpus_per_client")
 DEPLOYMENT_ONLY: tuple[str, ...] = ("secagg.enabled", "envelopes.enabled")
 DEFAULT_SPLIT_PORT = 9095
+TASK_KINDS: tuple[str, ...] = ("auto", "instruction", "classification")
 _WHY_NOT = {
     "deployment": "is a simulation setting: deployed clients hold their own data and hardware (peft-client start --data)",
     "simulation": "is a deployment setting: peft-sim runs every client in this process's Flower simulation "
@@ -338,7 +339,7 @@ class RunSpec:
             found.append(f"federation.round_timeout must be a finite number > 0 (got {f.round_timeout})")
         found += self._aggregation_problems()
         for check in (lambda: make_config(f.method, self.method_options()),
-                      lambda: self.hetero_ranks(),
+                      lambda: self._ranks_valid() and self.hetero_ranks(),
                       lambda: PartitionSpec.parse(task.partition),
                       lambda: parse_strategy_options(f.strategy, {k: str(v) for k, v in f.strategy_options.items()})):
             try:
@@ -346,10 +347,11 @@ class RunSpec:
             except FedPeftError as exc:
                 found.append(str(exc))
         found += self._task_problems(driver)
-        if self.simulation.gpus_per_client < 0:
-            found.append("simulation.gpus_per_client must be >= 0")
-        if not self.simulation.cpus_per_client > 0:
-            found.append("simulation.cpus_per_client must be > 0")
+        if not 0 <= self.simulation.gpus_per_client < math.inf:
+            found.append(f"simulation.gpus_per_client must be a finite number >= 0 (got {self.simulation.gpus_per_client})")
+        if not 0 < self.simulation.cpus_per_client < math.inf:
+            found.append(f"simulation.cpus_per_client must be a finite number > 0 (got {self.simulation.cpus_per_client})")
+        found += self._switched_off_problems(defaults)
         if self.training.gradient_checkpointing:
             from fedpeft.common.training.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 
@@ -401,6 +403,30 @@ class RunSpec:
         found += self._registry_problems()
         return found
 
+    def _ranks_valid(self) -> bool:
+        ranks = self.federation.client_ranks
+        return all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
+
+    def _switched_off_problems(self, defaults: RunSpec) -> list[str]:
+        """Settings of a section or topology that is off would be ignored: refuse them instead."""
+        off: list[tuple[str, str]] = []
+        topology = self.topology
+        if topology != "split":
+            off.append(("split", 'federation.topology = "split"'))
+        if topology != "offsite":
+            off.append(("offsite", 'federation.topology = "offsite"'))
+        for section in ("dp", "secagg", "envelopes"):
+            if not getattr(self, section).enabled:
+                off.append((section, f"{section}.enabled = true"))
+        found = []
+        for section, switch in off:
+            values, default = dataclasses.asdict(getattr(self, section)), dataclasses.asdict(getattr(defaults, section))
+            changed = [k for k in values if k != "enabled" and values[k] != default[k]]
+            if section == "split" and self.split.enabled:
+                continue
+            found += [f"{section}.{k} is set, but would be ignored without {switch}" for k in changed]
+        return found
+
     def _aggregation_problems(self) -> list[str]:
         f = self.federation
         found = []
@@ -424,6 +450,8 @@ class RunSpec:
     def _task_problems(self, driver: Driver) -> list[str]:
         task = self.task
         found = []
+        if task.kind not in TASK_KINDS:
+            found.append(f"task.kind {task.kind!r}: choose one of {list(TASK_KINDS)}")
         if driver == "simulation" and task.eval_data and not task.train_data:
             found.append("task.eval_data needs task.train_data in a simulation (the built-in task has its own "
                          "held-out split)")
@@ -522,6 +550,8 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     origin = typing.get_origin(hint) or hint
+    if origin is list and typing.get_args(hint):  # every element, e.g. client_ranks = [2, "4"]
+        return isinstance(value, list) and all(_matches(item, typing.get_args(hint)[0]) for item in value)
     return isinstance(value, origin) if isinstance(origin, type) else True
 
 
@@ -529,5 +559,7 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
     origin = typing.get_origin(hint) or hint
+    if origin is list and typing.get_args(hint):
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
             dict: "a table"}.get(origin, str(hint))

@@ -64,8 +64,8 @@ def load_task_data(section: TaskSection, seed: int, *, with_train: bool = True) 
             log.info("no task.eval_data: holding out %d of %d rows for evaluation", cut, cut + len(train))
     if section.train_limit and len(train) > section.train_limit:
         train = rng.sample(train, section.train_limit)
-    if section.eval_limit and len(held_out) > section.eval_limit:
-        held_out = rng.sample(held_out, section.eval_limit)
+    if section.eval_limit and len(held_out) > section.eval_limit:  # its own stream: train_limit does not move it
+        held_out = random.Random(seed).sample(held_out, section.eval_limit)
     if train:
         task.check_rows(train, section.train_data or "built-in training data")
     task.check_rows(held_out, section.eval_data or section.train_data or "built-in held-out data")

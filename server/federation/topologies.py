@@ -148,6 +148,9 @@ class OffsiteTopology(Topology):
         if spec.federation.method not in OFFSITE_METHODS:
             found.append(f"federation.topology 'offsite' trains the adapter blocks with {list(OFFSITE_METHODS)}, "
                          f"not method {spec.federation.method!r}")
+        if spec.registry.enabled:
+            found.append("registry: an offsite run's rounds train the emulator's adapter blocks, which do not serve the "
+                         "full model; publish the plugged-in adapter (run_dir/plugged) with peft-server publish")
         return found
 
     def plan_layers(self, spec: RunSpec, full_model_dir: Path, options: dict[str, str]) -> dict[str, str]:
@@ -203,22 +206,25 @@ class SplitTopology(Topology):
                          "use fedavg, or bound updates with federation.clip_update_norm")
         if spec.dp.enabled:
             found.append("split and dp cannot be combined: the split server sees every client's raw activations")
+        if spec.registry.enabled:
+            found.append("registry: a split run's global delta is the client part only (the server part is exported "
+                         "beside it); serving cannot publish it per round")
         if sp.port is not None and not 1 <= sp.port <= 65535:
             found.append(f"split.port must be in 1..65535 (got {sp.port})")
         if sp.tls_dir is not None and not Path(sp.tls_dir).is_dir():
             found.append(f"split.tls_dir: directory {sp.tls_dir} does not exist")
-        elif sp.host not in LOOPBACK_HOSTS:
+        if sp.host not in LOOPBACK_HOSTS:
             if driver == "simulation":
                 found.append(f"split.host {sp.host!r}: a simulation's clients run on this machine; use a loopback host")
             elif sp.tls_dir is None:
                 found.append(f"split.tls_dir is required: split.host {sp.host!r} is not loopback")
         return found
 
-    def prepare(self, spec: RunSpec, full_model_dir: Path, run_dir: Path) -> Path:
+    def plan_layers(self, spec: RunSpec, full_model_dir: Path, options: dict[str, str]) -> dict[str, str]:
         from fedpeft.common.model.split import SplitConfig, check_split
 
         check_split(full_model_dir, SplitConfig(cut=spec.split.cut, u_shaped=spec.split.u_shaped), spec.federation.method)
-        return full_model_dir
+        return options
 
     def start(self, spec: RunSpec, models: ModelContext, run_dir: Path, endpoint: SplitEndpoint | None) -> None:
         from fedpeft.common.model.split import SplitConfig

@@ -52,7 +52,7 @@ def measure_client_step(model_dir: Path, settings: ProbeSettings, method_options
                         local_steps: int = 10, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
     """One client holding `model_dir` (the full model for fl, the emulator for offsite):
     peak memory over what the libraries alone take, seconds per step, bytes on the wire
-    per step. Measured by `peft-bench-client`'s harness (`split_benchmark`), so these
+    per step. Measured by `peft-bench-client`'s harness (`client_cost`), so these
     figures and that benchmark's split rows are comparable."""
     from fedpeft.simulations.bench.client_cost import measure_fl_client_step
 

@@ -13,9 +13,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft.client.app import ClientSetup, handle_train
+from fedpeft.client.flower_app import partition_query
 from fedpeft.client.launcher import load_client_rows
 
 app = ClientApp()
+app.query()(partition_query)
 
 
 @app.train()
