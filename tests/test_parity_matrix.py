@@ -39,7 +39,7 @@ CASES: dict[str, dict] = {
     "naive-fedavg": {},
     "svd": {"federation": {"lora_aggregation": "svd"}},
     "svd-rslora": {"federation": {"lora_aggregation": "svd", "method_options": {"r": 4, "use_rslora": True}}},
-    "ffa": {"federation": {"lora_aggregation": "ffa"}},
+    "ffa": {"federation": {"lora_aggregation": "ffa", "clip_update_norm": 5.0}},
     "hetlora": {"federation": {"lora_aggregation": "hetlora", "client_ranks": [2, 4], "method_options": {}}},
     "flexlora": {"federation": {"lora_aggregation": "flexlora", "client_ranks": [4, 2], "method_options": {}}},
     "fedprox": {"federation": {"strategy": "fedprox", "strategy_options": {"proximal_mu": 0.5}}},
@@ -112,10 +112,24 @@ def test_simulation_and_deployment_give_bit_identical_adapters(request, name):
     dep, split_port = request.getfixturevalue("solo_cluster" if name in SOLO else "cluster")
     clients = CASES[name].get("federation", {}).get("clients", CLIENTS)
     spec_path = _spec_file(dep, name, CASES[name], split_port)
-    simulated = run_simulation(RunSpec.from_toml(spec_path), dep.root / "sim" / name).out_dir
+    server_logits: dict[str, torch.Tensor] = {}
     deployed = dep.root / "dep" / name
-    client_logs = {k: len(dep.log(f"c{k}")) for k in range(CLIENTS)}
-    dep.start_server(spec_path, deployed, name=f"server-{name}", node_auth=False, extra=["--attach", f"127.0.0.1:{dep.port}"])
+    client_logs = {k: len(dep.log(f"c{k}")) for k in range(clients)}
+
+    def deploy() -> None:
+        dep.start_server(spec_path, deployed, name=f"server-{name}", node_auth=False,
+                         extra=["--attach", f"127.0.0.1:{dep.port}"])
+
+    def simulate() -> Path:
+        return run_simulation(RunSpec.from_toml(spec_path), dep.root / "sim" / name,
+                              on_complete=lambda adapted: server_logits.update(probe=_probe_logits(adapted.model))).out_dir
+
+    if name in SOLO:  # one split server address in the spec: the drivers take turns
+        simulated = simulate()
+        deploy()
+    else:  # the deployment waits on process starts and polling most of the time: simulate meanwhile
+        deploy()
+        simulated = simulate()
     assert dep.wait(f"server-{name}", timeout=600) == 0, dep.log(f"server-{name}")[-4000:]
 
     sim_final, dep_final = _final(simulated), _final(deployed)
@@ -134,9 +148,46 @@ def test_simulation_and_deployment_give_bit_identical_adapters(request, name):
         naive = dep.root / "sim" / "naive-fedavg"
         if naive.is_dir():
             assert any(not torch.equal(sim_final[k], v) for k, v in _final(naive).items())
+    _check_mode(name, simulated, rows, server_logits["probe"], dep.model)
     if name in ("hetlora", "flexlora"):  # client k (builtin:k/2) trains at client_ranks[k], whatever its node id
         for k, rank in enumerate(CASES[name]["federation"]["client_ranks"]):
             assert f"training at LoRA rank {rank} (assigned" in dep.log(f"c{k}")[client_logs[k]:]
+
+
+PROBE = torch.arange(3, 15).view(1, 12)
+
+
+def _probe_logits(model) -> torch.Tensor:
+    from fedpeft.common.training.evaluation import model_device
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=PROBE.to(model_device(model))).logits.float().cpu()
+
+
+def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch.Tensor, model_dir: str) -> None:
+    """What each aggregation mode promises beyond parity (the rows are both drivers': they are equal)."""
+    from fedpeft.common.protocol.deltas import load_delta_file
+
+    if name.startswith("svd"):  # the rank-r refactoring error is measured and logged every round
+        assert all(0.0 <= r["svd_max_relative_error"] < 1.0 for r in rows[1:])
+    if name == "ffa":  # A frozen at the shared seed (clients built the server's A): only B is federated
+        names = load_delta_file(run_dir / "checkpoints" / "global-round-0001.safetensors").keys()
+        assert names and all(".lora_B." in n for n in names)
+    if name == "flexlora":  # each rank's factors carry their own measured error; a lower rank loses more
+        ranks = sorted(CASES[name]["federation"]["client_ranks"])
+        for row in rows[1:]:
+            errors = [row[f"svd_relative_error_r{r}"] for r in ranks]
+            assert 0.0 <= errors[-1] <= errors[0] < 1.0 and row["svd_max_relative_error"] == errors[0]
+    if name in ("hetlora", "flexlora"):  # the global adapter has the largest rank and loads in stock peft
+        from peft import PeftModel
+
+        from fedpeft.common.model.base_model import load_base_model
+
+        final = run_dir / "final"
+        assert json.loads((final / "adapter_config.json").read_text())["r"] == max(CASES[name]["federation"]["client_ranks"])
+        stock = PeftModel.from_pretrained(load_base_model(Path(model_dir), "4bit"), str(final))
+        torch.testing.assert_close(_probe_logits(stock), server_logits, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

@@ -119,8 +119,6 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     if not resume:
         write_json_atomic(run_dir / SPEC_FILE, resolved.to_dict())
     model_dir = topology.prepare(spec, full_model_dir, run_dir)
-    models = ModelContext(model_dir=Path(model_dir), full_model_dir=full_model_dir, quantize=quantize, method=f.method,
-                          method_config=method_config, seed=f.seed, num_labels=data.task.num_labels)
     envelopes = None
     if spec.envelopes.enabled:
         from fedpeft.common.security.envelope import PeerIdentity
@@ -141,5 +139,5 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         secagg=spec.secagg if spec.secagg.enabled else None,
         dp=spec.dp if spec.dp.enabled else None,
         envelopes=envelopes, publish=spec.registry_target(run_dir.name), topology=topology, on_complete=on_complete)
-    return Federation(spec=spec, driver=driver, run_dir=run_dir, data=data, models=models, topology=topology,
+    return Federation(spec=spec, driver=driver, run_dir=run_dir, data=data, models=server.model_context(), topology=topology,
                       server=server, partitions=partitions)

@@ -76,6 +76,9 @@ class FederationSection:
     they declare (empty: all at the method's r)."""
     clip_update_norm: float = 0.0
     quantize: str = "auto"
+    """4bit | none | auto: the coordinator's backbone and, in a simulation, every virtual client's.
+    A deployed client holds its own backbone and picks its precision itself (`peft-client start
+    --quantize`): only the delta's shape must agree, and the plan's fingerprint checks the model."""
     seed: int = 0
     round_timeout: float = 3600.0
     topology: str = DEFAULT_TOPOLOGY
