@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -145,14 +146,60 @@ def run_client(options: ClientOptions) -> int:
                                          "model-dir": str(model_dir), "quantize": quantize, "data": _absolute(options.data),
                                          "data-seed": options.seed, "torch-threads": threads})
     try:
-        code = _supervise(cmd, flower_env(options.workdir / "flwr-home"), options.once)
+        code = _supervise(cmd, flower_env(options.workdir / "flwr-home"), options.once, options.superlink)
     finally:
         server.stop(grace=5)
     log.info("client stopped after %d trained round(s)", state.rounds_trained)
     return code
 
 
-def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
+LINK_PROBE_S = 2.0
+RESTARTED = object()
+"""`_wait_watching_link`'s answer when it stopped a SuperNode whose SuperLink restarted."""
+
+
+def _reachable(address: str, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to HOST:PORT opens (the SuperLink is up)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _wait_watching_link(node: subprocess.Popen[bytes], superlink: str, stopping: threading.Event) -> object:
+    """Wait for the SuperNode to exit; returns its exit code, or `RESTARTED` after stopping it
+    because its SuperLink went away and came back while it ran.
+
+    A SuperLink restart (a coordinator restarted with `--resume`) forgets every node. A
+    SuperNode that was idle exits and is restarted below; one that held a message when the
+    link died keeps retrying against a link that answers 401 and never exits (Flower 1.41),
+    so the client would sit out the rest of the run. Watching the link from here covers it.
+    """
+    link_lost = False
+    while True:
+        try:
+            return node.wait(timeout=LINK_PROBE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if stopping.is_set():
+            continue
+        if not _reachable(superlink):
+            link_lost = True
+        elif link_lost:
+            log.warning("the SuperLink at %s went away and is back: restarting the SuperNode (a restarted SuperLink "
+                        "does not know it)", superlink)
+            node.terminate()
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+            return RESTARTED
+
+
+def _supervise(cmd: list[str], env: dict[str, str], once: bool, superlink: str) -> int:
     """Keep a SuperNode connected: Flower's SuperNode exits when its SuperLink goes away
     (a coordinator restart, `peft-server run --resume`), so restart it with backoff while
     the trainer (and its loaded model) stays up. SIGTERM/Ctrl-C stop both. A SuperNode
@@ -172,12 +219,18 @@ def _supervise(cmd: list[str], env: dict[str, str], once: bool) -> int:
             started = time.monotonic()
             node = start_process(cmd, env, own_group=False)  # a signal to peft-client's group reaches it
             try:
-                code = node.wait()
+                outcome = _wait_watching_link(node, superlink, stopping)
             except KeyboardInterrupt:
                 stop()
-                code = node.wait()
+                outcome = node.wait()
             if stopping.is_set():
                 return 0
+            if outcome is RESTARTED:
+                if once:
+                    return 0
+                backoff, quick_failures = RECONNECT_MIN_S, 0
+                continue
+            code = int(outcome)  # type: ignore[call-overload]
             lived = time.monotonic() - started
             if once:
                 if code != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import tomllib
 
 import numpy as np
@@ -231,3 +232,34 @@ def test_builtin_client_data_is_the_simulations_partition():
     assert partition == 1 and rows == partition_records(train, 3, PartitionSpec.parse("iid"), "label", 7)[1]
     with pytest.raises(ConfigError, match="builtin:K/N"):
         load_client_rows("builtin:x")
+
+
+def test_a_supernode_left_behind_by_a_restarted_superlink_is_restarted(monkeypatch):
+    """Flower's SuperNode that held a message when its SuperLink died never exits (it retries
+    against a link that no longer knows it): peft-client stops it once the link is back."""
+    import socket
+    import threading
+
+    from fedpeft.client import launcher
+
+    monkeypatch.setattr(launcher, "LINK_PROBE_S", 0.2)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    node = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(
+        launcher._wait_watching_link(node, f"127.0.0.1:{port}", threading.Event())))
+    waiter.start()
+    try:
+        time.sleep(0.6)
+        assert not result and node.poll() is None  # link up, node running: keep waiting
+        listener.close()  # the coordinator dies ...
+        time.sleep(0.6)
+        assert not result and node.poll() is None
+        listener = socket.create_server(("127.0.0.1", port))  # ... and comes back on its port
+        waiter.join(timeout=20)
+        assert result == [launcher.RESTARTED] and node.poll() is not None
+    finally:
+        listener.close()
+        if node.poll() is None:
+            node.kill()
