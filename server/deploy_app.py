@@ -46,7 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     setup_logging()
     if CONFIG_KEY not in context.run_config or RUN_DIR_KEY not in context.run_config:
         raise ConfigError(f"run config must set {CONFIG_KEY!r} and {RUN_DIR_KEY!r} (start runs with peft-server run)")
-    spec = RunSpec.from_toml(Path(str(context.run_config[CONFIG_KEY])), driver="deployment")
+    spec = RunSpec.from_toml(Path(str(context.run_config[CONFIG_KEY])))  # validated once, by assemble
     federation = deployed_federation(spec, Path(str(context.run_config[RUN_DIR_KEY])),
                                      bool(context.run_config.get(RESUME_KEY)))
     torch.manual_seed(federation.server.seed)

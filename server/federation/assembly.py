@@ -42,7 +42,6 @@ class Federation:
     """An assembled federation: hand `server` to `run_federation`, build clients with `client_setup`."""
 
     spec: RunSpec
-    driver: Driver
     run_dir: Path
     data: TaskData
     models: ModelContext
@@ -139,5 +138,5 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         secagg=spec.secagg if spec.secagg.enabled else None,
         dp=spec.dp if spec.dp.enabled else None,
         envelopes=envelopes, publish=spec.registry_target(run_dir.name), topology=topology, on_complete=on_complete)
-    return Federation(spec=spec, driver=driver, run_dir=run_dir, data=data, models=server.model_context(), topology=topology,
+    return Federation(spec=spec, run_dir=run_dir, data=data, models=server.model_context(), topology=topology,
                       server=server, partitions=partitions)

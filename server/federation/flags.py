@@ -205,8 +205,7 @@ def overrides_from_flags(values: Mapping[str, Any], base: RunSpec | None = None)
             raise TypeError(f"unknown setting {name!r}; known: {sorted(FLAGS_BY_NAME)}")
         flag = FLAGS_BY_NAME[name]
         if flag.repeated:
-            given = dict(value) if not isinstance(value, Mapping) else dict(value)
-            value = {**(base.get(flag.key) if base is not None else {}), **given}
+            value = {**(base.get(flag.key) if base is not None else {}), **dict(value)}
         if flag.enables:
             out[flag.enables] = bool(value)
             if not value:

@@ -425,8 +425,6 @@ class RunSpec:
         for section, switch in off:
             values, default = dataclasses.asdict(getattr(self, section)), dataclasses.asdict(getattr(defaults, section))
             changed = [k for k in values if k != "enabled" and values[k] != default[k]]
-            if section == "split" and self.split.enabled:
-                continue
             found += [f"{section}.{k} is set, but would be ignored without {switch}" for k in changed]
         return found
 
