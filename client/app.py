@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from fedpeft.client.training import TrainConfig, reply_metrics, train_local
+from fedpeft.client.training import reply_metrics, train_local
 from fedpeft.common.data.records import Record
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.logs import setup_logging
@@ -69,7 +71,7 @@ def assigned_options(plan: FederationPlan, rank: object) -> dict[str, object]:
     """The plan's method options at the server-assigned LoRA `rank` (None: the plan's own)."""
     if rank is None:
         return dict(plan.method_options)
-    top = plan.method_options.get("r")
+    top = getattr(plan.method_config(), "r", None)  # the typed option: a plan may send r as "8"
     if plan.method != "lora" or not isinstance(top, int):
         raise ConfigError(f"server assigned a LoRA rank, but the plan trains {plan.method!r} without a rank")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top:
@@ -108,7 +110,7 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     label = f"client {partition} round {server_round}"
     task = plan.task_spec()
     task.check_rows(rows, f"client {partition} local data")
-    train_config = TrainConfig(**plan.train)
+    train_config = plan.train_config()
     stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
                         seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition),
                         step_offset=max(server_round - 1, 0) * train_config.steps_for(len(rows)))
@@ -120,13 +122,14 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     return reply_arrays, metrics
 
 
-def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
+def receive_plan(setup: ClientSetup, plan_json: str | FederationPlan, arrays: ArrayRecord | None,
                  lora_rank: object = None) -> tuple[FederationPlan, AdaptedModel, float, float]:
-    """Parse the server's plan, get the (cached) model for it (at the LoRA rank the server
-    assigned this client, if any) and load the global delta into it."""
+    """Parse and validate the server's plan (a malformed one raises ConfigError before any
+    model is loaded), get the (cached) model for it (at the LoRA rank the server assigned
+    this client, if any) and load the global delta into it."""
+    plan = _parsed(plan_json)
     setup_logging()
     torch.set_num_threads(setup.torch_threads)
-    plan = FederationPlan.from_json(plan_json)
     adapted, load_seconds = _adapted_model(setup, plan, assigned_options(plan, lora_rank))
     if lora_rank is not None:
         log.info("training at LoRA rank %s (assigned by the server)", lora_rank)
@@ -137,12 +140,22 @@ def receive_plan(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
     return plan, adapted, load_seconds, time.perf_counter() - start
 
 
-def client_round(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None, rows: list[Record], *,
-                 server_round: int, partition: int, proximal_mu: float, lora_rank: object, client_id: str,
+def _parsed(plan: str | FederationPlan) -> FederationPlan:
+    """The plan, validated (`FederationPlan.from_json`) unless it already is one."""
+    if isinstance(plan, FederationPlan):
+        return plan
+    if not isinstance(plan, str | bytes):
+        raise ConfigError(f"malformed federation plan from server: expected JSON text, got a {type(plan).__name__}")
+    return FederationPlan.from_json(plan)
+
+
+def client_round(setup: ClientSetup, plan_json: str | FederationPlan, arrays: ArrayRecord | None, rows: list[Record],
+                 *, server_round: int, partition: int, proximal_mu: float, lora_rank: object, client_id: str,
                  ) -> tuple[ArrayRecord, dict[str, float]]:
     """One client round, whoever runs the client (a simulation worker or `peft-client`'s trainer):
-    the plan decides what is trained (the whole model's delta, or the split client part's)."""
-    plan = FederationPlan.from_json(plan_json)
+    the plan decides what is trained (the whole model's delta, or the split client part's).
+    The plan is validated first: a malformed one raises ConfigError naming its fields."""
+    plan = _parsed(plan_json)
     if plan.split:  # SplitFed: only the client part is loaded and trained, against the split server
         from fedpeft.client.split_app import split_train_round
 
@@ -150,7 +163,7 @@ def client_round(setup: ClientSetup, plan_json: str, arrays: ArrayRecord | None,
         torch.set_num_threads(setup.torch_threads)
         return split_train_round(setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan, arrays, rows,
                                  server_round=server_round, partition=partition, client_id=client_id)
-    plan, adapted, load_s, swap_s = receive_plan(setup, plan_json, arrays, lora_rank)
+    plan, adapted, load_s, swap_s = receive_plan(setup, plan, arrays, lora_rank)
     return train_round(setup, plan, adapted, rows, server_round=server_round, partition=partition,
                        proximal_mu=proximal_mu, load_seconds=load_s, swap_seconds=swap_s)
 
@@ -160,22 +173,37 @@ def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config")
     if config is None or PLAN_KEY not in config:
         raise ConfigError("message from server carries no federation plan")
+    plan = _parsed(config[PLAN_KEY])  # before the data or a model is loaded: a bad plan costs nothing
+    server_round = _number(config, "server-round", 0, int)
+    proximal_mu = _number(config, "proximal-mu", 0.0, float)  # set by Flower's FedProx
+    partition = _number(context.node_config, "partition-id", context.node_id, int)
     reply_arrays, metrics = client_round(
-        setup, str(config[PLAN_KEY]), msg.content.array_records.get("arrays"), setup.data(context),
-        server_round=int(config.get("server-round", 0)), partition=int(context.node_config.get("partition-id", context.node_id)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # set by Flower's FedProx
-        lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}")
+        setup, plan, msg.content.array_records.get("arrays"), setup.data(context), server_round=server_round,
+        partition=partition, proximal_mu=proximal_mu, lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}")
     return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 
-def build_client_app(setup: ClientSetup, dp: bool = False) -> ClientApp:
+def _number(record: object, key: str, default: object, kind: type) -> Any:
+    """`record[key]` (or `default`) as an int or float; anything else raises ConfigError naming the key."""
+    value = record.get(key, default)  # type: ignore[attr-defined]
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"message from server: {key} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {value!r:.60}") from None
+
+
+def build_client_app(setup: ClientSetup, dp: bool = False, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp bound to one local model location and data provider (simulation); with
-    `dp`, Flower's `fixedclipping_mod` clips each update (the server's DP wrapper adds noise)."""
+    `dp`, Flower's `fixedclipping_mod` clips each update (the server's DP wrapper adds noise).
+    `mods` run outermost (the attack benchmark's malicious clients rewrite replies there)."""
     from flwr.clientapp.mod import fixedclipping_mod
 
     from fedpeft.client.flower_app import partition_query
 
-    app = ClientApp(mods=[fixedclipping_mod] if dp else [])
+    app = ClientApp(mods=[*mods, *([fixedclipping_mod] if dp else [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -58,7 +58,10 @@ class TrainConfig:
 
     def steps_for(self, num_rows: int) -> int:
         if self.local_epochs > 0:
-            return max(1, math.ceil(self.local_epochs * num_rows / self.batch_size))
+            steps = self.local_epochs * num_rows / self.batch_size
+            if not math.isfinite(steps):  # a finite local_epochs so large the product overflows
+                raise ConfigError(f"local_epochs {self.local_epochs} over {num_rows} rows is not a finite number of steps")
+            return max(1, math.ceil(steps))
         return self.local_steps
 
 

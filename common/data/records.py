@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from fedpeft.common.errors import DataError
+from fedpeft.common.schema import field_problems
 
 Record = dict[str, Any]
 TaskKind = Literal["instruction", "classification"]
@@ -129,6 +130,15 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
+        """The task of `to_dict`'s form; anything else (a missing kind, an unknown key, a
+        wrong type, a rule `__post_init__` enforces) raises DataError naming the key."""
+        found = task_problems(data)
+        if found:
+            raise DataError(f"invalid task spec: {'; '.join(found)}")
+        return cls._build(data)
+
+    @classmethod
+    def _build(cls, data: Mapping[str, Any]) -> TaskSpec:
         return cls(kind=data["kind"], template=data.get("template", ""), label_column=data.get("label_column", "label"),
                    verbalizer=dict(data.get("verbalizer", {})))
 
@@ -153,6 +163,19 @@ class TaskSpec:
                 raise DataError(f"{source}: record {i} lacks column(s) {missing} (has {sorted(row)})")
             if self.kind == "classification" and str(row[self.label_column]) not in self.verbalizer:
                 raise DataError(f"{source}: record {i} has label {row[self.label_column]!r}, not one of {self.labels}")
+
+
+def task_problems(data: object, where: str = "task") -> list[str]:
+    """What is wrong with `data` as a task spec's dict form, each problem named by its key
+    ("WHERE.kind: missing"); empty when `TaskSpec.from_dict` accepts it. The schema is
+    TaskSpec's own fields and type hints, then the rules of its `__post_init__`."""
+    found = field_problems(TaskSpec, data, where)
+    if not found:
+        try:
+            TaskSpec._build(data)  # type: ignore[arg-type]
+        except DataError as exc:
+            found.append(f"{where}: {exc}")
+    return found
 
 
 def parse_verbalizer(text: str) -> dict[str, str]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedpeft.common.errors import ConfigError, UnknownMethodError
+from fedpeft.common.errors import ConfigError, FedPeftError, UnknownMethodError
 from fedpeft.common.methods.base import MethodConfig, PeftMethod
+from fedpeft.common.schema import show
 
 _METHODS: dict[str, type[PeftMethod]] = {}
 
@@ -33,5 +34,29 @@ def get_method(name: str) -> PeftMethod:
 
 
 def make_config(name: str, options: Mapping[str, Any] | None = None) -> MethodConfig:
-    """Validated config for method `name` from user options (strings are coerced)."""
-    return get_method(name).config_cls.from_options(dict(options or {}))
+    """Validated config for method `name` from user options (strings are coerced). Every
+    failure is a ConfigError: a value coercion cannot take (a number for a list option, an
+    int no float can hold) is reported by the option's name, not as a TypeError."""
+    config_cls = get_method(name).config_cls
+    options = dict(options or {})
+    try:
+        return config_cls.from_options(options)
+    except FedPeftError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        culprits = [key for key in options if _fails_outside_checks(config_cls, key, options[key])]
+        if len(culprits) == 1:
+            raise ConfigError(f"{config_cls.__name__}.{culprits[0]}: {show(options[culprits[0]])} is not a valid value "
+                              f"({exc})") from None
+        raise ConfigError(f"{config_cls.__name__}: malformed values of option(s) {culprits or sorted(options)} ({exc})") from None
+
+
+def _fails_outside_checks(config_cls: type[MethodConfig], key: str, value: Any) -> bool:
+    """Whether option `key` alone makes `from_options` raise something other than its own checks' ConfigError."""
+    try:
+        config_cls.from_options({key: value})
+    except FedPeftError:
+        return False
+    except (TypeError, ValueError, OverflowError):
+        return True
+    return False

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpeft.common.data.records import TaskSpec
-from fedpeft.common.errors import ConfigError
-from fedpeft.common.methods import MethodConfig, make_config
+from fedpeft.common.data.records import TaskSpec, task_problems
+from fedpeft.common.errors import ConfigError, FedPeftError, UnknownMethodError
+from fedpeft.common.methods import MethodConfig, get_method, make_config
+from fedpeft.common.schema import field_problems, show
+
+if TYPE_CHECKING:
+    from fedpeft.client.training import TrainConfig
 
 PLAN_KEY = "fedpeft-plan"
 # The shape of a client's train reply (checked by the server before aggregation).
@@ -46,7 +50,8 @@ class FederationPlan:
     frozen_fingerprint: str = ""
     """Hash of tensors every peer must share untrained (FFA-LoRA's A); "" if none."""
     split: dict[str, Any] = field(default_factory=dict)
-    """Split topology: {"cut", "u_shaped", "wire_dtype"}; empty for plain FL (the delta is then the whole model's)."""
+    """Split topology: {"cut", "u_shaped", "wire_dtype", "token"} (schema: `SplitEntry`); empty for plain FL
+    (the delta is then the whole model's)."""
 
     def method_config(self) -> MethodConfig:
         return make_config(self.method, self.method_options)
@@ -54,13 +59,97 @@ class FederationPlan:
     def task_spec(self) -> TaskSpec:
         return TaskSpec.from_dict(self.task)
 
+    def train_config(self) -> TrainConfig:
+        """The local optimization settings (the run spec's `[training]`, as `plan_fields` sent them)."""
+        from fedpeft.client.training import TrainConfig
+
+        return TrainConfig(**self.train)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> FederationPlan:
+    def from_json(cls, text: str | bytes) -> FederationPlan:
+        """The plan a server sent, checked against the schema as a whole (`plan_problems`):
+        a plan this returns builds its method config, task spec, train config and split
+        settings; anything else raises one ConfigError listing every problem by its key."""
         try:
             data = json.loads(text)
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"malformed federation plan from server: {exc}") from exc
+        except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError, ints past the digit limit, nesting
+            raise ConfigError(f"malformed federation plan from server: not valid JSON ({exc})") from None
+        found = plan_problems(data)
+        if found:
+            raise ConfigError("malformed federation plan from server: " + "; ".join(found))
+        return cls(**data)
+
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds every seeded library takes (NumPy's bound; torch takes more)."""
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    """Schema of the plan's `split` entry (the split topology's `plan_entry`)."""
+
+    cut: int
+    u_shaped: bool = False
+    wire_dtype: str = "bfloat16"
+    token: str | None = None
+    """The split server's access token (absent when it has none)."""
+
+
+def plan_problems(data: object) -> list[str]:
+    """Everything wrong with a parsed federation plan, each problem named by its key
+    ("plan.task.kind: missing", "plan.seed: expected an integer, got \"x\""); empty when valid.
+
+    The schema is the one the server builds the plan from: FederationPlan's own fields, the
+    task as `TaskSpec`, `train` as the run spec's `[training]` (`TrainConfig`'s fields and
+    `train_problems`), the method options as the method's config (`make_config`), and the
+    split entry as the split topology writes it."""
+    from fedpeft.client.training import TrainConfig, train_problems
+
+    found = field_problems(FederationPlan, data, "plan")
+    if not isinstance(data, dict):
+        return found
+    bad = {p.split(":", 1)[0].removeprefix("plan.") for p in found}
+    if "seed" not in bad and "seed" in data and not SEED_RANGE[0] <= data["seed"] <= SEED_RANGE[1]:
+        found.append(f"plan.seed: must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (got {show(data['seed'])})")
+    if "method" not in bad and "method" in data:
+        try:
+            get_method(data["method"])
+        except UnknownMethodError as exc:
+            found.append(f"plan.method: {exc}")
+        else:
+            if "method_options" not in bad and "method_options" in data:
+                try:
+                    make_config(data["method"], data["method_options"])
+                except FedPeftError as exc:
+                    found.append(f"plan.method_options: {exc}")
+    if "task" not in bad and "task" in data:
+        found += task_problems(data["task"], "plan.task")
+    if "train" not in bad and "train" in data:
+        train = data["train"]
+        typed = field_problems(TrainConfig, train, "plan.train")
+        found += typed or [f"plan.train.{key}: {rule}" for key, rule in (p.split(" ", 1) for p in train_problems(train))]
+    if "split" not in bad and data.get("split"):
+        found += _split_problems(data["split"])
+    return found
+
+
+def _split_problems(split: dict[str, Any]) -> list[str]:
+    """The split entry: typed as `SplitEntry`, the cut as `SplitConfig` takes it, a wire dtype the wire carries."""
+    from fedpeft.common.model.split import SplitConfig
+    from fedpeft.common.wire.split import wire_dtype
+
+    found = field_problems(SplitEntry, split, "plan.split")
+    if found:
+        return found
+    try:
+        SplitConfig(cut=split["cut"], u_shaped=split.get("u_shaped", False))
+    except FedPeftError as exc:
+        found.append(f"plan.split.cut: {exc}")
+    try:
+        wire_dtype(split.get("wire_dtype", "bfloat16"))
+    except FedPeftError as exc:
+        found.append(f"plan.split.wire_dtype: {exc}")
+    return found
