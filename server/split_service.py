@@ -8,6 +8,12 @@ gRPC. `SplitTrainerService` exposes it as the `fedpeft.v1.SplitTrainer` gRPC ser
 Steps of different clients are serialized by one lock: the server part's LoRA is
 updated in place after every step, and a U-shaped step's graph (built on the forward
 leg, consumed on the backward leg) must not see parameters change in between.
+
+A step is all or nothing: one client's Inf/NaN (or absurdly large) activation must not
+poison the LoRA every client shares. Received tensors are checked for finiteness and a
+magnitude bound on arrival, and the server's own gradients (its LoRA's, and the one it
+returns) are checked before clipping and `optimizer.step()`; a refused step leaves the
+LoRA, the AdamW state and the step counters as they were.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import torch
@@ -54,6 +61,13 @@ class SplitServer:
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
     """Clip the server LoRA's gradient to this L2 norm each step (0 = off)."""
+    max_abs_activation: float = 1e6
+    """Refuse a received activation or U-shaped output gradient holding a value of larger
+    magnitude (0 = off; NaN/Inf are refused regardless). Honest hidden states stay far below:
+    the largest "massive activations" reported for real LLMs are ~1e3-1e4, fp16 cannot carry
+    more than 65504, and the gradients of a token-mean loss are far smaller still; 1e6 leaves
+    two orders of magnitude of headroom while keeping squares and dot products (RMSNorm,
+    attention) well inside fp32's range, so no value the bound admits overflows them."""
     max_tensor_bytes: int = wire.DEFAULT_MAX_TENSOR_BYTES
     lock_timeout: float = 120.0
     max_sessions: int = 256
@@ -70,6 +84,8 @@ class SplitServer:
     """Serialized replies sent (activation gradients, U-shaped server outputs)."""
 
     def __post_init__(self) -> None:
+        if not self.max_abs_activation >= 0:  # also refuses NaN
+            raise ConfigError(f"max_abs_activation must be >= 0 (0 = off), got {self.max_abs_activation}")
         self.optimizer = torch.optim.AdamW(self.part.trainable_parameters(), lr=self.learning_rate, weight_decay=0.0)
         self._step_lock = threading.Lock()
         self._holder: str | None = None
@@ -196,6 +212,40 @@ class SplitServer:
         self.optimizer.step()
         self.steps += 1
 
+    def _check_received(self, field: str, tensor: torch.Tensor) -> None:
+        """Refuse a (finite, already decoded) client tensor beyond `max_abs_activation`."""
+        if self.max_abs_activation <= 0 or tensor.numel() == 0:
+            return
+        peak = float(tensor.detach().abs().max())
+        if not peak <= self.max_abs_activation:
+            raise SplitError(f"{field} holds a value of magnitude {peak:.3g}; this server accepts at most "
+                             f"{self.max_abs_activation:.3g} (max_abs_activation): honest activations and gradients "
+                             "stay far below")
+
+    def _refuse(self, message: str) -> NoReturn:
+        """Drop this step's gradients (so none leak into the next step) and refuse it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        raise SplitError(message)
+
+    def _check_sendable(self, step: int, field: str, tensor: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Refuse a step whose reply would not be finite in the wire dtype (fp16 overflows at 65504)."""
+        if tensor is None or not bool(torch.isfinite(tensor.detach().to(dtype)).all()):
+            self._refuse(f"step {step} refused: the server's {field} is not finite in {dtype}; "
+                         "nothing was updated (are the activations sane?)")
+
+    def _checked_update(self, step: int, hidden_grad: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Step the optimizer only if the LoRA's gradients and the returned activation gradient
+        are finite. Checked before clipping: clipping an Inf norm gives NaN, and AdamW would
+        then write NaN into the shared LoRA and its moments. The sum of squares (in fp32) also
+        refuses finite gradients so large that AdamW's squared moment would overflow."""
+        grads = [p.grad for p in self.part.trainable_parameters() if p.grad is not None]
+        square = torch.stack([g.detach().float().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+        if not bool(torch.isfinite(square)):
+            self._refuse(f"step {step} refused: the server part's LoRA gradient is not finite (or overflows fp32); "
+                         "the shared server part and its optimizer state are unchanged")
+        self._check_sendable(step, "activation gradient", hidden_grad, dtype)
+        self._update()
+
     def handle(self, msg) -> object:  # ActivationMsg -> GradientMsg
         """Answer one leg of a step."""
         session = self.session(msg.session_id)
@@ -213,19 +263,21 @@ class SplitServer:
         inputs = wire.forward_from_proto(forward, hidden_size=self.part.hidden_size, dtype=session.dtype,
                                          u_shaped=self.part.split.u_shaped, vocab_size=int(base.config.vocab_size),
                                          max_bytes=self.max_tensor_bytes)
+        self._check_received("forward.hidden", inputs.hidden)
         hidden = inputs.hidden.to(torch.float32).requires_grad_()
         self._acquire(session_id)
         try:
             self.optimizer.zero_grad(set_to_none=True)
             if self.part.split.u_shaped:
                 output = self.part.middle(hidden, inputs.attention_mask)
+                self._check_sendable(step, "output", output, session.dtype)
                 session.pending = (hidden, output)
                 return wire.output_msg(step, output, session.dtype)  # the lock is held until output_grad
             loss = self.part.loss(hidden, inputs.attention_mask, inputs.labels)  # type: ignore[arg-type]
             if not torch.isfinite(loss):
-                raise SplitError(f"step {step}: the server's loss is {float(loss)}")
+                self._refuse(f"step {step}: the server's loss is {float(loss)}")
             loss.backward()
-            self._update()
+            self._checked_update(step, hidden.grad, session.dtype)
             session.steps += 1
             return wire.hidden_grad_msg(step, hidden.grad, session.dtype, float(loss.detach()))  # type: ignore[arg-type]
         finally:
@@ -239,8 +291,9 @@ class SplitServer:
         try:
             grad = wire.tensor_from_proto(grad_msg, wire.TensorRule("output_grad", (session.dtype,), tuple(output.shape),
                                                                     finite=True, max_bytes=self.max_tensor_bytes))
+            self._check_received("output_grad", grad)
             output.backward(grad.to(output.dtype))
-            self._update()
+            self._checked_update(step, hidden.grad, session.dtype)
             session.steps += 1
             return wire.hidden_grad_msg(step, hidden.grad, session.dtype)  # type: ignore[arg-type]
         finally:
