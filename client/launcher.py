@@ -129,7 +129,7 @@ def run_client(options: ClientOptions) -> int:
             raise ConfigError("--server-key needs --keys (the identity that signs the sealed deltas)")
         try:
             server_x25519 = PublicKeys.from_json(options.server_key.read_text(encoding="utf-8")).x25519
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
             raise ConfigError(f"--server-key {options.server_key}: {exc}") from exc
     state = TrainerState(setup=setup, rows=rows, partition=partition, identity=identity, server_x25519=server_x25519)
     sock = _socket_path(options.workdir)

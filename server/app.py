@@ -29,6 +29,7 @@ from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
 from fedpeft.server.recorder import RunRecorder, last_completed_round
+from fedpeft.server.robust import RobustSettings
 from fedpeft.server.sealed_replies import EnvelopeOpener
 from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
 from fedpeft.server.serving.publishing import RegistryTarget, publish_round
@@ -66,6 +67,8 @@ class ServerSetup:
     """Fewest accepted client updates a round may aggregate; fewer stops the run."""
     clip_update_norm: float = 0.0
     """L2 bound on each client's update before aggregation (0 = no clipping)."""
+    robust: RobustSettings = field(default_factory=RobustSettings)
+    """Bounds every client reply is held to (the spec's `reply_bounds()`)."""
     lora_svd_scaling: float | None = None
     """peft's LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA) to aggregate LoRA in ΔW space
     (svd mode); None = average A and B."""
@@ -125,7 +128,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.dp is not None:
         strategy = build_dp_strategy(spec=adapted.spec, max_delta_bytes=setup.max_delta_bytes,
                                      min_accepted=setup.min_accepted, clip_update_norm=setup.clip_update_norm,
-                                     dp=setup.dp, clients_per_round=setup.clients_per_round,
+                                     robust=setup.robust, dp=setup.dp, clients_per_round=setup.clients_per_round,
                                      population=setup.num_clients)
     else:
         strategy = build_strategy(
@@ -137,6 +140,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             lora_svd_scaling=setup.lora_svd_scaling,
             hetero=setup.hetero,
             clip_update_norm=setup.clip_update_norm,
+            robust=setup.robust,
             fraction_train=setup.clients_per_round / setup.num_clients,
             fraction_evaluate=0.0,
             min_train_nodes=setup.clients_per_round,
@@ -220,7 +224,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.envelopes is not None:
         identity, trusted = setup.envelopes
         opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=adapted.spec,
-                                replay_path=out_dir / "replay-guard.json")
+                                replay_path=out_dir / "replay-guard.json", robust=setup.robust)
         strategy.unseal = opener
         train_config.update(opener.seal_config(setup.method))
     final_arrays: ArrayRecord | None

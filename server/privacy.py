@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.plan import UNIT_WEIGHT_KEY
+from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import DeltaValidation
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class ValidatedDpFedAvg(DeltaValidation, GuardedDpClientSideFixedClipping):
 
 
 def build_dp_strategy(*, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int, clip_update_norm: float,
-                      dp: DpSection, clients_per_round: int, population: int) -> ValidatedDpFedAvg:
+                      dp: DpSection, clients_per_round: int, population: int,
+                      robust: RobustSettings | None = None) -> ValidatedDpFedAvg:
     """The DP strategy for a run: exactly `clients_per_round` sampled, unweighted mean."""
     try:
         accountant = RdpAccountant(PrivacyConfig(
@@ -80,7 +82,7 @@ def build_dp_strategy(*, spec: DeltaSpec, max_delta_bytes: int, min_accepted: in
     # the noise is calibrated to.
     bound = min(clip_update_norm, dp.clipping_norm) if clip_update_norm > 0 else dp.clipping_norm
     strategy = ValidatedDpFedAvg(spec=spec, max_delta_bytes=max_delta_bytes, min_accepted=min_accepted,
-                                 clip_update_norm=bound, strategy=inner,
+                                 clip_update_norm=bound, robust=robust, strategy=inner,
                                  noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
                                  num_sampled_clients=clients_per_round, accountant=accountant)
     strategy.all_or_nothing = True

@@ -35,6 +35,7 @@ from fedpeft.common.security.envelope import (
     verify_metrics,
 )
 from fedpeft.common.wire.envelopes import envelope_from_bytes
+from fedpeft.server.robust import RobustSettings, metric_problem
 
 log = logging.getLogger("fedpeft.server")
 ENVELOPE_RECORD = "envelope"
@@ -47,7 +48,10 @@ def load_trusted_clients(directory: Path) -> dict[str, bytes]:
     """{client id (key id): Ed25519 public key} from every `*.json` in `directory`."""
     trusted: dict[str, bytes] = {}
     for path in sorted(Path(directory).glob("*.json")):
-        keys = PublicKeys.from_json(path.read_text(encoding="utf-8"))
+        try:
+            keys = PublicKeys.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            raise ConfigError(f"cannot read client public key file {path}: {exc}") from exc
         trusted[keys.key_id] = keys.ed25519
     if not trusted:
         raise ConfigError(f"no client public keys (*.json) in {directory}")
@@ -58,11 +62,12 @@ class EnvelopeOpener:
     """Turns a sealed reply into the plaintext reply the strategy validates, in place."""
 
     def __init__(self, identity: PeerIdentity, trusted: dict[str, bytes], run_id: str, spec: DeltaSpec,
-                 replay_path: Path | None = None) -> None:
+                 replay_path: Path | None = None, robust: RobustSettings | None = None) -> None:
         self.identity = identity
         self.trusted = trusted
         self.run_id = run_id
         self.spec = spec
+        self.robust = robust if robust is not None else RobustSettings()
         self.max_bytes = envelope_size_limit(spec)
         self.guard = ReplayGuard(replay_path)
         # One accepted envelope per client and round, whatever its nonce (a client with
@@ -87,6 +92,10 @@ class EnvelopeOpener:
         metrics = content.metric_records.get(REPLY_METRICS_KEY)
         if metrics is None:
             return f"sealed reply has no {REPLY_METRICS_KEY!r} record"
+        # Typed and bounded before the envelope is opened: a refused reply must not use up its nonce.
+        problem = metric_problem(metrics, self.robust)
+        if problem:
+            return problem
         signature = record.get("metrics-signature")
         try:
             envelope = envelope_from_bytes(data, max_bytes=self.max_bytes)

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from fedpeft.common.errors import DeltaError, FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.protocol.plan import PLAN_KEY
+from fedpeft.common.protocol.plan import PLAN_KEY, TRAIN_METRIC_KEYS
 from fedpeft.server.strategy import RoundTraffic, relax_minimums
 
 if TYPE_CHECKING:
@@ -67,12 +67,14 @@ def secagg_problems(settings: SecAggSection, per_round: int, min_clients: int) -
     if not 2 <= q or per_round * q > MODULUS_RANGE:
         found.append(f"secagg.quantization_range {q}: clients per round ({per_round}) x range must be <= 2**32, "
                      "or the masked sum wraps around")
-    if not settings.max_weight >= 1:
-        found.append("secagg.max_weight must be >= 1 (the largest num-examples any client may report)")
-    if not settings.timeout > 0:
-        found.append("secagg.timeout must be > 0 seconds")
-    if settings.round_attempts < 1 or settings.retry_wait < 0:
-        found.append("secagg.round_attempts must be >= 1 and secagg.retry_wait >= 0")
+    if not 1 <= settings.max_weight < math.inf:
+        found.append("secagg.max_weight must be a finite number >= 1 (the largest num-examples any client may report)")
+    if not 0 < settings.timeout < math.inf:
+        found.append(f"secagg.timeout must be a finite number of seconds > 0 (got {settings.timeout})")
+    if not 1 <= settings.round_attempts <= 1000:
+        found.append(f"secagg.round_attempts must be in 1..1000 (got {settings.round_attempts})")
+    if not 0 <= settings.retry_wait <= 86400:  # NaN fails too (it would crash time.sleep mid-run)
+        found.append(f"secagg.retry_wait must be a number of seconds in [0, 86400] (got {settings.retry_wait})")
     return found
 
 
@@ -135,12 +137,18 @@ class SecAggFedAvg(LegacyFedAvg):
         delta = self._to_delta(summed, f"SecAgg+ aggregate of round {true_round}")
         counts = [fit_res.num_examples for _, fit_res in results]
         self.error_bounds[true_round] = quantization_error_bound(self.settings, counts)
-        traffic.bytes_up = sum(int(r.metrics.get("bytes-up", 0)) for _, r in results)
-        traffic.client_metrics = [{k: float(v) for k, v in r.metrics.items() if isinstance(v, int | float)}
-                                  for _, r in results]
-        total = sum(counts) or 1
-        traffic.train_metrics = {"train-loss": sum(float(r.metrics.get("train-loss", 0.0)) * r.num_examples
-                                                   for _, r in results) / total}
+        # SecAgg+ already summed every unmasked update; a client's plaintext metrics can only be
+        # left out of the round's statistics (the expected keys, each a finite number).
+        typed = [r for _, r in results if set(r.metrics) == TRAIN_METRIC_KEYS and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in r.metrics.values())]
+        if len(typed) < len(results):
+            log.error("round %d: %d SecAgg+ client(s) reported malformed metrics, left out of the round's statistics",
+                      true_round, len(results) - len(typed))
+        traffic.bytes_up = sum(int(r.metrics["bytes-up"]) for r in typed)
+        traffic.client_metrics = [{k: float(v) for k, v in r.metrics.items()} for r in typed]
+        total = sum(float(r.metrics["num-examples"]) for r in typed) or 1.0
+        traffic.train_metrics = {"train-loss": sum(float(r.metrics["train-loss"]) * float(r.metrics["num-examples"])
+                                                   for r in typed) / total}
         traffic.seconds = time.perf_counter() - traffic.started
         self._aggregated.add(true_round)
         log.info("round %d: SecAgg+ sum of %d clients (%d failed); quantization error <= %.2e per value",

@@ -39,14 +39,17 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Krum,
+    MultiKrum,
 )
 
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
-from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
+from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
 
 log = logging.getLogger("fedpeft.server")
 
@@ -74,10 +77,14 @@ class DeltaValidation:
     weighted_by_key: str
 
     def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1,
-                 clip_update_norm: float = 0.0, **kwargs: object) -> None:
+                 clip_update_norm: float = 0.0, robust: RobustSettings | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         if not (clip_update_norm >= 0 and math.isfinite(clip_update_norm)):
             raise ConfigError(f"clip_update_norm must be a finite number >= 0, got {clip_update_norm}")
+        self.robust = robust if robust is not None else RobustSettings()
+        problems = self.robust.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.spec = spec
         self.max_delta_bytes = max_delta_bytes
         self.min_accepted = min_accepted
@@ -103,7 +110,7 @@ class DeltaValidation:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         self._sent = {}
-        if self.clip_update_norm > 0:
+        if self.clip_update_norm > 0 or self.robust.needs_updates:
             decoded: dict[int, dict[str, torch.Tensor]] = {}  # messages usually share one record
             for msg, record in zip(messages, downlinks, strict=True):
                 if id(record) not in decoded:
@@ -129,40 +136,55 @@ class DeltaValidation:
                     f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None
         if len(content.config_records) != 0:
             return f"unexpected config records {sorted(content.config_records)}", None
-        metrics = content.metric_records[REPLY_METRICS_KEY]
-        if set(metrics) != TRAIN_METRIC_KEYS:
-            return f"metrics keys {sorted(metrics)} != expected {sorted(TRAIN_METRIC_KEYS)}", None
-        weight = metrics.get(self.weighted_by_key)
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or not math.isfinite(weight) or weight <= 0:
-            return f"{self.weighted_by_key!r} must be a positive number, got {weight!r}", None
+        problem = metric_problem(content.metric_records[REPLY_METRICS_KEY], self.robust)
+        if problem:
+            return problem, None
         try:
             delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
             self._expected_spec(msg.metadata.src_node_id).validate(delta, source="client delta")
         except DeltaError as exc:
             return str(exc), None
-        return None, delta
+        problem = value_problem(delta, self.robust)
+        return (problem, None) if problem else (None, delta)
 
-    def _clip(self, msg: Message, delta: dict[str, torch.Tensor]) -> bool:
-        """Scale a reply's update (its already-validated `delta`) down to
-        `clip_update_norm`, replacing the reply's arrays; True if clipped."""
+    def _bound_updates(self, candidates: list[tuple[Message, dict[str, torch.Tensor]]]) -> dict[int, str]:
+        """{candidate index: reason} of replies outside the round-level bounds: the absolute
+        and relative update-norm bounds and the relative example-count bound."""
+        robust = self.robust
+        weights = {i: float(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+                   for i, (msg, _) in enumerate(candidates)}
+        refused = relative_outliers(weights, robust.examples_ratio, WEIGHT_KEY, "robust.examples_ratio")
+        if robust.needs_updates:
+            # Flower only delivers replies to messages this round sent, so each has its downlink.
+            norms = {i: update_norm(delta, self._sent[msg.metadata.src_node_id])
+                     for i, (msg, delta) in enumerate(candidates) if msg.metadata.src_node_id in self._sent}
+            if robust.norm_bound > 0:
+                refused.update({i: f"update norm {n:.4g} exceeds robust.norm_bound {robust.norm_bound:g}"
+                                for i, n in norms.items() if n > robust.norm_bound and i not in refused})
+            for i, reason in relative_outliers(norms, robust.norm_bound_ratio, "update norm",
+                                               "robust.norm_bound_ratio").items():
+                refused.setdefault(i, reason)
+        return refused
+
+    def _clip(self, msg: Message, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """A reply's update (its already-validated `delta`) scaled down to `clip_update_norm`,
+        in float64; None when it is within the bound."""
         sent = self._sent.get(msg.metadata.src_node_id)
         if self.clip_update_norm <= 0 or sent is None:
-            return False
-        updates = {k: delta[k].double() - sent[k].double() for k in delta}
-        norm = math.sqrt(sum(float((u ** 2).sum()) for u in updates.values()))
+            return None
+        norm = update_norm(delta, sent)
         if norm <= self.clip_update_norm:
-            return False
+            return None
         factor = self.clip_update_norm / norm
-        clipped = {k: (sent[k].double() + updates[k] * factor).to(delta[k].dtype) for k in delta}
-        msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(clipped)
         log.warning("node %d: update norm %.3g clipped to %.3g", msg.metadata.src_node_id, norm, self.clip_update_norm)
-        return True
+        return {k: sent[k].double() + (delta[k].double() - sent[k].double()) * factor for k in delta}
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         usable: list[Message] = []
+        candidates: list[tuple[Message, dict[str, torch.Tensor]]] = []
         for msg in replies:
             if msg.has_error():
                 traffic.failed += 1
@@ -172,15 +194,25 @@ class DeltaValidation:
             problem = self.unseal(msg, server_round) if self.unseal is not None else None
             problem, delta = (problem, None) if problem else self._check_reply(msg)
             if delta is not None:
-                usable.append(msg)
-                traffic.accepted += 1
-                if self._clip(msg, delta):
-                    traffic.clipped += 1
-                metrics_record = next(iter(msg.content.metric_records.values()))
-                traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items() if isinstance(v, int | float)})
+                candidates.append((msg, delta))
             else:
-                traffic.rejected.append(f"node {msg.metadata.src_node_id}: {problem}")
-                log.error("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id, problem)
+                self._reject(traffic, server_round, msg, str(problem))
+        refused = self._bound_updates(candidates)
+        for i, (msg, delta) in enumerate(candidates):
+            if i in refused:
+                self._reject(traffic, server_round, msg, refused[i])
+                continue
+            traffic.accepted += 1
+            clipped = self._clip(msg, delta)
+            if clipped is not None:
+                traffic.clipped += 1
+                delta = clipped
+            metrics_record = msg.content.metric_records[REPLY_METRICS_KEY]
+            traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items()})  # type: ignore[arg-type]
+            # Sums of many weighted updates are accumulated in float64 (cast back after aggregation).
+            msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(
+                {k: v.double() if v.is_floating_point() else v for k, v in delta.items()})
+            usable.append(msg)
         if traffic.accepted < self.min_accepted:
             raise FederationError(
                 f"round {server_round}: only {traffic.accepted} client update(s) accepted, need {self.min_accepted} "
@@ -197,9 +229,37 @@ class DeltaValidation:
         usable.sort(key=_reply_order)
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         traffic.seconds = time.perf_counter() - traffic.started
+        if arrays is not None:
+            arrays, problem = self._global_arrays(arrays)
+            if problem:
+                log.error("round %d: the aggregate is refused and the global adapter kept: %s", server_round, problem)
+                traffic.rejected.append(f"aggregate: {problem}")
+                return None, None
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+
+    def _global_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
+        """The aggregate in the spec's dtypes, or the problem that keeps it from replacing
+        the global adapter (non-finite or out-of-bounds values: never published)."""
+        try:
+            merged = delta_from_arrayrecord(arrays)
+        except DeltaError as exc:
+            return arrays, str(exc)
+        dtypes = {name: spec.dtype for name, spec in self.spec.tensors.items()}
+        out = {k: v.to(dtypes.get(k, v.dtype)) for k, v in merged.items()}
+        if not all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_point()):
+            return arrays, "non-finite values"
+        try:
+            self.spec.validate(out, source="aggregate")
+        except DeltaError as exc:
+            return arrays, str(exc)
+        return delta_to_arrayrecord(out), None
+
+    def _reject(self, traffic: RoundTraffic, server_round: int, msg: Message, problem: str) -> None:
+        traffic.rejected.append(f"node {msg.metadata.src_node_id}: {problem}")
+        log.error("round %d: rejected update from node %d: %s", server_round, msg.metadata.src_node_id, problem)
 
 
 def relax_minimums(strategy: object, train_attr: str, available_attr: str, min_accepted: int) -> None:
@@ -276,6 +336,8 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavgm": FedAvgM,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
 STRATEGIES: dict[str, type[FedAvg]] = {
     name: type(f"Validated{cls.__name__}", (DeltaValidation, cls), {"__doc__": f"{cls.__name__} with validated replies."})
@@ -293,22 +355,29 @@ def strategy_options(name: str) -> list[str]:
     return sorted(p for p in inspect.signature(cls.__init__).parameters if p not in _RESERVED)
 
 
-def parse_strategy_options(name: str, options: dict[str, str]) -> dict[str, float]:
-    """Validate `--strategy-opt` values for `name` (all are numbers)."""
+def parse_strategy_options(name: str, options: dict[str, str]) -> dict[str, float | int]:
+    """Validate `--strategy-opt` values for `name` (all are numbers; integers where Flower's default is one)."""
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; supported strategies: {', '.join(sorted(STRATEGIES))}")
     allowed = strategy_options(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(f"strategy {name!r}: unknown option(s) {unknown}; valid options are {allowed}")
-    parsed: dict[str, float] = {}
+    defaults = inspect.signature(FLOWER_STRATEGIES[name].__init__).parameters
+    parsed: dict[str, float | int] = {}
     for key, value in options.items():
         try:
-            parsed[key] = float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"strategy {name!r}: option {key}={value!r} is not a number") from None
-        if not math.isfinite(parsed[key]):
+        if not math.isfinite(number):
             raise ConfigError(f"strategy {name!r}: option {key} must be finite")
+        default = defaults[key].default
+        if isinstance(default, int) and not isinstance(default, bool):
+            if not number.is_integer() or not 0 <= number < 2**31:
+                raise ConfigError(f"strategy {name!r}: option {key} must be a non-negative integer (got {value!r})")
+            number = int(number)
+        parsed[key] = number
     return parsed
 
 

@@ -26,7 +26,7 @@ def _delta(value: float) -> OrderedDict:
 
 
 def _metrics(examples: int = 10) -> MetricRecord:
-    return MetricRecord({k: (examples if k == "num-examples" else 0.5) for k in TRAIN_METRIC_KEYS})
+    return MetricRecord({k: (examples if k == "num-examples" else 1 if k == "unit-weight" else 0.5) for k in TRAIN_METRIC_KEYS})
 
 
 def _request(node: int) -> Message:
@@ -100,7 +100,7 @@ BAD = {
     "oversized": (lambda c: _sealed_reply(9, c, data=b"\x0a" * 200_000), "oversized"),
     "wrong shape": (_bad_shape, "shape (3, 2) != expected (2, 3)"),
     "inf": (_nan, "1 inf values"),
-    "weight altered": (lambda c: _sealed_reply(9, c, claimed=10**9), "weight or metrics altered"),
+    "weight altered": (lambda c: _sealed_reply(9, c, claimed=10**5), "weight or metrics altered"),
     "second update": (lambda c: _sealed_reply(9, FIRST_GOOD_CLIENT[0], _delta(9.0)), "already delivered an update"),
     "plaintext": (lambda c: Message(RecordDict({"arrays": delta_to_arrayrecord(_delta(1.0)), "metrics": _metrics()}),
                                     reply_to=_request(9)), "no sealed envelope"),

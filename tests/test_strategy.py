@@ -13,6 +13,7 @@ from fedpeft.common.errors import ConfigError, FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.protocol.plan import TRAIN_METRIC_KEYS
+from fedpeft.server.robust import UNBOUNDED
 from fedpeft.server.strategy import STRATEGIES, build_strategy, strategy_options
 
 SPEC_DELTA = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))
@@ -33,7 +34,7 @@ def _request(node: int) -> Message:
 
 
 def _metrics(examples) -> MetricRecord:
-    return MetricRecord({k: (examples if k == "num-examples" else 0.5) for k in TRAIN_METRIC_KEYS})
+    return MetricRecord({k: (examples if k == "num-examples" else 1 if k == "unit-weight" else 0.5) for k in TRAIN_METRIC_KEYS})
 
 
 def _reply(node: int, arrays: ArrayRecord, examples=10, metrics=None) -> Message:
@@ -84,10 +85,10 @@ def _oversized():
 
 @pytest.mark.parametrize(
     ("make_bad", "examples", "reason"),
-    [(_nan_delta, 10, "NaN"), (_wrong_shape, 10, "shape"), (_tampered, 10, "cannot decode"),
+    [(_nan_delta, 10, "NaN"), (_wrong_shape, 10, "shape"), (_tampered, 10, "data bytes"),
      (_extra_tensor, 10, "unexpected tensor"), (_oversized, 10, "exceeds the limit"),
-     (lambda: delta_to_arrayrecord(_delta(1.0)), 0, "positive number"),
-     (lambda: delta_to_arrayrecord(_delta(1.0)), float("inf"), "positive number")],
+     (lambda: delta_to_arrayrecord(_delta(1.0)), 0, "must be an integer in [1, "),
+     (lambda: delta_to_arrayrecord(_delta(1.0)), float("inf"), "must be finite")],
     ids=["nan", "shape", "tampered", "extra", "oversized", "zero-weight", "inf-weight"],
 )
 def test_bad_reply_is_rejected_and_round_completes(strategy, make_bad, examples, reason):
@@ -148,7 +149,7 @@ def test_min_accepted_is_enforced(flower_task_identity):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_flower_strategy_aggregates_validated_deltas(flower_task_identity, name):
     """Each strategy runs one real configure/aggregate cycle on validated replies."""
-    strategy = _build(name)
+    strategy = _build(name, robust=UNBOUNDED)  # the outlier must reach the aggregation
     initial = delta_to_arrayrecord(_delta(0.0))
 
     class OneNodeGrid:
@@ -212,9 +213,10 @@ def test_svd_lora_aggregation_needs_fedavg(flower_task_identity):
         _build("fedprox", lora_svd_scaling=2.0)
 
 
-def _poisoned_round(name: str, clip: float, **options):
-    """Four honest clients near 1.0 and one sending a 100x scaled delta."""
-    strategy = _build(name, options or None, clip_update_norm=clip)
+def _poisoned_round(name: str, clip: float, robust=UNBOUNDED, **options):
+    """Four honest clients near 1.0 and one sending a 100x scaled delta (by default with the
+    reply bounds off, to see what the aggregation alone does)."""
+    strategy = _build(name, options or None, clip_update_norm=clip, robust=robust)
 
     class Grid:
         def get_node_ids(self):

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 MIN_TEMPERATURE = 0.01
 """Smaller temperatures overflow logits / T to inf; use 0 (greedy) instead."""
+_FLOAT32_MIN_TEMPERATURE = 0.009999999776482582
+"""MIN_TEMPERATURE as it arrives over protobuf (a float32 field): the documented minimum must pass."""
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class Sampling:
 
     def problems(self, vocab_size: int) -> list[str]:
         found = []
-        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= 100.0):  # NaN fails both
+        if not (self.temperature == 0.0 or _FLOAT32_MIN_TEMPERATURE <= self.temperature <= 100.0):  # NaN fails both
             found.append(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100], got {self.temperature}")
         if not (self.top_p == self.top_p and 0.0 <= self.top_p <= 1.0):
             found.append(f"top_p must be in [0, 1], got {self.top_p}")

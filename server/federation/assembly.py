@@ -131,7 +131,8 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         method_config=method_config, task=data.task, train=spec.training.plan_fields(), eval_rows=data.eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
         seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
-        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, round_timeout=f.round_timeout, resume=resume,
+        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, robust=spec.reply_bounds(),
+        round_timeout=f.round_timeout, resume=resume,
         # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use
         lora_svd_scaling=method_config.scaling if f.lora_aggregation == "svd" else None,  # type: ignore[attr-defined]
         hetero=spec.hetero_ranks(method_config),

@@ -105,6 +105,13 @@ FLAGS: tuple[Flag, ...] = (
          "(the global rank is the max)", parse=ranks),
     Flag("clip_update_norm", "federation.clip_update_norm",
          "clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)"),
+    Flag("max_examples", "robust.max_examples", "largest num-examples a client reply may report"),
+    Flag("examples_ratio", "robust.examples_ratio", "refuse a reply reporting more than this multiple of the round's "
+         "median num-examples (0 = off)"),
+    Flag("max_abs_value", "robust.max_abs_value", "refuse a delta with any |value| above this (0 = off)"),
+    Flag("norm_bound", "robust.norm_bound", "refuse an update whose L2 norm exceeds this (0 = off)"),
+    Flag("norm_bound_ratio", "robust.norm_bound_ratio", "refuse an update whose L2 norm exceeds this multiple of "
+         "the round's median update norm (0 = off)"),
     Flag("min_clients", "federation.min_clients", "fewest accepted client updates per round; fewer stops the run"),
     Flag("round_timeout", "federation.round_timeout", "seconds a round waits for replies"),
     Flag("dp_clipping_norm", "dp.clipping_norm", "differential privacy: clip each client's update to this L2 norm on "

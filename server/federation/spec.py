@@ -19,7 +19,7 @@ is refused here, for that driver, instead of being ignored.
     [secagg]
     enabled = true
 
-Sections: federation, training, task, simulation, secagg, dp, envelopes, registry,
+Sections: federation, training, task, robust, simulation, secagg, dp, envelopes, registry,
 offsite, split (see the README's "Run spec" table).
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,11 @@ from fedpeft.common.methods.lora import LoraMethodConfig
 from fedpeft.common.model.base_model import DEFAULT_MODEL
 from fedpeft.common.model.quantization import QUANTIZE_CHOICES, bitsandbytes_available
 from fedpeft.common.offsite.run import OffsiteSettings
+from fedpeft.common.protocol.plan import SEED_RANGE
 from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, TOPOLOGIES, validate_topology
+from fedpeft.common.schema import describe, matches
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
+from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
 
 Driver = typing.Literal["simulation", "deployment"]
@@ -200,6 +202,7 @@ class SplitSection:
 
 
 SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainConfig, "task": TaskSection,
+                             "robust": RobustSettings,
                              "simulation": SimulationSection, "secagg": SecAggSection, "dp": DpSection,
                              "envelopes": EnvelopeSection, "registry": RegistrySection, "offsite": OffsiteSettings,
                              "split": SplitSection}
@@ -208,6 +211,9 @@ SIMULATION_ONLY: tuple[str, ...] = ("task.train_data", "task.partition", "task.t
                                     "simulation.cpus_per_client", "simulation.gpus_per_client")
 DEPLOYMENT_ONLY: tuple[str, ...] = ("secagg.enabled", "envelopes.enabled")
 DEFAULT_SPLIT_PORT = 9095
+MAX_ROWS = {"train_limit": 100_000_000, "eval_limit": 1_000_000, "builtin_train_rows": 1_000_000}
+"""Largest row counts a spec may name: bigger numbers are typos that would hang a loader (the
+built-in task generates max(eval_limit, 200) held-out rows; every round scores eval_limit rows)."""
 TASK_KINDS: tuple[str, ...] = ("auto", "instruction", "classification")
 _WHY_NOT = {
     "deployment": "is a simulation setting: deployed clients hold their own data and hardware (peft-client start --data)",
@@ -226,6 +232,7 @@ class RunSpec:
     federation: FederationSection = field(default_factory=FederationSection)
     training: TrainConfig = field(default_factory=TrainConfig)
     task: TaskSection = field(default_factory=TaskSection)
+    robust: RobustSettings = field(default_factory=RobustSettings)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     dp: DpSection = field(default_factory=DpSection)
@@ -276,8 +283,8 @@ class RunSpec:
                 found.append(f"[{name}]: unknown key(s) {bad}; valid keys are {sorted(names)}")
                 continue
             hints = typing.get_type_hints(section_cls)
-            wrong = [f"{name}.{key} = {value!r} is not {_describe(hints[key])}"
-                     for key, value in values.items() if not _matches(value, hints[key])]
+            wrong = [f"{name}.{key} = {value!r} is not {describe(hints[key])}"
+                     for key, value in values.items() if not matches(value, hints[key])]
             if wrong:
                 found += wrong
                 continue
@@ -328,6 +335,8 @@ class RunSpec:
         for key in ("rounds", "clients", "min_clients"):
             if getattr(f, key) < 1:
                 found.append(f"federation.{key} must be >= 1 (got {getattr(f, key)})")
+        if not SEED_RANGE[0] <= f.seed <= SEED_RANGE[1]:
+            found.append(f"federation.seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (got {f.seed})")
         if not 0 <= f.clients_per_round <= f.clients:
             found.append(f"federation.clients_per_round must be between 0 (all) and clients={f.clients}")
         if f.min_clients > f.num_per_round:
@@ -341,6 +350,7 @@ class RunSpec:
         if not (f.round_timeout > 0 and math.isfinite(f.round_timeout)):
             found.append(f"federation.round_timeout must be a finite number > 0 (got {f.round_timeout})")
         found += self._aggregation_problems()
+        found += self.robust.problems()
         for check in (lambda: make_config(f.method, self.method_options()),
                       lambda: self._ranks_valid() and self.hetero_ranks(),
                       lambda: PartitionSpec.parse(task.partition),
@@ -380,6 +390,11 @@ class RunSpec:
             if f.clip_update_norm > 0:
                 found.append("secagg: federation.clip_update_norm needs each client's delta; bound updates with "
                              "secagg.clipping_range or [dp] instead")
+            changed = [k for k, v in dataclasses.asdict(self.robust).items()
+                       if v != getattr(defaults.robust, k)]
+            if changed:
+                found.append(f"secagg: robust.{', robust.'.join(changed)} need each client's delta, which SecAgg+ hides "
+                             "(it bounds every value by secagg.clipping_range and every weight by secagg.max_weight)")
             if dp.enabled:
                 found.append("secagg and dp cannot be combined yet: Flower's DP wrapper runs on the Message API, "
                              "SecAgg+ only on the legacy workflow")
@@ -431,6 +446,11 @@ class RunSpec:
     def _aggregation_problems(self) -> list[str]:
         f = self.federation
         found = []
+        if f.strategy in ("krum", "multikrum"):
+            malicious = f.strategy_options.get("num_malicious_nodes", 0)
+            if isinstance(malicious, int | float) and f.num_per_round <= 2 * malicious + 2:
+                found.append(f"federation.strategy {f.strategy!r} tolerates num_malicious_nodes={malicious} only with "
+                             f"more than {2 * malicious + 2} clients per round (got {f.num_per_round})")
         if f.lora_aggregation not in LORA_AGGREGATIONS:
             found.append(f"federation.lora_aggregation {f.lora_aggregation!r}: choose one of {list(LORA_AGGREGATIONS)}")
         elif f.lora_aggregation != "naive" and f.method != "lora":
@@ -456,10 +476,12 @@ class RunSpec:
         if driver == "simulation" and task.eval_data and not task.train_data:
             found.append("task.eval_data needs task.train_data in a simulation (the built-in task has its own "
                          "held-out split)")
-        if task.eval_limit < 0 or task.train_limit < 0:
-            found.append("task.eval_limit and task.train_limit must be >= 0")
-        if task.builtin_train_rows < 1:
-            found.append(f"task.builtin_train_rows must be >= 1 (got {task.builtin_train_rows})")
+        for key in ("eval_limit", "train_limit"):
+            if not 0 <= getattr(task, key) <= MAX_ROWS[key]:
+                found.append(f"task.{key} must be between 0 (all) and {MAX_ROWS[key]:,} rows (got {getattr(task, key)})")
+        if not 1 <= task.builtin_train_rows <= MAX_ROWS["builtin_train_rows"]:
+            found.append(f"task.builtin_train_rows must be in 1..{MAX_ROWS['builtin_train_rows']:,} "
+                         f"(got {task.builtin_train_rows})")
         for key in ("train_data", "eval_data"):
             path = getattr(task, key)
             if path and not Path(path).is_file():
@@ -495,6 +517,14 @@ class RunSpec:
         if self.secagg.enabled:
             return "secagg"
         return "dp" if self.dp.enabled else "plain"
+
+    def reply_bounds(self) -> RobustSettings:
+        """The reply bounds the strategy enforces: `[robust]`, except that under DP every update
+        is already clipped to dp.clipping_norm, so the relative norm bound (which would make
+        an all-or-nothing DP round release nothing over an honest spread of norms) is off."""
+        if self.dp.enabled:
+            return dataclasses.replace(self.robust, norm_bound_ratio=0.0)
+        return self.robust
 
     def method_options(self) -> dict[str, str]:
         """Method options with what the aggregation implies (ffa freezes A; per-client ranks set
@@ -535,32 +565,3 @@ def _apply(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         if isinstance(table, dict):
             table[name] = value
     return out
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a TOML value has the field's declared type (TOML has real bools and ints:
-    `enabled = "false"` or `num_shares = 3.0` are mistakes, not values to coerce)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    origin = typing.get_origin(hint) or hint
-    if origin is list and typing.get_args(hint):  # every element, e.g. client_ranks = [2, "4"]
-        return isinstance(value, list) and all(_matches(item, typing.get_args(hint)[0]) for item in value)
-    return isinstance(value, origin) if isinstance(origin, type) else True
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint) if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    if origin is list and typing.get_args(hint):
-        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
-            dict: "a table"}.get(origin, str(hint))
