@@ -11,10 +11,12 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flwr.clientapp.typing import Mod
 
 from fedpeft.client.app import build_client_app
 from fedpeft.common.data.records import Record, TaskSpec
@@ -80,11 +82,14 @@ def default_out_dir() -> Path:
 
 
 def run_simulation(spec: RunSpec, out: str | Path | None = None, *, resume: str | Path | None = None,
-                   on_complete: Callable[[AdaptedModel], None] | None = None) -> SimulationResult:
+                   on_complete: Callable[[AdaptedModel], None] | None = None,
+                   client_mods: Sequence[Mod] = ()) -> SimulationResult:
     """Run the federation `spec` describes in simulation, into run dir `out`; with `resume`,
     continue that run dir from its last completed round with its saved spec.
 
-    `on_complete` receives the server's in-process model with the final adapter.
+    `on_complete` receives the server's in-process model with the final adapter. `client_mods`
+    are Flower ClientApp mods every virtual client runs outermost (the attack benchmark's
+    malicious clients rewrite their replies there).
     """
     if resume is not None:
         spec, out = read_run_spec(Path(resume)), resume
@@ -113,7 +118,7 @@ def run_simulation(spec: RunSpec, out: str | Path | None = None, *, resume: str 
             "init_args": {"include_dashboard": False},
         }
         run_flower_simulation(server_app=build_server_app(federation.server),
-                              client_app=build_client_app(client, dp=spec.dp.enabled),
+                              client_app=build_client_app(client, dp=spec.dp.enabled, mods=client_mods),
                               num_supernodes=f.clients, backend_config=backend_config)
     finally:
         federation.stop()
