@@ -65,8 +65,11 @@ class RobustSettings:
         return self.norm_bound > 0 or self.norm_bound_ratio > 0
 
 
-UNBOUNDED = RobustSettings(examples_ratio=0.0, max_abs_value=0.0, norm_bound=0.0, norm_bound_ratio=0.0)
-"""No value or update bounds (metrics are still typed and `max_examples` still caps weights)."""
+MAX_WEIGHT = 2**31 - 1
+"""The largest example count a Flower MetricRecord int carries everywhere."""
+UNBOUNDED = RobustSettings(max_examples=MAX_WEIGHT, examples_ratio=0.0, max_abs_value=0.0, norm_bound=0.0,
+                           norm_bound_ratio=0.0)
+"""Every reply bound off (metrics are still typed and finite, deltas still finite and on spec)."""
 
 
 def metric_problem(metrics: Mapping[str, object], settings: RobustSettings) -> str | None:

@@ -33,7 +33,8 @@ from flwr.serverapp import Grid
 from fedpeft.common.errors import DeltaError, FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
-from fedpeft.common.protocol.plan import PLAN_KEY, TRAIN_METRIC_KEYS
+from fedpeft.common.protocol.plan import PLAN_KEY, WEIGHT_KEY
+from fedpeft.server.robust import RobustSettings, metric_problem
 from fedpeft.server.strategy import RoundTraffic, relax_minimums
 
 if TYPE_CHECKING:
@@ -138,9 +139,11 @@ class SecAggFedAvg(LegacyFedAvg):
         counts = [fit_res.num_examples for _, fit_res in results]
         self.error_bounds[true_round] = quantization_error_bound(self.settings, counts)
         # SecAgg+ already summed every unmasked update; a client's plaintext metrics can only be
-        # left out of the round's statistics (the expected keys, each a finite number).
-        typed = [r for _, r in results if set(r.metrics) == TRAIN_METRIC_KEYS and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in r.metrics.values())]
+        # left out of the round's statistics: held to the same checks as every other reply's,
+        # and num-examples to the weight SecAgg+ itself used.
+        bounds = RobustSettings(max_examples=int(self.settings.max_weight))
+        typed = [r for _, r in results if metric_problem(r.metrics, bounds) is None
+                 and r.metrics[WEIGHT_KEY] == r.num_examples]
         if len(typed) < len(results):
             log.error("round %d: %d SecAgg+ client(s) reported malformed metrics, left out of the round's statistics",
                       true_round, len(results) - len(typed))

@@ -23,7 +23,13 @@ from fedpeft.common.methods import MethodConfig, get_method
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.model.base_model import load_tokenizer, model_fingerprint
 from fedpeft.common.model.quantization import Quantize
-from fedpeft.common.model.split import JoinedSplitModel, SplitConfig, load_client_part, load_server_part
+from fedpeft.common.model.split import (
+    MAX_ABS_ACTIVATION,
+    JoinedSplitModel,
+    SplitConfig,
+    load_client_part,
+    load_server_part,
+)
 from fedpeft.common.security.pki import TlsFiles
 from fedpeft.server.split_service import SplitServer, serve_split
 
@@ -58,11 +64,12 @@ class SplitRun:
 
 def start_split_run(model_dir: Path, split: SplitConfig, method_config: MethodConfig, quantize: Quantize, *,
                     learning_rate: float, address: str = "127.0.0.1:0", tls: TlsFiles | None = None, seed: int = 0,
-                    wire_dtype: str = "bfloat16", public_host: str | None = None) -> SplitRun:
+                    wire_dtype: str = "bfloat16", public_host: str | None = None,
+                    max_abs_activation: float = MAX_ABS_ACTIVATION) -> SplitRun:
     """Load the server part and serve it; `public_host` is the name clients dial (default: the bind host)."""
     part = load_server_part(Path(model_dir), split, method_config, quantize=quantize, seed=seed)
     server = SplitServer(part=part, model_fingerprint=model_fingerprint(Path(model_dir)), learning_rate=learning_rate,
-                         access_token=secrets.token_urlsafe(32))
+                         access_token=secrets.token_urlsafe(32), max_abs_activation=max_abs_activation)
     grpc_server, port = serve_split(server, address, tls)
     host = public_host or address.rsplit(":", 1)[0]
     return SplitRun(server=server, grpc_server=grpc_server, target=f"{host}:{port}",

@@ -34,7 +34,7 @@ import grpc
 import torch
 
 from fedpeft.common.errors import ConfigError, SplitAuthError, SplitError, SplitSessionError, SplitTooLargeError
-from fedpeft.common.model.split import ServerPart
+from fedpeft.common.model.split import MAX_ABS_ACTIVATION, ServerPart
 from fedpeft.common.security.pki import TlsFiles
 from fedpeft.common.wire import split as wire
 
@@ -61,7 +61,7 @@ class SplitServer:
     learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
     """Clip the server LoRA's gradient to this L2 norm each step (0 = off)."""
-    max_abs_activation: float = 1e6
+    max_abs_activation: float = MAX_ABS_ACTIVATION
     """Refuse a received activation or U-shaped output gradient holding a value of larger
     magnitude (0 = off; NaN/Inf are refused regardless). Honest hidden states stay far below:
     the largest "massive activations" reported for real LLMs are ~1e3-1e4, fp16 cannot carry

@@ -227,6 +227,10 @@ class DeltaValidation:
         # Replies arrive in any order; sorting them by content makes the float sums (and
         # so a resumed run) bit-for-bit reproducible.
         usable.sort(key=_reply_order)
+        # Flower's server optimizers (FedAvgM, FedAdam, ...) update their state inside
+        # aggregate_train (Flower reassigns these, never mutates them): kept to restore it
+        # if the aggregate is refused, so a refused round leaves no trace.
+        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         traffic.seconds = time.perf_counter() - traffic.started
         if arrays is not None:
@@ -234,7 +238,11 @@ class DeltaValidation:
             if problem:
                 log.error("round %d: the aggregate is refused and the global adapter kept: %s", server_round, problem)
                 traffic.rejected.append(f"aggregate: {problem}")
+                for attr, value in state.items():
+                    setattr(self, attr, value)
                 return None, None
+            if isinstance(state.get("current_arrays"), ArrayRecord):  # FedAvgM's own copy: the published dtypes
+                self.current_arrays = arrays
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
@@ -295,6 +303,8 @@ def _reply_order(msg: Message) -> tuple[int, str]:
 
 
 # Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
+_SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+"""The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
 STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.common.errors import ConfigError, DeltaError
 from fedpeft.common.methods.lora import lora_scaling
@@ -24,7 +24,7 @@ from fedpeft.common.wire import envelope_to_bytes
 from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.robust import UNBOUNDED, RobustSettings
 from fedpeft.server.sealed_replies import EnvelopeOpener, load_trusted_clients
-from fedpeft.server.strategy import STRATEGIES, build_strategy
+from fedpeft.server.strategy import STRATEGIES, RoundTraffic, build_strategy
 
 SPEC_DELTA = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))
 NODES = (1, 2, 3, 4)
@@ -117,9 +117,15 @@ def test_2_a_non_finite_aggregate_never_replaces_the_global_adapter(flower_task_
     (FedAvgM's server learning rate here): the aggregate is refused, the global adapter kept."""
     strategy = _strategy("fedavgm", robust=UNBOUNDED, options={"server_learning_rate": "10"})
     big = [_reply(node, _delta(3.0e38)) for node in NODES]
+    before = strategy.current_arrays
     arrays, metrics = strategy.aggregate_train(1, big)
     assert arrays is None and metrics is None
     assert "aggregate: non-finite" in strategy.traffic[1].rejected[-1]
+    # the server optimizer's own state is rolled back too: the next round builds on the kept adapter
+    assert strategy.current_arrays is before and strategy.momentum_vector is None
+    arrays, _ = strategy.aggregate_train(1, _honest(4))
+    assert arrays is not None and all(a.dtype == "float32" for a in arrays.values())
+    assert all(a.dtype == "float32" for a in strategy.current_arrays.values())  # not float64 drift
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
@@ -154,6 +160,37 @@ def test_5_trailing_bytes_are_refused():
     record["b"] = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=buffer.getvalue() + b"\0" * 4)
     with pytest.raises(DeltaError, match="20 data bytes, but float32 \\(4,\\) needs 16"):
         delta_from_arrayrecord(record)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_5_negative_header_dimensions_are_refused_not_a_crashed_round(flower_task_identity, declared):
+    """(-2, -3) has the byte count of (2, 3): only the sign check stands between it and reshape."""
+    record = delta_to_arrayrecord(_delta(1.0))
+    good = record["b"]
+    data = good.data.replace(b"'shape': (4,), ", b"'shape': (-2, -2), ")
+    assert data != good.data
+    record["b"] = Array(dtype=good.dtype if declared else "", shape=(-2, -2) if declared else (),
+                        stype=good.stype, data=data)
+    with pytest.raises(DeltaError, match="invalid shape"):
+        delta_from_arrayrecord(record)
+    strategy = _strategy()
+    strategy.aggregate_train(1, [*_honest(), _reply(4, record)])
+    assert strategy.traffic[1].accepted == 3 and "node 4" in strategy.traffic[1].rejected[0]
+
+
+def test_5_flowers_legacy_records_declare_nothing_and_still_decode_exactly():
+    """The SecAgg+ workflow broadcasts through Flower's legacy Parameters, whose Arrays declare
+    dtype "" and shape (): the header decides, and the byte count still has to match it."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    legacy = parameters_to_arrayrecord(ndarrays_to_parameters([values]), keep_input=True)
+    assert legacy["0"].dtype == "" and tuple(legacy["0"].shape) == ()
+    np.testing.assert_array_equal(delta_from_arrayrecord(legacy)["0"].numpy(), values)
+    padded = Array(dtype="", shape=(), stype="numpy.ndarray", data=legacy["0"].data + b"\0" * 4)
+    with pytest.raises(DeltaError, match="data bytes"):
+        delta_from_arrayrecord(ArrayRecord({"0": padded}))
 
 
 def test_6_a_list_valued_metric_is_refused_not_a_crashed_round(flower_task_identity):
@@ -238,6 +275,7 @@ def test_8_run_configs_that_would_fail_later_or_hang_are_refused_up_front(overri
     ({"secagg.retry_wait": float("nan")}, "secagg.retry_wait"),
     ({"secagg.timeout": float("inf")}, "secagg.timeout"),
     ({"split.port": 70000, "federation.topology": "split"}, "split.port"),
+    ({"split.max_abs_activation": float("nan"), "federation.topology": "split"}, "split.max_abs_activation"),
     ({"robust.norm_bound": 1.0}, "robust.norm_bound"),
 ])
 def test_8_deployment_settings_are_range_checked(overrides, key):
@@ -248,6 +286,15 @@ def test_8_deployment_settings_are_range_checked(overrides, key):
         RunSpec().with_overrides({**base, **overrides}, driver="deployment")
 
 
+@pytest.mark.parametrize("value", [2, "2", 2.0])
+def test_krum_needs_more_than_2f_plus_2_clients_per_round_whatever_the_option_type(value):
+    from fedpeft.server.federation.spec import RunSpec
+
+    with pytest.raises(ConfigError, match="num_malicious_nodes=2 only with more than 6"):
+        RunSpec().with_overrides({"federation.clients": 6, "federation.strategy": "krum",
+                                  "federation.strategy_options": {"num_malicious_nodes": value}}, driver="simulation")
+
+
 def test_8_a_non_utf8_run_config_names_the_file(tmp_path):
     from fedpeft.server.federation.spec import RunSpec
 
@@ -255,3 +302,30 @@ def test_8_a_non_utf8_run_config_names_the_file(tmp_path):
     path.write_bytes(b"[federation]\nrounds = 1\n# \xff\xfe\n")
     with pytest.raises(ConfigError, match="run.toml"):
         RunSpec.from_toml(path)
+
+
+def test_secagg_round_statistics_take_only_well_formed_metrics_matching_the_secagg_weight(flower_task_identity):
+    """Under SecAgg+ the server cannot refuse one client's masked update, but a client's
+    plaintext metrics reach the round's statistics only if they pass the same checks as any
+    reply's, with num-examples equal to the weight SecAgg+ used and within secagg.max_weight."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from fedpeft.server.federation.spec import SecAggSection
+    from fedpeft.server.secagg import SecAggFedAvg
+
+    initial = _delta(0.0)
+    strategy = SecAggFedAvg(spec=DeltaSpec.of_delta(SPEC_DELTA), initial=initial, plan_json="{}",
+                            settings=SecAggSection(enabled=True), min_accepted=1, round_offset=0,
+                            evaluate_global=lambda rnd, arrays: MetricRecord({}))
+    summed = ndarrays_to_parameters([t.numpy() for t in _delta(0.5).values()])
+
+    def result(num_examples: int, **changes) -> tuple[None, FitRes]:
+        return None, FitRes(Status(Code.OK, ""), summed, num_examples, dict(_metrics(4, **changes)))
+
+    results = [result(4), result(10**9, **{"train-loss": 1e308, "num-examples": 10**9}),  # beyond max_weight
+               result(4, **{"bytes-up": -1}), result(3)]  # negative bytes; metric != SecAgg+'s weight (4 != 3)
+    strategy.traffic[1] = RoundTraffic()
+    strategy.aggregate_fit(1, results, [])
+    traffic = strategy.traffic[1]
+    assert traffic.accepted == 4 and len(traffic.client_metrics) == 1
+    assert np.isfinite(traffic.train_metrics["train-loss"])

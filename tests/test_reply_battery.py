@@ -92,7 +92,7 @@ tensor_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=3
 def mutated_arrays(draw) -> ArrayRecord:
     delta = OrderedDict((k, torch.full_like(v, 1.0)) for k, v in SPEC_DELTA.items())
     name = draw(st.sampled_from(sorted(delta)))
-    kind = draw(st.sampled_from(["values", "shape", "dtype", "bytes", "names", "none"]))
+    kind = draw(st.sampled_from(["values", "shape", "dtype", "bytes", "header", "names", "none"]))
     if kind == "values":
         flat = delta[name].flatten()
         for _ in range(draw(st.integers(1, 3))):
@@ -122,6 +122,17 @@ def mutated_arrays(draw) -> ArrayRecord:
         else:
             data += draw(st.binary(min_size=1, max_size=16))
         record[name] = Array(dtype=array.dtype, shape=array.shape, stype=array.stype, data=bytes(data))
+    if kind == "header":  # a rewritten .npy header (same length), declared or not in the record
+        array = record[name]
+        shape = draw(st.lists(st.integers(-4, 12), min_size=0, max_size=3))
+        header = f"{{'descr': '<f4', 'fortran_order': {draw(st.booleans())}, 'shape': {tuple(shape)}, }}"
+        end = array.data.index(b"\n") + 1
+        old_header = array.data[10:end].decode("latin1")
+        if len(header) < len(old_header):
+            data = array.data[:10] + (header.ljust(len(old_header) - 1) + "\n").encode("latin1") + array.data[end:]
+            declared = draw(st.booleans())
+            record[name] = Array(dtype=array.dtype if declared else "", shape=array.shape if declared else (),
+                                 stype=array.stype, data=data)
     return record
 
 

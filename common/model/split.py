@@ -30,6 +30,9 @@ from fedpeft.common.model.quantization import Quantize
 from fedpeft.common.protocol.deltas import DeltaAccess, DeltaSpec
 from fedpeft.common.training.objectives import target_token_loss
 
+MAX_ABS_ACTIVATION = 1e6
+"""Default bound on any activation or gradient value a split client sends (`split.max_abs_activation`)."""
+
 SPLIT_METHODS: tuple[str, ...] = ("lora",)
 """Methods a split part can carry: ones that only wrap linear layers (others insert modules
 into the full forward pass, which neither part runs)."""

@@ -41,7 +41,8 @@ def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None) ->
 
 
 def _exact_npy(name: str, array: Array) -> np.ndarray:
-    """The array whose `.npy` bytes say exactly what the Array's declared dtype and shape say.
+    """The array whose `.npy` bytes say exactly what the Array's declared dtype and shape say
+    (where it declares them).
 
     `np.load` reads as many bytes as a (possibly tampered) header asks for and ignores the
     rest, so a flipped header byte would decode to a shifted array. Written by hand
@@ -63,15 +64,24 @@ def _exact_npy(name: str, array: Array) -> np.ndarray:
         raise DeltaError(f"{name}: cannot decode array ({exc})") from exc
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise DeltaError(f"{name}: not a numeric array (dtype {dtype})")
-    if str(dtype) != str(array.dtype) or tuple(shape) != tuple(array.shape):
+    # Flower's legacy Parameters path (the SecAgg+ workflow's broadcast) declares nothing
+    # (dtype "", shape ()): then the header is checked against the byte count and, by the
+    # caller, against the method's spec.
+    declared = bool(array.dtype) or bool(tuple(array.shape))
+    if declared and (str(dtype) != str(array.dtype) or tuple(shape) != tuple(array.shape)):
         raise DeltaError(f"{name}: .npy header says {dtype} {tuple(shape)}, the record says "
                          f"{array.dtype} {tuple(array.shape)}")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise DeltaError(f"{name}: .npy header has an invalid shape {tuple(shape)}")
     expected = math.prod(shape) * dtype.itemsize
     offset = stream.tell()
     if len(array.data) - offset != expected:
         raise DeltaError(f"{name}: {len(array.data) - offset} data bytes, but {dtype} {tuple(shape)} needs {expected}")
-    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset)
-    return flat.reshape(shape, order="F" if fortran else "C")
+    try:
+        flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset)
+        return flat.reshape(shape, order="F" if fortran else "C")
+    except (ValueError, TypeError) as exc:  # defence in depth: numpy's own refusal, as the peer's fault
+        raise DeltaError(f"{name}: cannot decode array ({exc})") from exc
 
 
 def record_bytes(record: ArrayRecord) -> int:

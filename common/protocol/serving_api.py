@@ -6,11 +6,12 @@ the engine (`fedpeft.server.serving.engine`) consumes and produces them.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 MIN_TEMPERATURE = 0.01
 """Smaller temperatures overflow logits / T to inf; use 0 (greedy) instead."""
-_FLOAT32_MIN_TEMPERATURE = 0.009999999776482582
+_FLOAT32_MIN_TEMPERATURE: float = struct.unpack("<f", struct.pack("<f", MIN_TEMPERATURE))[0]
 """MIN_TEMPERATURE as it arrives over protobuf (a float32 field): the documented minimum must pass."""
 
 

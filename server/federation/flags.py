@@ -93,7 +93,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cpus_per_client", "simulation.cpus_per_client", "Ray CPUs per virtual client"),
     Flag("gpus_per_client", "simulation.gpus_per_client", "Ray GPU share per virtual client, e.g. 0.5 (0: CPU)"),
     Flag("strategy", "federation.strategy", "Flower aggregation strategy (fedavg, fedprox, fedadam, fedyogi, "
-         "fedadagrad, fedavgm, fedmedian, fedtrimmedavg)"),
+         "fedadagrad, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum)"),
     Flag("strategy_options", "federation.strategy_options", "strategy option, repeatable (e.g. --strategy fedprox "
          "--strategy-opt proximal_mu=0.01)", option="--strategy-opt", repeated=True),
     Flag("lora_aggregation", "federation.lora_aggregation",
@@ -140,6 +140,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("split_cut", "split.cut", "split: blocks on each client"),
     Flag("split_u_shaped", "split.u_shaped", "split: clients also hold the head and compute the loss, so labels never "
          "leave them"),
+    Flag("split_max_abs_activation", "split.max_abs_activation",
+         "split: refuse a client step whose activations or gradients exceed this |value| (0 = off)"),
     Flag("split_wire_dtype", "split.wire_dtype", "split: dtype of activations and gradients on the wire",
          choices=("float32", "float16", "bfloat16")),
 )

@@ -40,6 +40,7 @@ from fedpeft.common.methods import MethodConfig, make_config
 from fedpeft.common.methods.lora import LoraMethodConfig
 from fedpeft.common.model.base_model import DEFAULT_MODEL
 from fedpeft.common.model.quantization import QUANTIZE_CHOICES, bitsandbytes_available
+from fedpeft.common.model.split import MAX_ABS_ACTIVATION
 from fedpeft.common.offsite.run import OffsiteSettings
 from fedpeft.common.protocol.plan import SEED_RANGE
 from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, TOPOLOGIES, validate_topology
@@ -191,6 +192,9 @@ class SplitSection:
     """Clients also hold the head and compute the loss: labels never leave them."""
     wire_dtype: str = "bfloat16"
     """Dtype of activations and gradients on the wire: float32 | float16 | bfloat16."""
+    max_abs_activation: float = MAX_ABS_ACTIVATION
+    """The split server refuses a client step whose activations or gradients exceed this
+    absolute value (0 = off; non-finite values are always refused)."""
     host: str = "127.0.0.1"
     """Split server bind address (deployed clients dial it with peft-client start --split-server HOST:PORT);
     a simulation's clients run on this machine, so there it must be loopback."""
@@ -447,8 +451,12 @@ class RunSpec:
         f = self.federation
         found = []
         if f.strategy in ("krum", "multikrum"):
-            malicious = f.strategy_options.get("num_malicious_nodes", 0)
-            if isinstance(malicious, int | float) and f.num_per_round <= 2 * malicious + 2:
+            try:  # the options as the strategy will take them (`--strategy-opt` values are strings)
+                options = {k: str(v) for k, v in f.strategy_options.items()}
+                malicious = parse_strategy_options(f.strategy, options).get("num_malicious_nodes", 0)
+            except ConfigError:
+                malicious = 0  # reported where the options are validated
+            if f.num_per_round <= 2 * malicious + 2:
                 found.append(f"federation.strategy {f.strategy!r} tolerates num_malicious_nodes={malicious} only with "
                              f"more than {2 * malicious + 2} clients per round (got {f.num_per_round})")
         if f.lora_aggregation not in LORA_AGGREGATIONS:

@@ -17,6 +17,7 @@ small interface and never asks which topology it runs:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +210,8 @@ class SplitTopology(Topology):
         if spec.registry.enabled:
             found.append("registry: a split run's global delta is the client part only (the server part is exported "
                          "beside it); serving cannot publish it per round")
+        if not (sp.max_abs_activation >= 0 and math.isfinite(sp.max_abs_activation)):
+            found.append(f"split.max_abs_activation must be a finite number >= 0 (got {sp.max_abs_activation})")
         if sp.port is not None and not 1 <= sp.port <= 65535:
             found.append(f"split.port must be in 1..65535 (got {sp.port})")
         if sp.tls_dir is not None and not Path(sp.tls_dir).is_dir():
@@ -235,7 +238,8 @@ class SplitTopology(Topology):
         split = SplitConfig(cut=spec.split.cut, u_shaped=spec.split.u_shaped)
         self.run = start_split_run(models.model_dir, split, models.method_config, models.quantize,
                                    learning_rate=spec.training.learning_rate, address=endpoint.address,
-                                   tls=endpoint.tls, seed=models.seed, wire_dtype=spec.split.wire_dtype)
+                                   tls=endpoint.tls, seed=models.seed, wire_dtype=spec.split.wire_dtype,
+                                   max_abs_activation=spec.split.max_abs_activation)
         log.info("split: clients hold blocks 0-%d%s; split server at %s (TLS %s)", split.cut - 1,
                  " + head (U-shaped)" if split.u_shaped else "", self.run.target, "on" if endpoint.tls else "off")
 

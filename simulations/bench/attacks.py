@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -32,21 +33,16 @@ from typing import Any
 
 from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.logs import apply_offline_env
+from fedpeft.server.robust import UNBOUNDED
 
 log = logging.getLogger("fedpeft.bench")
 
-ATTACK_NAMES = ("clean", "scale1e3", "scale1e6", "signflip", "inflate", "nan")
+ATTACK_NAMES = ("clean", "scale1e3", "scale1e6", "signflip", "inflate", "nan", "adaptive")
 DEFENSE_NAMES = ("default", "none", "normbound", "median", "trimmed", "krum")
 NORM_BOUND_RATIO = 5.0
 """`normbound`: refuse an update longer than this multiple of the round's median update norm."""
 
-ROBUST_OFF: dict[str, Any] = {
-    "robust.max_examples": 2**31 - 1,  # the largest weight a MetricRecord int holds everywhere: effectively no cap
-    "robust.examples_ratio": 0.0,
-    "robust.max_abs_value": 0.0,
-    "robust.norm_bound": 0.0,
-    "robust.norm_bound_ratio": 0.0,
-}
+ROBUST_OFF: dict[str, Any] = {f"robust.{key}": value for key, value in dataclasses.asdict(UNBOUNDED).items()}
 """Every `[robust]` reply bound off (typed metrics and finite deltas are always checked)."""
 
 

@@ -10,7 +10,11 @@ the ArrayRecord "arrays" and its metrics (with "num-examples") in the MetricReco
 - `scale1e3`, `scale1e6`: the update multiplied by 1e3 / 1e6 (model replacement / boosting);
 - `signflip`: the update negated (gradient-ascent direction at the honest magnitude);
 - `inflate`: num-examples multiplied by 1e4 (FedAvg weight hijacking; the delta is honest);
-- `nan`: NaN written into every floating tensor of the delta (a poisoned or broken client).
+- `nan`: NaN written into every floating tensor of the delta (a poisoned or broken client);
+- `adaptive`: an attacker who knows the default reply bounds and stays just inside them:
+  the update scaled by -0.9 x `robust.norm_bound_ratio` and num-examples by
+  `robust.examples_ratio` - 1 (FedAvg's bounds limit how far one round moves, they do not
+  make FedAvg robust: that is what fedmedian, fedtrimmedavg and krum are for).
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ from flwr.app import Context, Message, MessageType, MetricRecord
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.protocol.plan import PARTITION_KEY, REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
+from fedpeft.server.robust import RobustSettings
 
 Delta = Mapping[str, torch.Tensor]
 INFLATE_FACTOR = 10_000
+_DEFAULT_BOUNDS = RobustSettings()
+ADAPTIVE_SCALE = -0.9 * _DEFAULT_BOUNDS.norm_bound_ratio
+ADAPTIVE_INFLATE = int(_DEFAULT_BOUNDS.examples_ratio) - 1
 
 
 def scaled_update(sent: Delta, reply: Delta, factor: float) -> dict[str, torch.Tensor]:
@@ -72,6 +80,9 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("signflip", "update negated", delta=lambda sent, reply: scaled_update(sent, reply, -1.0)),
     Attack("inflate", f"num-examples x {INFLATE_FACTOR:g}", examples=lambda n: int(n) * INFLATE_FACTOR),
     Attack("nan", "NaN in the delta", delta=lambda sent, reply: with_nan(reply)),
+    Attack("adaptive", f"update x {ADAPTIVE_SCALE:g} and num-examples x {ADAPTIVE_INFLATE}, inside the default bounds",
+           delta=lambda sent, reply: scaled_update(sent, reply, ADAPTIVE_SCALE),
+           examples=lambda n: int(n) * ADAPTIVE_INFLATE),
 )}
 
 
