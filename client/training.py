@@ -32,7 +32,8 @@ class TrainConfig:
     """Optimizer steps per round (ignored when local_epochs > 0)."""
     local_epochs: float = 0.0
     """If > 0, train this many passes over the local data instead of local_steps."""
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
+    """None: the method's `federated_learning_rate` (`for_method`); a plan always carries a number."""
     batch_size: int = 8
     max_length: int = 128
     weight_decay: float = 0.0
@@ -48,9 +49,20 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"invalid training settings: {', '.join(bad)}")
 
+    def for_method(self, method: str) -> TrainConfig:
+        """These settings with the learning rate made concrete: `method`'s federated default where unset."""
+        if self.learning_rate is not None:
+            return self
+        from fedpeft.common.methods import get_method
+
+        return dataclasses.replace(self, learning_rate=get_method(method).federated_learning_rate)
+
     def plan_fields(self) -> dict[str, object]:
         """What the federation plan carries to clients: every field, less gradient_checkpointing
-        while it is off, so that clients from before the option still read the plan."""
+        while it is off, so that clients from before the option still read the plan. The
+        learning rate must be concrete (`for_method`): clients never guess it."""
+        if self.learning_rate is None:
+            raise ConfigError("training.learning_rate is unset: resolve it with TrainConfig.for_method first")
         fields = dict(self.__dict__)
         if not self.gradient_checkpointing:
             del fields["gradient_checkpointing"]
@@ -65,12 +77,19 @@ class TrainConfig:
         return self.local_steps
 
 
+# Upper limits keep a plan from asking a client for a job that never ends or cannot be
+# allocated (a finite local_epochs of 1e15 is as bad as infinity); far above any real run.
+MAX_LOCAL_STEPS = 1_000_000
+MAX_LOCAL_EPOCHS = 1000.0
+MAX_BATCH_SIZE = 65_536
+MAX_LENGTH = 1_048_576
+
 _TRAIN_CHECKS: dict[str, tuple[str, object]] = {
-    "local_steps": ("must be >= 1", lambda v: v >= 1),
-    "local_epochs": ("must be a finite number >= 0", lambda v: 0 <= v < math.inf),
-    "learning_rate": ("must be a finite number > 0", lambda v: 0 < v < math.inf),
-    "batch_size": ("must be >= 1", lambda v: v >= 1),
-    "max_length": ("must be >= 8", lambda v: v >= 8),
+    "local_steps": (f"must be an integer in [1, {MAX_LOCAL_STEPS}]", lambda v: 1 <= v <= MAX_LOCAL_STEPS),
+    "local_epochs": (f"must be a number in [0, {MAX_LOCAL_EPOCHS:g}]", lambda v: 0 <= v <= MAX_LOCAL_EPOCHS),
+    "learning_rate": ("must be a finite number > 0", lambda v: v is None or 0 < v < math.inf),  # None: unset
+    "batch_size": (f"must be an integer in [1, {MAX_BATCH_SIZE}]", lambda v: 1 <= v <= MAX_BATCH_SIZE),
+    "max_length": (f"must be an integer in [8, {MAX_LENGTH}]", lambda v: 8 <= v <= MAX_LENGTH),
     "weight_decay": ("must be a finite number >= 0", lambda v: 0 <= v < math.inf),
     "max_grad_norm": ("must be a finite number > 0", lambda v: 0 < v < math.inf),
     "log_every": ("must be >= 1", lambda v: v >= 1),

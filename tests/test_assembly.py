@@ -128,7 +128,7 @@ def test_all_problems_of_a_spec_are_reported_together(tiny_model_dir):
                            "training": {"local_steps": 0, "learning_rate": float("inf")}}, driver="deployment")
     text = str(info.value)
     for fragment in ("federation.clients must be >= 1", "federation.rounds must be >= 1",
-                     "training.local_steps must be >= 1", "training.learning_rate must be a finite number > 0"):
+                     "training.local_steps must be an integer in [1,", "training.learning_rate must be a finite number > 0"):
         assert fragment in text
 
 

@@ -15,7 +15,7 @@ from fedpeft.client.training import TrainConfig
 from fedpeft.common.data.builtin_task import builtin_task
 from fedpeft.common.data.records import TaskSpec
 from fedpeft.common.errors import ConfigError, DataError
-from fedpeft.common.methods import available_methods, make_config
+from fedpeft.common.methods import available_methods, get_method, make_config
 from fedpeft.common.model.split import SplitConfig
 from fedpeft.common.protocol.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.wire.split import wire_dtype
@@ -34,7 +34,7 @@ def _server_plan(method: str = "lora", options: dict | None = None, *, training:
     method_config = make_config(spec.federation.method, spec.method_options())
     return FederationPlan(run_name="run", model_fingerprint="0123abcd", method=spec.federation.method,
                           method_options=method_config.to_dict(), task=(task or builtin_task()).to_dict(),
-                          train=dict(spec.training.plan_fields()), seed=spec.federation.seed, frozen_fingerprint="",
+                          train=dict(spec.train_config().plan_fields()), seed=spec.federation.seed, frozen_fingerprint="",
                           split=split or {})
 
 
@@ -76,7 +76,7 @@ def test_task_from_dict_names_the_missing_key_instead_of_a_key_error():
     (lambda d: d.update(model_fingerprint=None), "plan.model_fingerprint: expected a string, got null"),
     (lambda d: d["train"].update(lr=0.1), "plan.train: unknown key(s) ['lr']"),
     (lambda d: d["train"].update(batch_size="8"), 'plan.train.batch_size: expected an integer, got "8"'),
-    (lambda d: d["train"].update(batch_size=0), "plan.train.batch_size: must be >= 1 (got 0)"),
+    (lambda d: d["train"].update(batch_size=0), "plan.train.batch_size: must be an integer in [1, 65536] (got 0)"),
     (lambda d: d.update(train=[]), "plan.train: expected an object, got []"),
     (lambda d: d["method_options"].update(r=0), "plan.method_options: LoraMethodConfig.r: rank must be >= 1"),
     (lambda d: d["method_options"].update(target_modules=3), "plan.method_options: LoraMethodConfig.target_modules"),
@@ -126,7 +126,8 @@ def test_a_plan_as_the_server_builds_it_round_trips(method):
     again = FederationPlan.from_json(plan.to_json())
     assert again == plan
     assert again.method_config() == plan.method_config()
-    assert again.train_config() == TrainConfig()
+    assert again.train_config() == TrainConfig().for_method(method)
+    assert again.train_config().learning_rate == get_method(method).federated_learning_rate
 
 
 def test_split_classification_and_adalora_plans_round_trip():
@@ -148,9 +149,12 @@ def test_older_plans_without_optional_fields_are_read():
     data = json.loads(_server_plan().to_json())
     for key in ("frozen_fingerprint", "split"):
         del data[key]
-    data["train"] = {}  # every training setting has a default
+    data["train"] = {"learning_rate": 1e-3}  # every other training setting has a default
     plan = FederationPlan.from_json(json.dumps(data))
-    assert plan.split == {} and plan.train_config() == TrainConfig()
+    assert plan.split == {} and plan.train_config() == TrainConfig(learning_rate=1e-3)
+    data["train"] = {}  # but the learning rate is the server's to resolve, never the client's to guess
+    with pytest.raises(ConfigError, match="plan.train.learning_rate: missing"):
+        FederationPlan.from_json(json.dumps(data))
 
 
 # ---- (3) property: any mutation is a valid plan or a ConfigError ----------------------------------

@@ -262,7 +262,9 @@ def test_9_the_documented_minimum_temperature_survives_protobufs_float32():
     ({"training.weight_decay": float("inf")}, "training.weight_decay"),
     ({"robust.norm_bound_ratio": float("inf")}, "robust.norm_bound_ratio"),
     ({"robust.max_abs_value": -1.0}, "robust.max_abs_value"),
-    ({"federation.seed": 2**32}, "federation.seed"),  # the plan's seed range: no client could take it
+    ({"federation.seed": 2**32}, "federation.seed"),
+    ({"training.local_epochs": 1e15}, "local_epochs"),  # finite, and a client would never finish
+    ({"training.batch_size": 2**40}, "batch_size"),  # the plan's seed range: no client could take it
 ])
 def test_8_run_configs_that_would_fail_later_or_hang_are_refused_up_front(overrides, key):
     from fedpeft.server.federation.spec import RunSpec

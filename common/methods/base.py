@@ -100,6 +100,13 @@ class PeftMethod(ABC):
     #: True when its trainable prefix reaches the blocks as `past_key_values` (prefix-style
     #: methods), which gradient checkpointing would drop.
     kv_prefix: ClassVar[bool] = False
+    #: The client learning rate a federated run uses unless `training.learning_rate` is set.
+    #: Methods differ by orders of magnitude (soft prompts and scaling vectors need far larger
+    #: steps than LoRA), and a federation of K clients averaging S local steps a round gets
+    #: about S sequential steps of progress a round, not K x S: a rate that learns only with
+    #: the centralized step count leaves a federated run at the majority class (see the
+    #: README's method-quality table, where these were chosen).
+    federated_learning_rate: ClassVar[float] = 1e-3
 
     @abstractmethod
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:

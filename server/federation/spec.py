@@ -315,6 +315,10 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
+    def train_config(self) -> TrainConfig:
+        """`[training]` as clients run it: an unset learning rate is the method's federated default."""
+        return self.training.for_method(self.federation.method)
+
     def get(self, key: str) -> Any:
         """The value of a dotted key, e.g. "training.learning_rate"."""
         section, name = key.split(".", 1)

@@ -237,7 +237,7 @@ class SplitTopology(Topology):
             raise ConfigError("the split topology needs an address for its split server")
         split = SplitConfig(cut=spec.split.cut, u_shaped=spec.split.u_shaped)
         self.run = start_split_run(models.model_dir, split, models.method_config, models.quantize,
-                                   learning_rate=spec.training.learning_rate, address=endpoint.address,
+                                   learning_rate=spec.train_config().learning_rate, address=endpoint.address,
                                    tls=endpoint.tls, seed=models.seed, wire_dtype=spec.split.wire_dtype,
                                    max_abs_activation=spec.split.max_abs_activation)
         log.info("split: clients hold blocks 0-%d%s; split server at %s (TLS %s)", split.cut - 1,
