@@ -42,6 +42,8 @@ ENVELOPE_RECORD = "envelope"
 TRAINER_ADDRESS_KEY = "trainer-address"
 PARTITION_KEY = "partition-id"
 QUERY_KEY = "fedpeft-query"
+WEIGHT_KEY = "num-examples"
+UNIT_WEIGHT_KEY = "unit-weight"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", wire.MAX_LOCAL_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", wire.MAX_LOCAL_MESSAGE_BYTES)]
 TRAIN_TIMEOUT_S = float(os.environ.get("FEDPEFT_TRAIN_TIMEOUT", "3600"))
@@ -96,8 +98,7 @@ def _train_message(msg: Message, context: Context) -> Message:
     arrays = msg.content.array_records["arrays"]
     delta, metrics = _train(context, str(config[PLAN_KEY]), int(config.get("server-round", 0)),
                             float(config.get("proximal-mu", 0.0)), arrays, int(config.get(RANK_KEY, 0) or 0))
-    metrics = {k: (int(v) if k in ("num-examples", "unit-weight") else v) for k, v in metrics.items()}
-    return Message(RecordDict({"arrays": delta, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"arrays": delta, "metrics": MetricRecord(_typed(metrics))}), reply_to=msg)
 
 
 def seal_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -145,8 +146,14 @@ def _legacy_train(msg: Message, context: Context) -> Message:
     _check_secagg_bounds(delta, int(metrics["num-examples"]), fitins.config)
     parameters = Parameters(tensors=[a.data for a in delta.values()], tensor_type="numpy.ndarray")
     fitres = FitRes(status=Status(Code.OK, "ok"), parameters=parameters, num_examples=int(metrics["num-examples"]),
-                    metrics={k: float(v) for k, v in metrics.items()})
+                    metrics=_typed(metrics))
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _typed(metrics: dict[str, float]) -> dict[str, int | float]:
+    """The trainer's metrics (doubles over its gRPC) with the example counts as the integers
+    the server requires of them."""
+    return {k: (int(v) if k in (WEIGHT_KEY, UNIT_WEIGHT_KEY) else v) for k, v in metrics.items()}
 
 
 def _check_secagg_bounds(delta: ArrayRecord, num_examples: int, config: dict) -> None:  # type: ignore[type-arg]

@@ -263,3 +263,14 @@ def test_a_supernode_left_behind_by_a_restarted_superlink_is_restarted(monkeypat
         listener.close()
         if node.poll() is None:
             node.kill()
+
+
+def test_the_flower_apps_copies_of_the_protocol_keys_match_the_protocol():
+    """flower_app keeps its own copies of the key names (the protocol module imports torch):
+    every name both define must spell the same key."""
+    import fedpeft.client.flower_app as app
+    import fedpeft.common.protocol.plan as plan
+
+    shared = [n for n in dir(app) if n.endswith("_KEY") and hasattr(plan, n)]
+    assert {"PLAN_KEY", "WEIGHT_KEY", "UNIT_WEIGHT_KEY", "PARTITION_KEY"} <= set(shared)
+    assert {n: getattr(app, n) for n in shared} == {n: getattr(plan, n) for n in shared}
