@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
@@ -31,6 +32,37 @@ def test_dirichlet_is_seeded_and_skews_labels():
     assert sum(len(p) for p in parts) == len(ROWS)
     top_share = [max(Counter(r["label"] for r in p).values()) / len(p) for p in parts]
     assert max(top_share) > 0.6  # alpha=0.1 concentrates labels
+
+
+def _binary_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"text": f"row {i}", "label": rng.choice("01")} for i in range(n)]
+
+
+def test_dirichlet_keeps_every_client_at_an_equal_share():
+    # flwr-datasets' DirichletPartitioner gave one of 10 clients 1,465 of 2,000 rows here
+    rows = _binary_rows(2000)
+    for seed in range(3):
+        parts = partition_records(rows, 10, PartitionSpec.parse("dirichlet:0.1"), "label", seed=seed)
+        sizes = [len(p) for p in parts]
+        assert max(sizes) <= 0.3 * len(rows) and min(sizes) >= len(rows) // 10
+        assert Counter(r["text"] for p in parts for r in p) == Counter(r["text"] for r in rows)
+        top_share = [max(Counter(r["label"] for r in p).values()) / len(p) for p in parts]
+        assert sum(top_share) / len(parts) > 0.8  # still strongly label-skewed
+
+
+def test_dirichlet_sizes_differ_by_at_most_one_row():
+    parts = partition_records(_binary_rows(2003), 10, PartitionSpec.parse("dirichlet:1"), "label", seed=0)
+    assert sorted(len(p) for p in parts) == [200] * 7 + [201] * 3
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.01])
+def test_dirichlet_with_a_tiny_alpha_splits_into_near_single_label_clients(alpha):
+    # NumPy draws exact zeros from Dirichlet(alpha < 0.1): labels running out must not break the split
+    for seed in range(5):
+        parts = partition_records(_binary_rows(400), 4, PartitionSpec.parse(f"dirichlet:{alpha}"), "label", seed=seed)
+        assert [len(p) for p in parts] == [100] * 4
+        assert sum(max(Counter(r["label"] for r in p).values()) / len(p) for p in parts) / len(parts) > 0.95
 
 
 def test_natural_partition_by_column():

@@ -1,9 +1,12 @@
-"""Split one data set across virtual clients with flwr-datasets' partitioners.
+"""Split one data set across virtual clients.
 
-Specs: `iid`, `dirichlet:ALPHA` (label skew; Dirichlet over the label column) and
-`natural:COLUMN` (one client per distinct value of COLUMN, e.g. a hospital or branch id).
-Partitioning is deterministic for a given seed, so every simulation worker computes
-the same split independently.
+Specs: `iid`, `dirichlet:ALPHA` (label skew) and `natural:COLUMN` (one client per
+distinct value of COLUMN, e.g. a hospital or branch id). `iid` and `natural` use
+flwr-datasets' partitioners. `dirichlet` gives every client the same number of rows and
+draws each client's label mix from Dirichlet(ALPHA) (Hsu et al. 2019; the scheme of
+flwr-datasets' InnerDirichletPartitioner), so label skew never turns into one client
+holding most of the data. Partitioning is deterministic for a given seed, so every
+simulation worker computes the same split independently.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedpeft.common.data.records import Record
 from fedpeft.common.errors import PartitionError
-
-MIN_DIRICHLET_PARTITION = 2
 
 
 @dataclass(frozen=True)
@@ -50,21 +53,63 @@ class PartitionSpec:
 def partition_records(rows: Sequence[Record], num_partitions: int, spec: PartitionSpec,
                       label_column: str, seed: int) -> list[list[Record]]:
     """All partitions of `rows`, one list per client."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
-
     if num_partitions < 1:
         raise PartitionError(f"need at least one client, got {num_partitions}")
     if len(rows) < num_partitions:
         raise PartitionError(f"{len(rows)} records cannot be split across {num_partitions} clients")
-    # flwr-datasets partitions an Arrow table; only the row index and the column the
-    # split depends on go into it (as text), so rows with ragged or mixed-type columns
-    # come back exactly as they were read.
     key = {"iid": None, "dirichlet": label_column, "natural": spec.column}[spec.kind]
     if key is not None:
         lacking = [i for i, r in enumerate(rows) if r.get(key) is None]
         if lacking:
             raise PartitionError(f"{spec} needs column {key!r}, which record {lacking[0]} lacks")
+    if spec.kind == "dirichlet":
+        indices = label_skewed_split([str(r[label_column]) for r in rows], num_partitions, spec.alpha, seed)
+    else:
+        indices = _flwr_split(rows, num_partitions, spec, key, seed)
+    return [[rows[i] for i in part] for part in indices]
+
+
+def label_skewed_split(labels: Sequence[str], num_partitions: int, alpha: float, seed: int) -> list[list[int]]:
+    """Row indices of `num_partitions` equal-size clients, each with a Dirichlet(alpha) label mix.
+
+    flwr-datasets' DirichletPartitioner splits each label's rows across clients, so at a
+    small alpha a few clients get nearly everything, and its `min_partition_size` only
+    re-samples up to 10 times before giving up (at alpha 0.1, 10 clients, two labels it
+    cannot reach 20 rows a client); its InnerDirichletPartitioner fixes the sizes but
+    fails with NaN probabilities for alpha < 0.1, where NumPy's Dirichlet draws exact
+    zeros. Here clients fill up one after another in a seeded random order, each row
+    taking a label from the client's mix among the labels with rows left (in proportion to
+    the rows left once the mix's labels have run out): a client late in the order gets
+    what the others left, which keeps the skew of small alphas instead of blending it.
+    """
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(labels))
+    pools = [rng.permutation([i for i, y in enumerate(labels) if y == c]).tolist() for c in classes]
+    left = np.array([len(pool) for pool in pools], dtype=float)
+    mixes = rng.dirichlet(np.full(len(classes), alpha), size=num_partitions)
+    sizes = np.full(num_partitions, len(labels) // num_partitions)
+    sizes[:len(labels) % num_partitions] += 1
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    order = rng.permutation(num_partitions)
+    for client in np.repeat(order, sizes[order]):
+        weights = mixes[client] * (left > 0)
+        if not weights.any():
+            weights = left
+        label = rng.choice(len(classes), p=weights / weights.sum())
+        left[label] -= 1
+        parts[client].append(pools[label][int(left[label])])
+    return parts
+
+
+def _flwr_split(rows: Sequence[Record], num_partitions: int, spec: PartitionSpec, key: str | None,
+                seed: int) -> list[list[int]]:
+    """Row indices per client from flwr-datasets' IID or natural-id partitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner, NaturalIdPartitioner
+
+    # flwr-datasets partitions an Arrow table; only the row index and the column the
+    # split depends on go into it (as text), so rows with ragged or mixed-type columns
+    # come back exactly as they were read.
     table = {"row": list(range(len(rows)))}
     if key is not None:
         table[key] = [str(r[key]) for r in rows]
@@ -72,9 +117,6 @@ def partition_records(rows: Sequence[Record], num_partitions: int, spec: Partiti
     if spec.kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
         dataset = dataset.shuffle(seed=seed)
-    elif spec.kind == "dirichlet":
-        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=label_column, alpha=spec.alpha,
-                                           min_partition_size=MIN_DIRICHLET_PARTITION, self_balancing=False, seed=seed)
     else:
         distinct = len(set(table[spec.column]))
         if distinct != num_partitions:
@@ -85,10 +127,6 @@ def partition_records(rows: Sequence[Record], num_partitions: int, spec: Partiti
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parts = [[rows[i] for i in partitioner.load_partition(p)["row"]] for p in range(num_partitions)]
+            return [partitioner.load_partition(p)["row"] for p in range(num_partitions)]
     except ValueError as exc:
         raise PartitionError(f"cannot partition {len(rows)} records as {spec} across {num_partitions} clients: {exc}") from exc
-    empty = [i for i, p in enumerate(parts) if not p]
-    if empty:
-        raise PartitionError(f"partition {spec} left client(s) {empty} without data")
-    return parts

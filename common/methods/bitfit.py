@@ -37,6 +37,7 @@ class BitFitMethod(NativeMethod):
     """Bias-only fine-tuning; the delta is the selected bias vectors."""
 
     name: ClassVar[str] = "bitfit"
+    federated_learning_rate: ClassVar[float] = 5e-3  # bias terms only
     config_cls: ClassVar[type[MethodConfig]] = BitFitMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_BITFIT"
 

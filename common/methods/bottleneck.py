@@ -155,6 +155,7 @@ class BottleneckMethod(NativeMethod):
     """Houlsby / Pfeiffer / parallel bottleneck adapters (in-house; see the module docstring)."""
 
     name: ClassVar[str] = "bottleneck"
+    federated_learning_rate: ClassVar[float] = 2e-3  # zero-initialised up-projections
     config_cls: ClassVar[type[MethodConfig]] = BottleneckMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_BOTTLENECK"
 

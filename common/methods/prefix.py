@@ -34,6 +34,7 @@ class PrefixMethod(PeftLibraryMethod):
     folds away (it stores only the projected prefix)."""
 
     name: ClassVar[str] = "prefix"
+    federated_learning_rate: ClassVar[float] = 1e-2  # soft prefixes need ~10x LoRA's steps
     kv_prefix: ClassVar[bool] = True
     config_cls: ClassVar[type[MethodConfig]] = PrefixMethodConfig
 

@@ -42,6 +42,7 @@ class PromptMethod(PeftLibraryMethod):
     """Prompt tuning: trainable input embeddings only."""
 
     name: ClassVar[str] = "prompt"
+    federated_learning_rate: ClassVar[float] = 3e-2  # a few virtual tokens: the largest steps
     config_cls: ClassVar[type[MethodConfig]] = PromptMethodConfig
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -88,6 +89,7 @@ class PTuningMethod(PeftLibraryMethod):
     """P-tuning: virtual tokens produced by a trainable prompt encoder (MLP or LSTM)."""
 
     name: ClassVar[str] = "ptuning"
+    federated_learning_rate: ClassVar[float] = 3e-2  # as prompt tuning
     config_cls: ClassVar[type[MethodConfig]] = PTuningMethodConfig
 
     def peft_config(self, config: MethodConfig):

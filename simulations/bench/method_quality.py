@@ -1,142 +1,306 @@
 """`peft-bench`: a FedPETuning-shaped quality benchmark of PEFT methods under federation.
 
-For each method: centralized PEFT training (one process, all training rows, the same
-total number of optimizer steps as the federation), and federated runs on Flower's
-Simulation Engine with IID and Dirichlet(α) label-skewed partitions. Reported per
-method: held-out accuracy per setting, trainable parameters, and MB each client uploads
-per round. Writes `results.csv`, `results.md` and `results.png` into `--out`.
+Every method of the catalogue (but `adapter_fusion`, which needs stage-1 adapters; pick
+with `--methods`) runs in every setting once per seed (`--seeds`). Settings:
+
+- `centralized`: one process trains on all training rows for as many optimizer steps as
+  the whole federation takes (rounds x clients x local steps), so it also sees as many
+  examples: the budget a federation spends.
+- `centralized-seq`: the same for rounds x local steps, the sequential steps of one
+  client's path through the federation. Averaging K clients' updates advances the global
+  adapter about as far as one client's steps do, so this is the budget a federated run
+  effectively has.
+- `iid`, `dirichlet:ALPHA`, `natural:COLUMN`: a federation on Flower's Simulation Engine
+  over that partition of the training rows.
+
+Learning rates: each method's federated default (`TrainConfig.for_method`), in the
+centralized settings too, unless `--lr` sets one for every method and setting.
+
+`results.csv` has one row per run: final-round and best-round held-out accuracy, and
+whether the final accuracy sits on the held-out majority-class rate (a model predicting
+one label). `results.md` has, per method, the mean ± std over seeds of each setting, each
+federated setting's ratio to `centralized`, trainable parameters and MB each client
+uploads per round; `results.png` the same accuracies as grouped bars with std error bars.
+All three are rewritten after every run, so an interrupted benchmark keeps its results.
 
     peft-bench --data ../shared/data/sst2/train.tsv --eval-data ../shared/data/sst2/dev.tsv \\
-        --labels 0=negative,1=positive --out runs/bench-sst2
+        --labels 0=negative,1=positive --clients 10 --rounds 4 --local-steps 6 --seeds 0,1,2 \\
+        --settings centralized,centralized-seq,iid,dirichlet:1.0,dirichlet:0.1 --out runs/bench-sst2
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
+import math
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fedpeft.common.errors import FedPeftError
+from fedpeft.common.data.partition import PartitionSpec
+from fedpeft.common.errors import ConfigError, FedPeftError
 from fedpeft.common.logs import apply_offline_env
+
+if TYPE_CHECKING:
+    from fedpeft.server.federation.spec import RunSpec
+    from fedpeft.server.federation.task_data import TaskData
 
 log = logging.getLogger("fedpeft.bench")
 
-METHODS = ("lora", "bottleneck", "prefix", "bitfit", "ia3", "prompt")
-# Per-method learning rates (soft prompts and (IA)³ need much larger steps than LoRA).
-LEARNING_RATES = {"lora": 2e-3, "bottleneck": 2e-3, "prefix": 1e-2, "bitfit": 5e-3, "ia3": 1e-2, "prompt": 3e-2}
-SETTINGS = ("centralized", "iid", "dirichlet:1.0", "dirichlet:0.1")
+CENTRALIZED = "centralized"
+CENTRALIZED_SEQ = "centralized-seq"
+SETTINGS = (CENTRALIZED, CENTRALIZED_SEQ, "iid", "dirichlet:1.0", "dirichlet:0.1")
+EXCLUDED_METHODS = ("adapter_fusion",)
+"""Methods the default `--methods` leaves out: adapter_fusion fuses adapters trained beforehand."""
+COLLAPSE_MARGIN = 0.005
+"""A final accuracy this close to the held-out majority-class rate counts as collapse."""
+CSV_COLUMNS = ("method", "setting", "seed", "accuracy", "best_accuracy", "best_round", "eval_loss", "majority_rate",
+               "collapsed", "trainable_parameters", "upload_mb_per_client_round", "seconds")
 
 
 @dataclass(frozen=True)
 class BenchRow:
+    """One run: a method in a setting with a seed."""
+
     method: str
     setting: str
+    seed: int
     accuracy: float
+    """Held-out accuracy at the end: after the last round, or after centralized training."""
+    best_accuracy: float
+    """The best held-out accuracy of any trained round (centralized: `accuracy`)."""
+    best_round: int | None
+    """The round of `best_accuracy`; None for centralized runs."""
     eval_loss: float
+    majority_rate: float
+    """Share of the held-out rows in their most common label (NaN when unknown)."""
     trainable_parameters: int
     upload_mb_per_client_round: float
     seconds: float
 
+    @property
+    def collapsed(self) -> bool:
+        """True when the run ends where predicting the majority label for every row would."""
+        return abs(self.accuracy - self.majority_rate) <= COLLAPSE_MARGIN
 
-def run_centralized(base, method: str, lr: float, out_dir: Path) -> BenchRow:
-    """Train on all training rows in one process for the federation's total step count."""
-    from fedpeft.client.training import TrainConfig, train_local
+
+def select_methods(text: str | None) -> list[str]:
+    """`--methods` (default: the whole catalogue less EXCLUDED_METHODS), checked before any run."""
+    from fedpeft.common.methods import available_methods
+
+    known = available_methods()
+    if not text:
+        return [m for m in known if m not in EXCLUDED_METHODS]
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {known}")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2`."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct seeds")
+    return seeds
+
+
+def check_settings(settings: Sequence[str]) -> None:
+    """Refuse an unknown setting before hours of runs, not when its turn comes."""
+    for setting in settings:
+        if setting not in (CENTRALIZED, CENTRALIZED_SEQ):
+            PartitionSpec.parse(setting)
+    if len(set(settings)) != len(settings):
+        raise ConfigError(f"settings repeat: {','.join(settings)}")
+
+
+def centralized_steps(setting: str, rounds: int, clients: int, local_steps: int) -> int:
+    """Optimizer steps of a centralized setting (the module docstring says why)."""
+    sequential = rounds * local_steps
+    return sequential * clients if setting == CENTRALIZED else sequential
+
+
+def majority_rate(rows: Sequence[Mapping[str, Any]], label_column: str) -> float:
+    """The accuracy of always predicting the held-out set's most common label."""
+    counts = Counter(str(r[label_column]) for r in rows)
+    return max(counts.values()) / len(rows)
+
+
+def best_round(metrics: Sequence[Mapping[str, Any]]) -> tuple[int, float]:
+    """(round, accuracy) of the best evaluated trained round of a run's per-round metrics
+    (round 0, the untrained adapter, does not count); the last round when none was evaluated."""
+    scored = [(r["eval_accuracy"], r["round"]) for r in metrics if r["round"] > 0 and "eval_accuracy" in r]
+    if not scored:
+        return metrics[-1]["round"], 0.0
+    accuracy, round_ = max(scored, key=lambda s: (s[0], -s[1]))  # ties: the earliest round
+    return round_, accuracy
+
+
+def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: TaskData, majority: float,
+                    out_dir: Path) -> BenchRow:
+    """Train on all training rows in one process for the setting's step count."""
+    from fedpeft.client.training import train_local
     from fedpeft.common.methods import make_config
     from fedpeft.common.model.adapted import AdaptedModel
     from fedpeft.common.model.base_model import resolve_model_dir
     from fedpeft.common.model.quantization import resolve_quantize
     from fedpeft.common.training.objectives import objective_for
-    from fedpeft.server.federation.task_data import load_task_data
 
     start = time.perf_counter()
     f, training = base.federation, base.training
-    data = load_task_data(base.task, f.seed)
-    task = data.task
     adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
-                                make_config(method), seed=f.seed, num_labels=task.num_labels)
-    steps = f.rounds * f.clients * training.local_steps
-    config = TrainConfig(local_steps=steps, learning_rate=lr, batch_size=training.batch_size,
-                         max_length=training.max_length, log_every=max(1, steps // 5))
-    train_local(adapted, task, data.train_rows, config, seed=f.seed, label=f"centralized {method}")
-    result = objective_for(adapted.model, adapted.tokenizer, task, training.max_length).evaluate(
+                                make_config(method), seed=seed, num_labels=data.task.num_labels)
+    steps = centralized_steps(setting, f.rounds, f.clients, training.local_steps)
+    config = dataclasses.replace(training.for_method(method), local_steps=steps, local_epochs=0.0,
+                                 log_every=max(1, steps // 5))
+    train_local(adapted, data.task, data.train_rows, config, seed=seed, label=f"{setting} {method}")
+    result = objective_for(adapted.model, adapted.tokenizer, data.task, training.max_length).evaluate(
         adapted.model, data.eval_rows, 32)
-    (out_dir / f"{method}-centralized.json").write_text(json.dumps({"accuracy": result.accuracy, "loss": result.loss}))
-    return BenchRow(method, "centralized", result.accuracy or 0.0, result.loss, adapted.spec.num_parameters,
-                    0.0, time.perf_counter() - start)
+    (out_dir / f"{method}-{setting}-seed{seed}.json").write_text(
+        json.dumps({"accuracy": result.accuracy, "loss": result.loss, "steps": steps,
+                    "learning_rate": config.learning_rate}))
+    accuracy = result.accuracy or 0.0
+    return BenchRow(method, setting, seed, accuracy, accuracy, None, result.loss, majority,
+                    adapted.spec.num_parameters, 0.0, time.perf_counter() - start)
 
 
-def run_federated(base, method: str, lr: float, setting: str, out_dir: Path) -> BenchRow:
+def run_federated(base: RunSpec, method: str, setting: str, seed: int, majority: float, out_dir: Path) -> BenchRow:
+    """One simulated federation; an unset learning rate is the method's federated default."""
     from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
     start = time.perf_counter()
-    spec = spec_from_flags(base, method=method, learning_rate=lr, partition=setting)
-    result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-')}")
+    spec = spec_from_flags(base, method=method, partition=setting, seed=seed)
+    result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-')}-seed{seed}")
     last = result.rows[-1]
+    round_, best = best_round(result.rows)
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     per_client_round = last["bytes_up"] / max(last["clients_accepted"], 1) / 1e6
-    return BenchRow(method, setting, last.get("eval_accuracy", 0.0), last["eval_loss"],
+    return BenchRow(method, setting, seed, last.get("eval_accuracy", 0.0), best, round_, last["eval_loss"], majority,
                     manifest["trainable_parameters"], per_client_round, time.perf_counter() - start)
 
 
-def write_results(rows: Sequence[BenchRow], out_dir: Path, title: str) -> str:
-    """CSV of every run, a Markdown table (methods x settings) and a grouped bar plot."""
-    with (out_dir / "results.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["method", "setting", "accuracy", "eval_loss", "trainable_parameters",
-                         "upload_mb_per_client_round", "seconds"])
-        for r in rows:
-            writer.writerow([r.method, r.setting, f"{r.accuracy:.4f}", f"{r.eval_loss:.4f}", r.trainable_parameters,
-                             f"{r.upload_mb_per_client_round:.3f}", f"{r.seconds:.1f}"])
-    by = {(r.method, r.setting): r for r in rows}
-    methods = list(dict.fromkeys(r.method for r in rows))
-    settings = [s for s in SETTINGS if any(r.setting == s for r in rows)]
-    header = (" | ".join(settings) + " | IID / central | α=1.0 / central | trainable params"
-              " | MB up per client per round |")
-    lines = [f"**{title}**", "", "| method | " + header,
-             "|---|" + "---|" * (len(settings) + 4)]
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    def ratio(m: str, setting: str) -> str:
-        central = by.get((m, "centralized"))
-        if (m, setting) not in by or central is None or not central.accuracy:
+
+def _mean_accuracy(runs: Sequence[BenchRow]) -> float:
+    return statistics.fmean(r.accuracy for r in runs)
+
+
+def _format(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
+
+
+def group_runs(rows: Sequence[BenchRow]) -> dict[tuple[str, str], list[BenchRow]]:
+    """The runs of each (method, setting), seeds in run order."""
+    groups: dict[tuple[str, str], list[BenchRow]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.setting), []).append(r)
+    return groups
+
+
+def results_markdown(rows: Sequence[BenchRow], title: str) -> str:
+    """Methods x settings (mean ± std over seeds), ratios to `centralized`, size and upload;
+    then the federated runs' best-round accuracy."""
+    groups = group_runs(rows)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    settings = list(dict.fromkeys(r.setting for r in rows))
+    federated = [s for s in settings if s not in (CENTRALIZED, CENTRALIZED_SEQ)]
+    ratios = federated if CENTRALIZED in settings else []
+    seeds = ", ".join(str(s) for s in dict.fromkeys(r.seed for r in rows))
+    header = settings + [f"{s} / central" for s in ratios] + ["trainable params", "MB up per client per round"]
+    lines = [f"**{title}**", "",
+             f"Final held-out accuracy, mean ± std over seeds {seeds}; `X / central` is the ratio of the means "
+             f"to `centralized` (rounds x clients x local steps); `centralized-seq` trains rounds x local steps.",
+             "", "| method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+
+    def accuracy_cell(runs: list[BenchRow] | None) -> str:
+        if not runs:
             return "-"
-        return f"{by[(m, setting)].accuracy / central.accuracy:.1%}"
+        collapsed = sum(r.collapsed for r in runs)
+        return _format([r.accuracy for r in runs]) + (f" †{collapsed}" if collapsed else "")
+
+    def ratio_cell(method: str, setting: str) -> str:
+        runs, central = groups.get((method, setting)), groups.get((method, CENTRALIZED))
+        if not runs or not central or not _mean_accuracy(central):
+            return "-"
+        return f"{_mean_accuracy(runs) / _mean_accuracy(central):.1%}"
 
     for m in methods:
-        cells = [f"{by[(m, s)].accuracy:.3f}" if (m, s) in by else "-" for s in settings]
-        params = next(r.trainable_parameters for r in rows if r.method == m)
-        upload = max(r.upload_mb_per_client_round for r in rows if r.method == m)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {ratio(m, 'iid')} | {ratio(m, 'dirichlet:1.0')} | "
-                     f"{params:,} | {upload:.3f} |")
-    table = "\n".join(lines) + "\n"
+        own = [r for r in rows if r.method == m]
+        cells = [accuracy_cell(groups.get((m, s))) for s in settings] + [ratio_cell(m, s) for s in ratios]
+        cells += [f"{own[0].trainable_parameters:,}", f"{max(r.upload_mb_per_client_round for r in own):.3f}"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if any(r.collapsed for r in rows):
+        rates = ", ".join(sorted({f"{r.majority_rate:.3f}" for r in rows if r.collapsed}))
+        lines += ["", f"†n: n seeds ended within {COLLAPSE_MARGIN} of the held-out majority-class rate ({rates}): "
+                      "the model predicts one label."]
+    if federated:
+        lines += ["", "Best-round accuracy of the federated runs, mean ± std (the best round of each seed):", "",
+                  "| method | " + " | ".join(federated) + " |", "|---|" + "---|" * len(federated)]
+        for m in methods:
+            cells = []
+            for s in federated:
+                runs = groups.get((m, s))
+                cells.append("-" if not runs else _format([r.best_accuracy for r in runs])
+                             + f" (r{'/'.join(str(r.best_round) for r in runs)})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[BenchRow], out_dir: Path, title: str) -> str:
+    """`results.csv` (one row per run), `results.md` and `results.png`; returns the Markdown."""
+    with (out_dir / "results.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            writer.writerow([r.method, r.setting, r.seed, f"{r.accuracy:.4f}", f"{r.best_accuracy:.4f}",
+                             "" if r.best_round is None else r.best_round, f"{r.eval_loss:.4f}",
+                             f"{r.majority_rate:.4f}", int(r.collapsed), r.trainable_parameters,
+                             f"{r.upload_mb_per_client_round:.3f}", f"{r.seconds:.1f}"])
+    table = results_markdown(rows, title)
     (out_dir / "results.md").write_text(table)
-    _plot(rows, methods, settings, out_dir / "results.png", title)
+    _plot(rows, out_dir / "results.png", title)
     return table
 
 
-def _plot(rows, methods, settings, path: Path, title: str) -> None:
+def _plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {(r.method, r.setting): r.accuracy for r in rows}
-    width = 0.8 / max(len(settings), 1)
-    fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.8))
+    groups = group_runs(rows)
+    methods = list(dict.fromkeys(r.method for r in rows))
+    settings = list(dict.fromkeys(r.setting for r in rows))
+    width = 0.8 / len(settings)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(methods) * len(settings) + 2), 4.2))
     for i, setting in enumerate(settings):
-        xs = [j + i * width for j in range(len(methods))]
-        ax.bar(xs, [by.get((m, setting), 0.0) for m in methods], width, label=setting)
-    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(methods))], methods)
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncols=len(settings))
+        stats = [mean_std([r.accuracy for r in groups[(m, setting)]]) if (m, setting) in groups else (math.nan, math.nan)
+                 for m in methods]
+        ax.bar([j + i * width for j in range(len(methods))], [s[0] for s in stats], width,
+               yerr=[s[1] for s in stats], capsize=2, label=setting)
+    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(methods))], methods, rotation=30)
+    ax.set_ylabel("held-out accuracy (mean ± std over seeds)")
+    ax.set_ylim(0, 1.2)  # headroom for the legend above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, ncols=min(len(settings), 5), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -144,10 +308,14 @@ def _plot(rows, methods, settings, path: Path, title: str) -> None:
 
 
 def read_results(path: Path) -> list[BenchRow]:
-    """Rows of a results.csv (to re-render the table and plot without re-running)."""
+    """Rows of a results.csv, to re-render the table and plot without re-running (a CSV from
+    before seeds and best rounds reads as seed 0, its final round the best)."""
     with Path(path).open(newline="") as fh:
-        return [BenchRow(r["method"], r["setting"], float(r["accuracy"]), float(r["eval_loss"]),
-                         int(r["trainable_parameters"]), float(r["upload_mb_per_client_round"]), float(r["seconds"]))
+        return [BenchRow(r["method"], r["setting"], int(r.get("seed") or 0), float(r["accuracy"]),
+                         float(r.get("best_accuracy") or r["accuracy"]),
+                         int(r["best_round"]) if r.get("best_round") else None, float(r["eval_loss"]),
+                         float(r.get("majority_rate") or math.nan), int(r["trainable_parameters"]),
+                         float(r["upload_mb_per_client_round"]), float(r["seconds"]))
                 for r in csv.DictReader(fh)]
 
 
@@ -155,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
     from fedpeft.common.logs import setup_logging
     from fedpeft.server.federation.flags import spec_from_flags
+    from fedpeft.server.federation.task_data import load_task_data
 
     p = argparse.ArgumentParser(prog="peft-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-minilm-l6-v2")
@@ -162,8 +331,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-data", required=True)
     p.add_argument("--labels", default="0=negative,1=positive")
     p.add_argument("--template", default="{sentence}", help="text column(s): {a} or a pair {a} {b}")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--methods", help="comma-separated (default: every method but " + ", ".join(EXCLUDED_METHODS) + ")")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help="comma-separated: centralized, centralized-seq, iid, dirichlet:ALPHA, natural:COLUMN")
+    p.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated; every run once per seed")
+    p.add_argument("--lr", type=float, help="one learning rate for every method and setting "
+                   "(default: each method's federated default)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--local-steps", type=int, default=10)
@@ -172,32 +345,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-limit", type=int, default=2000)
     p.add_argument("--eval-limit", type=int, default=0)
     p.add_argument("--quantize", default="none")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     setup_logging()
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
-                           template=args.template, clients=args.clients, rounds=args.rounds,
-                           local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length,
-                           train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize,
-                           seed=args.seed)
-    rows: list[BenchRow] = []
     title = (f"{args.model} on {Path(args.data).parent.name}: {args.train_limit or 'all'} train rows, "
              f"{args.clients} clients x {args.rounds} rounds x {args.local_steps} steps")
+    rows: list[BenchRow] = []
     try:
-        for method in args.methods.split(","):
-            if method not in LEARNING_RATES:
-                raise FedPeftError(f"benchmark has no learning rate for method {method!r}; choose from {list(METHODS)}")
-            for setting in args.settings.split(","):
-                log.info("=== %s / %s ===", method, setting)
-                row = (run_centralized(base, method, LEARNING_RATES[method], out_dir)
-                       if setting == "centralized" else
-                       run_federated(base, method, LEARNING_RATES[method], setting, out_dir))
-                rows.append(row)
-                log.info("%s / %s: accuracy %.3f (%.0f s)", method, setting, row.accuracy, row.seconds)
-                write_results(rows, out_dir, title)  # partial results survive an interrupted benchmark
+        methods = select_methods(args.methods)
+        settings = args.settings.split(",")
+        check_settings(settings)
+        lr = {} if args.lr is None else {"learning_rate": args.lr}
+        base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
+                               template=args.template, clients=args.clients, rounds=args.rounds,
+                               local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length,
+                               train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **lr)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for seed in args.seeds:  # seeds outermost: a first full table early, then its spread
+            data = load_task_data(base.task, seed)
+            if data.task.kind != "classification":
+                raise ConfigError(f"peft-bench scores classification tasks; {args.data} is an {data.task.kind} task")
+            majority = majority_rate(data.eval_rows, data.task.label_column)
+            for method in methods:
+                for setting in settings:
+                    log.info("=== %s / %s / seed %d ===", method, setting, seed)
+                    row = (run_centralized(base, method, setting, seed, data, majority, out_dir)
+                           if setting in (CENTRALIZED, CENTRALIZED_SEQ) else
+                           run_federated(base, method, setting, seed, majority, out_dir))
+                    rows.append(row)
+                    log.info("%s / %s / seed %d: accuracy %.3f, best %.3f%s (%.0f s)", method, setting, seed,
+                             row.accuracy, row.best_accuracy, " (majority class)" if row.collapsed else "",
+                             row.seconds)
+                    write_results(rows, out_dir, title)  # partial results survive an interrupted benchmark
     except FedPeftError as exc:
         print(f"peft-bench: error: {exc}", file=sys.stderr)
         return exc.exit_code
