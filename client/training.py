@@ -150,6 +150,8 @@ def run_steps(params: list[torch.nn.Parameter], batches: Callable[[int], dict[st
     (AdaLoRA's rank schedule); `on_step(step, seconds)` sees each step's wall time; a caller
     that must see the optimizer's state (the benchmark) passes its own `optimizer` over `params`.
     """
+    if config.learning_rate is None:
+        raise ConfigError("training.learning_rate is unset: resolve it with TrainConfig.for_method first")
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker

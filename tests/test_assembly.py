@@ -189,7 +189,11 @@ def test_a_run_dir_keeps_its_spec_new_runs_refuse_it_and_resumes_may_only_add_ro
     run_dir = tmp_path / "run"
     spec = _spec(tiny_model_dir)
     assemble(spec, driver, run_dir)
-    assert RunSpec.from_dict(json.loads((run_dir / "run-spec.json").read_text())).federation.quantize == "none"
+    saved = RunSpec.from_dict(json.loads((run_dir / "run-spec.json").read_text()))
+    assert saved.federation.quantize == "none"
+    # the run dir records the learning rate the clients run with (an unset rate: the method's default),
+    # so a run dir written before rates were per method (0.001 for LoRA) resumes with the same spec
+    assert spec.training.learning_rate is None and saved.training.learning_rate == 1e-3
     (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
     with pytest.raises(ConfigError, match="already holds a run"):
         assemble(spec, driver, run_dir)

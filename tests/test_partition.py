@@ -71,7 +71,7 @@ def test_natural_partition_by_column():
     assert all(len({r["branch"] for r in p}) == 1 for p in parts)
 
 
-@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:-1", "dirichlet:x", "natural", "shards:3", "iid:2"])
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:-1", "dirichlet:x", "dirichlet:inf", "natural", "shards:3", "iid:2"])
 def test_bad_partition_specs_are_rejected(text):
     with pytest.raises(PartitionError):
         PartitionSpec.parse(text)

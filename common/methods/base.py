@@ -103,9 +103,9 @@ class PeftMethod(ABC):
     #: The client learning rate a federated run uses unless `training.learning_rate` is set.
     #: Methods differ by orders of magnitude (soft prompts and scaling vectors need far larger
     #: steps than LoRA), and a federation of K clients averaging S local steps a round gets
-    #: about S sequential steps of progress a round, not K x S: a rate that learns only with
-    #: the centralized step count leaves a federated run at the majority class (see the
-    #: README's method-quality table, where these were chosen).
+    #: about S sequential steps of progress a round, not K x S. Measured for (IA)3 (README,
+    #: "Quality benchmark"); the others are the rates the earlier peft-bench used per
+    #: method, provisional until the full benchmark has run.
     federated_learning_rate: ClassVar[float] = 1e-3
 
     @abstractmethod

@@ -73,7 +73,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("rounds", "federation.rounds", "federated rounds"),
     Flag("local_steps", "training.local_steps", "optimizer steps per client per round"),
     Flag("local_epochs", "training.local_epochs", "epochs per round instead of steps (0 = use steps)"),
-    Flag("learning_rate", "training.learning_rate", "local AdamW learning rate", option="--lr"),
+    Flag("learning_rate", "training.learning_rate", "local AdamW learning rate; unset: the method's "
+         "federated_learning_rate", option="--lr"),
     Flag("batch_size", "training.batch_size", "local batch size"),
     Flag("max_length", "training.max_length", "max tokens per example"),
     Flag("gradient_checkpointing", "training.gradient_checkpointing",
@@ -166,7 +167,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         kind = _field_type(flag.key)
         default = defaults.get(flag.key)
         names = [flag.flag, *([flag.short] if flag.short else [])]
-        shown = f" (spec: {flag.key}; default {default!r})" if not flag.repeated else f" (spec: {flag.key})"
+        shown = f" (spec: {flag.key}; default {'unset' if default is None else repr(default)})" \
+            if not flag.repeated else f" (spec: {flag.key})"
         common: dict[str, Any] = {"dest": flag.name, "default": argparse.SUPPRESS, "help": flag.help + shown}
         if flag.repeated:
             parser.add_argument(*names, action="append", type=key_value, metavar="KEY=VALUE", **common)
