@@ -247,7 +247,6 @@ class DeltaValidation:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
 
-
     def _global_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
         """The aggregate in the spec's dtypes, or the problem that keeps it from replacing
         the global adapter (non-finite or out-of-bounds values: never published)."""
@@ -302,9 +301,9 @@ def _reply_order(msg: Message) -> tuple[int, str]:
     return (1, digest.hexdigest())
 
 
-# Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
 _SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 """The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
+# Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
 STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 
 

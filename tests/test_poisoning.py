@@ -64,6 +64,13 @@ def _honest(n: int = 3) -> list[Message]:
     return [_reply(node, _delta(1.0 + 0.1 * node)) for node in NODES[:n]]
 
 
+def _assert_refused_alone(record: ArrayRecord) -> None:
+    """A round with three honest replies and node 4's `record` accepts the three, refuses node 4."""
+    strategy = _strategy()
+    strategy.aggregate_train(1, [*_honest(), _reply(4, record)])
+    assert strategy.traffic[1].accepted == 3 and "node 4" in strategy.traffic[1].rejected[0]
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm"])
 def test_1_a_huge_example_count_is_refused_not_a_silent_zero_round(flower_task_identity, name):
     strategy = _strategy(name)
@@ -148,9 +155,7 @@ def test_5_a_flipped_npy_header_byte_is_refused(flower_task_identity):
     record["b"] = Array(dtype=good.dtype, shape=(3,), stype=good.stype, data=header)
     with pytest.raises(DeltaError, match="data bytes"):
         delta_from_arrayrecord(record)
-    strategy = _strategy()
-    strategy.aggregate_train(1, [*_honest(), _reply(4, record)])
-    assert strategy.traffic[1].accepted == 3 and "node 4" in strategy.traffic[1].rejected[0]
+    _assert_refused_alone(record)
 
 
 def test_5_trailing_bytes_are_refused():
@@ -173,9 +178,7 @@ def test_5_negative_header_dimensions_are_refused_not_a_crashed_round(flower_tas
                         stype=good.stype, data=data)
     with pytest.raises(DeltaError, match="invalid shape"):
         delta_from_arrayrecord(record)
-    strategy = _strategy()
-    strategy.aggregate_train(1, [*_honest(), _reply(4, record)])
-    assert strategy.traffic[1].accepted == 3 and "node 4" in strategy.traffic[1].rejected[0]
+    _assert_refused_alone(record)
 
 
 def test_5_flowers_legacy_records_declare_nothing_and_still_decode_exactly():

@@ -132,7 +132,7 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         model_dir=str(model_dir), full_model_dir=str(full_model_dir), quantize=quantize, method=f.method,
         method_config=method_config, task=data.task, train=spec.train_config().plan_fields(), eval_rows=data.eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
-        seed=f.seed, strategy=f.strategy, strategy_options={k: str(v) for k, v in f.strategy_options.items()},
+        seed=f.seed, strategy=f.strategy, strategy_options=f.strategy_option_text,
         min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, robust=spec.reply_bounds(),
         round_timeout=f.round_timeout, resume=resume,
         # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use

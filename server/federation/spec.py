@@ -89,6 +89,11 @@ class FederationSection:
     server plugs the final adapter into `model`; split: clients hold the first `split.cut` blocks."""
 
     @property
+    def strategy_option_text(self) -> dict[str, str]:
+        """`strategy_options` as `--strategy-opt` text, the form `parse_strategy_options` reads."""
+        return {k: str(v) for k, v in self.strategy_options.items()}
+
+    @property
     def num_per_round(self) -> int:
         return self.clients_per_round or self.clients
 
@@ -362,7 +367,7 @@ class RunSpec:
         for check in (lambda: make_config(f.method, self.method_options()),
                       lambda: self._ranks_valid() and self.hetero_ranks(),
                       lambda: PartitionSpec.parse(task.partition),
-                      lambda: parse_strategy_options(f.strategy, {k: str(v) for k, v in f.strategy_options.items()})):
+                      lambda: parse_strategy_options(f.strategy, f.strategy_option_text)):
             try:
                 check()
             except FedPeftError as exc:
@@ -456,8 +461,7 @@ class RunSpec:
         found = []
         if f.strategy in ("krum", "multikrum"):
             try:  # the options as the strategy will take them (`--strategy-opt` values are strings)
-                options = {k: str(v) for k, v in f.strategy_options.items()}
-                malicious = parse_strategy_options(f.strategy, options).get("num_malicious_nodes", 0)
+                malicious = parse_strategy_options(f.strategy, f.strategy_option_text).get("num_malicious_nodes", 0)
             except ConfigError:
                 malicious = 0  # reported where the options are validated
             if f.num_per_round <= 2 * malicious + 2:
