@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -34,6 +34,12 @@ from fedpeft.common.methods import make_config
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.model.base_model import model_fingerprint
 from fedpeft.common.model.quantization import validate_quantize
+from fedpeft.common.protocol.control_variates import (
+    CONTROL_DELTA_KEY,
+    SERVER_CONTROL_KEY,
+    drift_correction,
+    update_own_control,
+)
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import (
     PLAN_KEY,
@@ -42,6 +48,7 @@ from fedpeft.common.protocol.plan import (
     REPLY_METRICS_KEY,
     FederationPlan,
 )
+from fedpeft.common.training.scaffold import DriftCorrection
 
 log = logging.getLogger("fedpeft.client")
 
@@ -99,27 +106,46 @@ def _adapted_model(setup: ClientSetup, plan: FederationPlan, options: dict[str, 
     return adapted, adapted.load_seconds
 
 
+class RoundReply(NamedTuple):
+    """What one local round sends back: the delta, its metrics and, under SCAFFOLD, the
+    round's mean step m (`fedpeft.common.training.scaffold`); None without it."""
+
+    delta: ArrayRecord
+    metrics: dict[str, float]
+    mean_step: ArrayRecord | None = None
+
+
 def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel, rows: list[Record], *,
                 server_round: int, partition: int, proximal_mu: float, load_seconds: float,
-                swap_seconds: float) -> tuple[ArrayRecord, dict[str, float]]:
+                swap_seconds: float, correction: ArrayRecord | None = None) -> RoundReply:
     """Train `adapted` (already holding the global delta) on `rows`; the reply's delta and metrics.
 
     Shared by the simulation ClientApp and the long-lived deployment trainer, so both
-    train with exactly the same seeds and settings.
+    train with exactly the same seeds and settings. With `correction` (SCAFFOLD's c - c_i)
+    each step is drift-corrected and the reply carries the round's mean step.
     """
     label = f"client {partition} round {server_round}"
     task = plan.task_spec()
     task.check_rows(rows, f"client {partition} local data")
     train_config = plan.train_config()
+    drift = None
+    if correction is not None:
+        assert train_config.learning_rate is not None  # a plan always carries it (plan_problems)
+        drift = DriftCorrection(dict(adapted.model.named_parameters()),
+                                delta_from_arrayrecord(correction, MAX_GLOBAL_DELTA_BYTES),
+                                train_config.learning_rate, adapted.spec)
     stats = train_local(adapted, task, rows, train_config, label=label, proximal_mu=proximal_mu,
                         seed=plan.seed * 1_000_003 + server_round * 1009 + int(partition),
-                        step_offset=max(server_round - 1, 0) * train_config.steps_for(len(rows)))
+                        step_offset=max(server_round - 1, 0) * train_config.steps_for(len(rows)), drift=drift)
     reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
     sent = record_bytes(reply_arrays)
-    log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
-             stats.first_loss, stats.last_loss, sent / 1e6)
+    mean_step = delta_to_arrayrecord(drift.mean_step()) if drift is not None else None
+    if mean_step is not None:
+        sent += record_bytes(mean_step)  # the control variate's change costs as much again
+    log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB%s", label, len(rows),
+             stats.first_loss, stats.last_loss, sent / 1e6, " (delta + control variate)" if drift else " delta")
     metrics = reply_metrics(len(rows), stats, load_seconds, swap_seconds, sent)
-    return reply_arrays, metrics
+    return RoundReply(reply_arrays, metrics, mean_step)
 
 
 def receive_plan(setup: ClientSetup, plan_json: str | FederationPlan, arrays: ArrayRecord | None,
@@ -151,21 +177,25 @@ def _parsed(plan: str | FederationPlan) -> FederationPlan:
 
 def client_round(setup: ClientSetup, plan_json: str | FederationPlan, arrays: ArrayRecord | None, rows: list[Record],
                  *, server_round: int, partition: int, proximal_mu: float, lora_rank: object, client_id: str,
-                 ) -> tuple[ArrayRecord, dict[str, float]]:
+                 correction: ArrayRecord | None = None) -> RoundReply:
     """One client round, whoever runs the client (a simulation worker or `peft-client`'s trainer):
     the plan decides what is trained (the whole model's delta, or the split client part's).
-    The plan is validated first: a malformed one raises ConfigError naming its fields."""
+    The plan is validated first: a malformed one raises ConfigError naming its fields.
+    `correction`: SCAFFOLD's c - c_i (`fedpeft.common.protocol.control_variates`)."""
     plan = _parsed(plan_json)
     if plan.split:  # SplitFed: only the client part is loaded and trained, against the split server
         from fedpeft.client.split_app import split_train_round
 
+        if correction is not None:
+            raise ConfigError("SCAFFOLD drift correction is not supported with the split topology")
         setup_logging()
         torch.set_num_threads(setup.torch_threads)
-        return split_train_round(setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan, arrays, rows,
-                                 server_round=server_round, partition=partition, client_id=client_id)
+        return RoundReply(*split_train_round(setup.model_dir, setup.quantize, setup.split_server, setup.split_ca, plan,
+                                             arrays, rows, server_round=server_round, partition=partition,
+                                             client_id=client_id))
     plan, adapted, load_s, swap_s = receive_plan(setup, plan, arrays, lora_rank)
     return train_round(setup, plan, adapted, rows, server_round=server_round, partition=partition,
-                       proximal_mu=proximal_mu, load_seconds=load_s, swap_seconds=swap_s)
+                       proximal_mu=proximal_mu, load_seconds=load_s, swap_seconds=swap_s, correction=correction)
 
 
 def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
@@ -177,10 +207,17 @@ def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
     server_round = _number(config, "server-round", 0, int)
     proximal_mu = _number(config, "proximal-mu", 0.0, float)  # set by Flower's FedProx
     partition = _number(context.node_config, "partition-id", context.node_id, int)
-    reply_arrays, metrics = client_round(
+    server_control = msg.content.array_records.get(SERVER_CONTROL_KEY)
+    reply = client_round(
         setup, plan, msg.content.array_records.get("arrays"), setup.data(context), server_round=server_round,
-        partition=partition, proximal_mu=proximal_mu, lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}")
-    return Message(RecordDict({REPLY_ARRAYS_KEY: reply_arrays, REPLY_METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+        partition=partition, proximal_mu=proximal_mu, lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}",
+        correction=drift_correction(server_control, context.state) if server_control is not None else None)
+    content = RecordDict({REPLY_ARRAYS_KEY: reply.delta, REPLY_METRICS_KEY: MetricRecord(reply.metrics)})
+    if server_control is not None:
+        if reply.mean_step is None:
+            raise ConfigError("the server sent a SCAFFOLD control variate, but this round trained without one")
+        content[CONTROL_DELTA_KEY] = update_own_control(server_control, reply.mean_step, context.state)
+    return Message(content, reply_to=msg)
 
 
 def _number(record: object, key: str, default: object, kind: type) -> Any:

@@ -55,18 +55,20 @@ class LocalTrainerService(wire.trainer_servicer_base()):  # type: ignore[misc]
         with self._lock:
             state = self.state
             try:
-                reply_arrays, metrics = client_round(
+                reply = client_round(
                     state.setup, request.plan_json, wire.arrays_from_proto(request.global_delta), list(state.rows),
                     server_round=int(request.server_round), partition=state.partition,
                     proximal_mu=float(request.proximal_mu), lora_rank=request.lora_rank or None,
-                    client_id=state.identity.public_keys.key_id if state.identity else f"partition-{state.partition}")
+                    client_id=state.identity.public_keys.key_id if state.identity else f"partition-{state.partition}",
+                    correction=wire.arrays_from_proto(request.drift_correction) if request.drift_correction else None)
             except FedPeftError as exc:
                 log.error("round %d: refusing to train: %s", request.server_round, exc)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             self.state.rounds_trained += 1
+            metrics = reply.metrics
             log.info("round %d: sent %.3f MB (delta), %d examples, train loss %.4f", request.server_round,
                      metrics["bytes-up"] / 1e6, metrics["num-examples"], metrics["train-loss"])
-            return wire.train_reply(reply_arrays, metrics)
+            return wire.train_reply(reply.delta, metrics, reply.mean_step)
 
     def Seal(self, request, context):  # noqa: N802
         identity = self.state.identity

@@ -20,6 +20,7 @@ from fedpeft.common.errors import ConfigError, DataError
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
 from fedpeft.common.training.objectives import objective_for
+from fedpeft.common.training.scaffold import DriftCorrection
 
 log = logging.getLogger("fedpeft.client")
 
@@ -199,14 +200,16 @@ def shuffled_batches(encoded: Sequence[object], collate: Callable[[list], dict[s
 
 
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
-                seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0) -> TrainStats:
+                seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0,
+                drift: DriftCorrection | None = None) -> TrainStats:
     """Train `adapted`'s delta on `rows` in place; returns loss statistics.
 
     `step_offset` is the number of local steps of earlier rounds: methods with a
     step schedule (AdaLoRA) see the global step `step_offset + step`.
 
     With `proximal_mu > 0` (FedProx) the loss gets (mu/2)·||w - w_global||² over the
-    delta's tensors, w_global being their values when training starts.
+    delta's tensors, w_global being their values when training starts. With `drift`
+    (SCAFFOLD) each optimizer step is followed by its drift correction.
     """
     if not rows:
         raise DataError(f"{label}: no local training data")
@@ -224,9 +227,14 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
             loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
         return loss
 
+    def after_step(step: int) -> None:
+        if drift is not None:
+            drift.after_step()
+        adapted.method.after_optimizer_step(model, step_offset + step)
+
     model.train()
     adapted.method.begin_local_training(model)
     with gradient_checkpointing(model, config.gradient_checkpointing, what=f"method {adapted.method.name!r}"):
         return run_steps(params, shuffled_batches(encoded, objective.collate, config.batch_size, seed), config, step_fn,
                          seed=seed, label=label, steps=config.steps_for(len(encoded)),
-                         after_step=lambda step: adapted.method.after_optimizer_step(model, step_offset + step))
+                         after_step=after_step)

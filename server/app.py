@@ -67,6 +67,8 @@ class ServerSetup:
     """Fewest accepted client updates a round may aggregate; fewer stops the run."""
     clip_update_norm: float = 0.0
     """L2 bound on each client's update before aggregation (0 = no clipping)."""
+    scaffold: bool = False
+    """SCAFFOLD drift correction (`fedpeft.server.scaffold`)."""
     robust: RobustSettings = field(default_factory=RobustSettings)
     """Bounds every client reply is held to (the spec's `reply_bounds()`)."""
     lora_svd_scaling: float | None = None
@@ -139,6 +141,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             min_accepted=setup.min_accepted,
             lora_svd_scaling=setup.lora_svd_scaling,
             hetero=setup.hetero,
+            scaffold=setup.scaffold,
             clip_update_norm=setup.clip_update_norm,
             robust=setup.robust,
             fraction_train=setup.clients_per_round / setup.num_clients,
@@ -150,6 +153,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
+        if setup.scaffold:
+            log.warning("server: SCAFFOLD's control variates restart at zero (clients keep theirs in Flower's "
+                        "per-run node state, which a resumed run starts without)")
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     eval_model = topology.eval_model(adapted)
     started = time.perf_counter()

@@ -44,12 +44,14 @@ from flwr.serverapp.strategy import (
 )
 
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
+from fedpeft.common.protocol.control_variates import CONTROL_DELTA_KEY, SERVER_CONTROL_KEY
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
+from fedpeft.server.scaffold import ServerControl
 
 log = logging.getLogger("fedpeft.server")
 
@@ -77,7 +79,8 @@ class DeltaValidation:
     weighted_by_key: str
 
     def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1,
-                 clip_update_norm: float = 0.0, robust: RobustSettings | None = None, **kwargs: object) -> None:
+                 clip_update_norm: float = 0.0, robust: RobustSettings | None = None, scaffold: bool = False,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         if not (clip_update_norm >= 0 and math.isfinite(clip_update_norm)):
             raise ConfigError(f"clip_update_norm must be a finite number >= 0, got {clip_update_norm}")
@@ -100,6 +103,9 @@ class DeltaValidation:
         #: Rounds already completed before this process started (a resumed run).
         self.round_offset = 0
         self.traffic: dict[int, RoundTraffic] = {}
+        #: SCAFFOLD's server control variate (None: no drift correction).
+        self.control = ServerControl(spec) if scaffold else None
+        self._population = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -116,7 +122,14 @@ class DeltaValidation:
                 if id(record) not in decoded:
                     decoded[id(record)] = dict(delta_from_arrayrecord(record))
                 self._sent[msg.metadata.dst_node_id] = decoded[id(record)]
-        self.traffic[server_round] = RoundTraffic(bytes_down=sum(record_bytes(r) for r in downlinks), sent=len(messages))
+        bytes_down = sum(record_bytes(r) for r in downlinks)
+        if self.control is not None:  # c travels beside the global delta, one shared record
+            control = self.control.record()
+            for msg in messages:
+                msg.content[SERVER_CONTROL_KEY] = control
+            bytes_down += record_bytes(control) * len(messages)
+            self._population = len(list(grid.get_node_ids()))
+        self.traffic[server_round] = RoundTraffic(bytes_down=bytes_down, sent=len(messages))
         return messages
 
     def _expected_spec(self, node_id: int) -> DeltaSpec:
@@ -124,28 +137,42 @@ class DeltaValidation:
         per_node = getattr(super(), "reply_spec", None)
         return per_node(node_id, self.spec) if per_node is not None else self.spec
 
-    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None]:
-        """(problem, None) for a reply to leave out, or (None, its decoded delta).
+    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None,
+                                                  dict[str, torch.Tensor] | None]:
+        """(problem, None, None) for a reply to leave out, or (None, its decoded delta, its
+        decoded SCAFFOLD control variate change or None without SCAFFOLD).
 
         Checks everything Flower's own consistency check would raise on (which would
         abort the whole round), so one malformed reply only costs that client's update.
+        The control variate change is held to the same checks as the delta.
         """
         content = msg.content
-        if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
-            return (f"expected records {REPLY_ARRAYS_KEY!r} and {REPLY_METRICS_KEY!r}, got arrays "
-                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None
+        arrays = {REPLY_ARRAYS_KEY} | ({CONTROL_DELTA_KEY} if self.control is not None else set())
+        if set(content.array_records) != arrays or set(content.metric_records) != {REPLY_METRICS_KEY}:
+            return (f"expected array records {sorted(arrays)} and metrics {REPLY_METRICS_KEY!r}, got arrays "
+                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None, None
         if len(content.config_records) != 0:
-            return f"unexpected config records {sorted(content.config_records)}", None
+            return f"unexpected config records {sorted(content.config_records)}", None, None
         problem = metric_problem(content.metric_records[REPLY_METRICS_KEY], self.robust)
         if problem:
-            return problem, None
+            return problem, None, None
         try:
             delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
             self._expected_spec(msg.metadata.src_node_id).validate(delta, source="client delta")
         except DeltaError as exc:
-            return str(exc), None
+            return str(exc), None, None
         problem = value_problem(delta, self.robust)
-        return (problem, None) if problem else (None, delta)
+        if problem:
+            return problem, None, None
+        if self.control is None:
+            return None, delta, None
+        try:
+            change = delta_from_arrayrecord(content.array_records[CONTROL_DELTA_KEY], self.max_delta_bytes)
+            self.control.spec.validate(change, source="SCAFFOLD control variate change")
+        except DeltaError as exc:
+            return str(exc), None, None
+        problem = value_problem(change, self.robust)
+        return (f"SCAFFOLD control variate change: {problem}", None, None) if problem else (None, delta, change)
 
     def _bound_updates(self, candidates: list[tuple[Message, dict[str, torch.Tensor]]]) -> dict[int, str]:
         """{candidate index: reason} of replies outside the round-level bounds: the absolute
@@ -185,6 +212,7 @@ class DeltaValidation:
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         usable: list[Message] = []
         candidates: list[tuple[Message, dict[str, torch.Tensor]]] = []
+        changes: dict[int, dict[str, torch.Tensor]] = {}  # SCAFFOLD: id(reply) -> its control variate change
         for msg in replies:
             if msg.has_error():
                 traffic.failed += 1
@@ -192,9 +220,12 @@ class DeltaValidation:
                 continue
             traffic.bytes_up += _reply_bytes(msg)
             problem = self.unseal(msg, server_round) if self.unseal is not None else None
-            problem, delta = (problem, None) if problem else self._check_reply(msg)
+            problem, delta, change = (problem, None, None) if problem else self._check_reply(msg)
             if delta is not None:
                 candidates.append((msg, delta))
+                if change is not None:
+                    changes[id(msg)] = change
+                    del msg.content[CONTROL_DELTA_KEY]  # Flower aggregates replies of exactly one ArrayRecord
             else:
                 self._reject(traffic, server_round, msg, str(problem))
         refused = self._bound_updates(candidates)
@@ -243,6 +274,8 @@ class DeltaValidation:
                 return None, None
             if isinstance(state.get("current_arrays"), ArrayRecord):  # FedAvgM's own copy: the published dtypes
                 self.current_arrays = arrays
+            if self.control is not None:  # in the replies' sorted order: reproducible sums
+                self.control.update([changes[id(m)] for m in usable if id(m) in changes], self._population)
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
@@ -391,23 +424,29 @@ def parse_strategy_options(name: str, options: dict[str, str]) -> dict[str, floa
 
 
 LORA_AGGREGATIONS = ("naive", "svd", "ffa", *HETERO_MODES)
+ROBUST_AGGREGATORS = frozenset({"fedmedian", "fedtrimmedavg", "krum", "multikrum"})
+"""Strategies that pick or trim client updates instead of averaging them all."""
 ValidatedLoraSvdFedAvg = type("ValidatedLoraSvdFedAvg", (DeltaValidation, LoraSvdFedAvg), {})
 ValidatedHeteroRankLoraFedAvg = type("ValidatedHeteroRankLoraFedAvg", (DeltaValidation, HeteroRankLoraFedAvg), {})
 
 
 def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options: dict[str, str] | None = None,
-                   lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None,
+                   lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None, scaffold: bool = False,
                    **sampling: object) -> DeltaValidation:
     """A validated Flower strategy by name, with algorithm options and sampling settings.
 
     With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space, and with
     `hetero` clients train per-client ranks; both replace FedAvg's array averaging, so
-    they combine with `fedavg` only.
+    they combine with `fedavg` only. `scaffold` adds SCAFFOLD's control variates
+    (`fedpeft.server.scaffold`) to an averaging strategy.
     """
     parsed = parse_strategy_options(name, dict(options or {}))
     if (lora_svd_scaling is not None or hetero is not None) and name != "fedavg":
         raise ConfigError(f"{'heterogeneous-rank' if hetero else 'ΔW-space (svd)'} LoRA aggregation replaces "
                           f"FedAvg's averaging; use it with strategy 'fedavg', not {name!r}")
+    if scaffold and (lora_svd_scaling is not None or hetero is not None or name in ROBUST_AGGREGATORS):
+        raise ConfigError(f"SCAFFOLD needs an averaging strategy over full-shape deltas, not {name!r} with "
+                          f"{'heterogeneous ranks' if hetero else 'svd aggregation' if lora_svd_scaling else 'it'}")
     try:
         if hetero is not None:
             return ValidatedHeteroRankLoraFedAvg(  # type: ignore[return-value]
@@ -416,6 +455,6 @@ def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options:
         if lora_svd_scaling is not None:
             return ValidatedLoraSvdFedAvg(spec=spec, max_delta_bytes=max_delta_bytes,  # type: ignore[return-value]
                                           lora_scaling=lora_svd_scaling, **sampling)
-        return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, **sampling, **parsed)  # type: ignore[return-value]
+        return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, scaffold=scaffold, **sampling, **parsed)  # type: ignore[return-value]
     except ValueError as exc:  # Flower validates some options itself (e.g. FedTrimmedAvg beta)
         raise ConfigError(f"strategy {name!r}: {exc}") from exc

@@ -170,6 +170,13 @@ def test_paths_given_as_flags_are_saved_absolute(tmp_path, monkeypatch):
     ({"federation": {"topology": "offsite"}, "registry": {"enabled": True, "dir": "r"}}, "an offsite run's rounds"),
     ({"task": {"kind": "bogus"}}, "task.kind 'bogus'"),
     ({"simulation": {"gpus_per_client": float("nan")}}, "simulation.gpus_per_client must be a finite number"),
+    ({"federation": {"scaffold": True}, "secagg": {"enabled": True}},
+     "federation.scaffold cannot run with secagg.enabled = True: SecAgg+ masks only the delta"),
+    ({"federation": {"scaffold": True}, "dp": {"enabled": True}}, "federation.scaffold cannot run with dp.enabled"),
+    ({"federation": {"scaffold": True, "topology": "split"}}, "federation.scaffold cannot run with federation.topology"),
+    ({"federation": {"scaffold": True, "strategy": "krum"}}, "federation.scaffold cannot run with federation.strategy"),
+    ({"federation": {"scaffold": True, "lora_aggregation": "svd"}},
+     "federation.scaffold cannot run with federation.lora_aggregation = 'svd'"),
 ])
 def test_settings_that_would_be_ignored_or_are_malformed_are_refused(sections, fragment):
     with pytest.raises(ConfigError) as info:

@@ -47,10 +47,17 @@ CASES: dict[str, dict] = {
     "hetlora": {"federation": {"lora_aggregation": "hetlora", "client_ranks": [2, 4], "method_options": {}}},
     "flexlora": {"federation": {"lora_aggregation": "flexlora", "client_ranks": [4, 2], "method_options": {}}},
     "fedprox": {"federation": {"strategy": "fedprox", "strategy_options": {"proximal_mu": 0.5}, **ONE_ROUND}},
+    # two rounds: round 2 is the first whose correction c - c_i is not zero (each node's c_i kept in Flower's state)
+    "scaffold": {"federation": {"scaffold": True}},
     "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
 }
 SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
-REFUSED = {"split-fedprox": {"federation": {"topology": "split", "strategy": "fedprox"}, "split": {"cut": 1}}}
+REFUSED = {  # case: (sections, a fragment of the problem both drivers name)
+    "split-fedprox": ({"federation": {"topology": "split", "strategy": "fedprox"}, "split": {"cut": 1}},
+                      "strategy 'fedprox' is not supported"),
+    "scaffold-fedmedian": ({"federation": {"scaffold": True, "strategy": "fedmedian"}},
+                           "federation.scaffold cannot run with federation.strategy = 'fedmedian'"),
+}
 
 
 def _merge(base: dict, case: dict) -> dict:
@@ -185,6 +192,12 @@ def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch
         for row in rows[1:]:
             errors = [row[f"svd_relative_error_r{r}"] for r in ranks]
             assert 0.0 <= errors[-1] <= errors[0] < 1.0 and row["svd_max_relative_error"] == errors[0]
+    if name == "scaffold":  # c and each c_i travel beside the delta: twice its bytes each way
+        naive_rows = [json.loads(line) for line in (run_dir.parent / "naive-fedavg" / "metrics.jsonl").read_text()
+                      .splitlines()] if (run_dir.parent / "naive-fedavg" / "metrics.jsonl").is_file() else []
+        if naive_rows:
+            assert rows[1]["bytes_up"] == 2 * naive_rows[1]["bytes_up"]
+            assert rows[1]["bytes_down"] == 2 * naive_rows[1]["bytes_down"]
     if name in ("hetlora", "flexlora"):  # the global adapter has the largest rank and loads in stock peft
         from peft import PeftModel
 
@@ -202,7 +215,8 @@ def test_a_refused_combination_is_refused_by_both_drivers_with_the_same_problem(
     from fedpeft.simulations.cli import main as sim_main
 
     dep, split_port = cluster
-    spec_path = _spec_file(dep, name, REFUSED[name], split_port)
+    sections, fragment = REFUSED[name]
+    spec_path = _spec_file(dep, name, sections, split_port)
     assert sim_main(["--config", str(spec_path), "--out", str(dep.root / "sim" / name)]) == 2
     sim_err = capsys.readouterr().err
     assert server_main(["run", "--config", str(spec_path), "--run-dir", str(dep.root / "dep" / name),
@@ -213,5 +227,5 @@ def test_a_refused_combination_is_refused_by_both_drivers_with_the_same_problem(
         return [re.sub(r" \(--[a-z-]+\)", "", line.strip()) for line in err.splitlines() if line.strip().startswith("- ")]
 
     assert problems(sim_err) == problems(dep_err) and problems(dep_err)
-    assert any("strategy 'fedprox' is not supported" in p for p in problems(dep_err))
+    assert any(fragment in p for p in problems(dep_err))
     assert not (dep.root / "sim" / name).exists() and not (dep.root / "dep" / name).exists()

@@ -34,13 +34,16 @@ def arrays_from_proto(arrays: Iterable[trainer_pb2.FlowerArray]) -> ArrayRecord:
 
 
 def train_request(plan_json: str, server_round: int, proximal_mu: float, global_delta: ArrayRecord,
-                  lora_rank: int = 0) -> trainer_pb2.TrainRequest:
+                  lora_rank: int = 0, drift_correction: ArrayRecord | None = None) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(plan_json=plan_json, server_round=server_round, proximal_mu=proximal_mu,
-                                    global_delta=arrays_to_proto(global_delta), lora_rank=lora_rank)
+                                    global_delta=arrays_to_proto(global_delta), lora_rank=lora_rank,
+                                    drift_correction=arrays_to_proto(drift_correction) if drift_correction else [])
 
 
-def train_reply(delta: ArrayRecord, metrics: Mapping[str, float]) -> trainer_pb2.TrainReply:
-    return trainer_pb2.TrainReply(delta=arrays_to_proto(delta), metrics={k: float(v) for k, v in metrics.items()})
+def train_reply(delta: ArrayRecord, metrics: Mapping[str, float],
+                mean_step: ArrayRecord | None = None) -> trainer_pb2.TrainReply:
+    return trainer_pb2.TrainReply(delta=arrays_to_proto(delta), metrics={k: float(v) for k, v in metrics.items()},
+                                  mean_step=arrays_to_proto(mean_step) if mean_step is not None else [])
 
 
 def seal_request(run_id: str, server_round: int, method: str, recipient_public_key: bytes, delta: ArrayRecord,

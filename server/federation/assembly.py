@@ -133,7 +133,7 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         method_config=method_config, task=data.task, train=spec.train_config().plan_fields(), eval_rows=data.eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
         seed=f.seed, strategy=f.strategy, strategy_options=f.strategy_option_text,
-        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, robust=spec.reply_bounds(),
+        min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, scaffold=f.scaffold, robust=spec.reply_bounds(),
         round_timeout=f.round_timeout, resume=resume,
         # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use
         lora_svd_scaling=method_config.scaling if f.lora_aggregation == "svd" else None,  # type: ignore[attr-defined]

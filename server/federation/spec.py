@@ -47,7 +47,7 @@ from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, TOPOLOGIES, valid
 from fedpeft.common.schema import describe, matches
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.robust import RobustSettings
-from fedpeft.server.strategy import LORA_AGGREGATIONS, parse_strategy_options
+from fedpeft.server.strategy import LORA_AGGREGATIONS, ROBUST_AGGREGATORS, parse_strategy_options
 
 Driver = typing.Literal["simulation", "deployment"]
 DRIVERS: tuple[str, ...] = ("simulation", "deployment")
@@ -78,6 +78,11 @@ class FederationSection:
     """hetlora/flexlora: LoRA ranks cycled over the clients in the order of the partition id
     they declare (empty: all at the method's r)."""
     clip_update_norm: float = 0.0
+    scaffold: bool = False
+    """SCAFFOLD drift correction: the server's control variate travels with the global delta,
+    each client corrects its local steps by it and returns the change of its own (as big as
+    the delta again, validated like it). With FedAvg-family strategies and naive/ffa LoRA
+    aggregation; not with SecAgg+, DP, envelopes or the split topology."""
     quantize: str = "auto"
     """4bit | none | auto: the coordinator's backbone and, in a simulation, every virtual client's.
     A deployed client holds its own backbone and picks its precision itself (`peft-client start
@@ -434,6 +439,30 @@ class RunSpec:
         found += self._registry_problems()
         return found
 
+    def _scaffold_problems(self) -> list[str]:
+        """What SCAFFOLD cannot run with: its control variates are means over each client's
+        own change, sent beside the delta in plaintext."""
+        f = self.federation
+        if not f.scaffold:
+            return []
+        why = {
+            "secagg.enabled": self.secagg.enabled and "SecAgg+ masks only the delta; the control variate changes "
+                                                      "would reach the server unmasked",
+            "dp.enabled": self.dp.enabled and "the control variate changes are unclipped, un-noised local gradient "
+                                              "information that DP's accounting does not cover",
+            "envelopes.enabled": self.envelopes.enabled and "sealed envelopes carry only the delta",
+            "federation.topology": self.topology == "split" and "split clients train against the split server, "
+                                                              "not a local delta",
+            "federation.strategy": f.strategy in ROBUST_AGGREGATORS and (
+                f"{f.strategy!r} picks or trims updates, but the control variate is a plain mean a single "
+                "client could steer"),
+            "federation.lora_aggregation": f.lora_aggregation not in ("naive", "ffa") and (
+                f"{f.lora_aggregation!r} does not average the trained tensors themselves"),
+        }
+        return [f"federation.scaffold cannot run with "
+                f"{key} = {self.topology if key == 'federation.topology' else self.get(key)!r}: {reason}"
+                for key, reason in why.items() if reason]
+
     def _ranks_valid(self) -> bool:
         ranks = self.federation.client_ranks
         return all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
@@ -458,7 +487,7 @@ class RunSpec:
 
     def _aggregation_problems(self) -> list[str]:
         f = self.federation
-        found = []
+        found = self._scaffold_problems()
         if f.strategy in ("krum", "multikrum"):
             try:  # the options as the strategy will take them (`--strategy-opt` values are strings)
                 malicious = parse_strategy_options(f.strategy, f.strategy_option_text).get("num_malicious_nodes", 0)

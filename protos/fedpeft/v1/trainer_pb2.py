@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64peft/v1/trainer.proto\x12\nfedpeft.v1\"V\n\x0b\x46lowerArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05stype\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x8e\x01\n\x0cTrainRequest\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12\x13\n\x0bproximal_mu\x18\x03 \x01(\x01\x12-\n\x0cglobal_delta\x18\x04 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x11\n\tlora_rank\x18\x05 \x01(\r\"\x9a\x01\n\nTrainReply\x12&\n\x05\x64\x65lta\x18\x01 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x34\n\x07metrics\x18\x02 \x03(\x0b\x32#.fedpeft.v1.TrainReply.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf0\x01\n\x0bSealRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x04 \x01(\x0c\x12&\n\x05\x64\x65lta\x18\x05 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.fedpeft.v1.SealRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\tSealReply\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11metrics_signature\x18\x03 \x01(\x0c\"\x0f\n\rHealthRequest\"0\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t2\xbf\x01\n\x0cLocalTrainer\x12\x39\n\x05Train\x12\x18.fedpeft.v1.TrainRequest\x1a\x16.fedpeft.v1.TrainReply\x12\x36\n\x04Seal\x12\x17.fedpeft.v1.SealRequest\x1a\x15.fedpeft.v1.SealReply\x12<\n\x06Health\x12\x19.fedpeft.v1.HealthRequest\x1a\x17.fedpeft.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65\x64peft/v1/trainer.proto\x12\nfedpeft.v1\"V\n\x0b\x46lowerArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05stype\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\xc1\x01\n\x0cTrainRequest\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12\x13\n\x0bproximal_mu\x18\x03 \x01(\x01\x12-\n\x0cglobal_delta\x18\x04 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x11\n\tlora_rank\x18\x05 \x01(\r\x12\x31\n\x10\x64rift_correction\x18\x06 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\"\xc6\x01\n\nTrainReply\x12&\n\x05\x64\x65lta\x18\x01 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x34\n\x07metrics\x18\x02 \x03(\x0b\x32#.fedpeft.v1.TrainReply.MetricsEntry\x12*\n\tmean_step\x18\x03 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf0\x01\n\x0bSealRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cserver_round\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x1c\n\x14recipient_public_key\x18\x04 \x01(\x0c\x12&\n\x05\x64\x65lta\x18\x05 \x03(\x0b\x32\x17.fedpeft.v1.FlowerArray\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.fedpeft.v1.SealRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\tSealReply\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11metrics_signature\x18\x03 \x01(\x0c\"\x0f\n\rHealthRequest\"0\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t2\xbf\x01\n\x0cLocalTrainer\x12\x39\n\x05Train\x12\x18.fedpeft.v1.TrainRequest\x1a\x16.fedpeft.v1.TrainReply\x12\x36\n\x04Seal\x12\x17.fedpeft.v1.SealRequest\x1a\x15.fedpeft.v1.SealReply\x12<\n\x06Health\x12\x19.fedpeft.v1.HealthRequest\x1a\x17.fedpeft.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLOWERARRAY']._serialized_start=40
   _globals['_FLOWERARRAY']._serialized_end=126
   _globals['_TRAINREQUEST']._serialized_start=129
-  _globals['_TRAINREQUEST']._serialized_end=271
-  _globals['_TRAINREPLY']._serialized_start=274
-  _globals['_TRAINREPLY']._serialized_end=428
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_start=382
-  _globals['_TRAINREPLY_METRICSENTRY']._serialized_end=428
-  _globals['_SEALREQUEST']._serialized_start=431
-  _globals['_SEALREQUEST']._serialized_end=671
-  _globals['_SEALREQUEST_METRICSENTRY']._serialized_start=382
-  _globals['_SEALREQUEST_METRICSENTRY']._serialized_end=428
-  _globals['_SEALREPLY']._serialized_start=673
-  _globals['_SEALREPLY']._serialized_end=748
-  _globals['_HEALTHREQUEST']._serialized_start=750
-  _globals['_HEALTHREQUEST']._serialized_end=765
-  _globals['_HEALTHREPLY']._serialized_start=767
-  _globals['_HEALTHREPLY']._serialized_end=815
-  _globals['_LOCALTRAINER']._serialized_start=818
-  _globals['_LOCALTRAINER']._serialized_end=1009
+  _globals['_TRAINREQUEST']._serialized_end=322
+  _globals['_TRAINREPLY']._serialized_start=325
+  _globals['_TRAINREPLY']._serialized_end=523
+  _globals['_TRAINREPLY_METRICSENTRY']._serialized_start=477
+  _globals['_TRAINREPLY_METRICSENTRY']._serialized_end=523
+  _globals['_SEALREQUEST']._serialized_start=526
+  _globals['_SEALREQUEST']._serialized_end=766
+  _globals['_SEALREQUEST_METRICSENTRY']._serialized_start=477
+  _globals['_SEALREQUEST_METRICSENTRY']._serialized_end=523
+  _globals['_SEALREPLY']._serialized_start=768
+  _globals['_SEALREPLY']._serialized_end=843
+  _globals['_HEALTHREQUEST']._serialized_start=845
+  _globals['_HEALTHREQUEST']._serialized_end=860
+  _globals['_HEALTHREPLY']._serialized_start=862
+  _globals['_HEALTHREPLY']._serialized_end=910
+  _globals['_LOCALTRAINER']._serialized_start=913
+  _globals['_LOCALTRAINER']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

@@ -23,21 +23,23 @@ class FlowerArray(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., stype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("plan_json", "server_round", "proximal_mu", "global_delta", "lora_rank")
+    __slots__ = ("plan_json", "server_round", "proximal_mu", "global_delta", "lora_rank", "drift_correction")
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     SERVER_ROUND_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_DELTA_FIELD_NUMBER: _ClassVar[int]
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     plan_json: str
     server_round: int
     proximal_mu: float
     global_delta: _containers.RepeatedCompositeFieldContainer[FlowerArray]
     lora_rank: int
-    def __init__(self, plan_json: _Optional[str] = ..., server_round: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., global_delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., lora_rank: _Optional[int] = ...) -> None: ...
+    drift_correction: _containers.RepeatedCompositeFieldContainer[FlowerArray]
+    def __init__(self, plan_json: _Optional[str] = ..., server_round: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., global_delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., lora_rank: _Optional[int] = ..., drift_correction: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("delta", "metrics")
+    __slots__ = ("delta", "metrics", "mean_step")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,9 +49,11 @@ class TrainReply(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DELTA_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STEP_FIELD_NUMBER: _ClassVar[int]
     delta: _containers.RepeatedCompositeFieldContainer[FlowerArray]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    mean_step: _containers.RepeatedCompositeFieldContainer[FlowerArray]
+    def __init__(self, delta: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., mean_step: _Optional[_Iterable[_Union[FlowerArray, _Mapping]]] = ...) -> None: ...
 
 class SealRequest(_message.Message):
     __slots__ = ("run_id", "server_round", "method", "recipient_public_key", "delta", "metrics")
