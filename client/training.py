@@ -29,8 +29,9 @@ log = logging.getLogger("fedpeft.client")
 class TrainConfig:
     """Local optimization settings a server sends to every client each round."""
 
-    local_steps: int = 8
-    """Optimizer steps per round (ignored when local_epochs > 0)."""
+    local_steps: int | None = None
+    """Optimizer steps per round (ignored when local_epochs > 0). None: the method's
+    `federated_local_steps` (`for_method`); a plan always carries a number."""
     local_epochs: float = 0.0
     """If > 0, train this many passes over the local data instead of local_steps."""
     learning_rate: float | None = None
@@ -51,23 +52,31 @@ class TrainConfig:
             raise ConfigError(f"invalid training settings: {', '.join(bad)}")
 
     def for_method(self, method: str) -> TrainConfig:
-        """These settings with the learning rate made concrete: `method`'s federated default where unset."""
-        if self.learning_rate is not None:
+        """These settings with the learning rate and local steps made concrete: `method`'s
+        federated defaults where unset."""
+        if self.learning_rate is not None and self.local_steps is not None:
             return self
         from fedpeft.common.methods import get_method
 
-        return dataclasses.replace(self, learning_rate=get_method(method).federated_learning_rate)
+        chosen = get_method(method)
+        return dataclasses.replace(
+            self, learning_rate=chosen.federated_learning_rate if self.learning_rate is None else self.learning_rate,
+            local_steps=chosen.federated_local_steps if self.local_steps is None else self.local_steps)
 
     def plan_fields(self) -> dict[str, object]:
         """What the federation plan carries to clients: every field, less gradient_checkpointing
         while it is off, so that clients from before the option still read the plan. The
         learning rate must be concrete (`for_method`): clients never guess it."""
-        if self.learning_rate is None:
-            raise ConfigError("training.learning_rate is unset: resolve it with TrainConfig.for_method first")
+        self._require_resolved()
         fields = dict(self.__dict__)
         if not self.gradient_checkpointing:
             del fields["gradient_checkpointing"]
         return fields
+
+    def _require_resolved(self) -> None:
+        for key in ("learning_rate", "local_steps"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"training.{key} is unset: resolve it with TrainConfig.for_method first")
 
     def steps_for(self, num_rows: int) -> int:
         if self.local_epochs > 0:
@@ -75,6 +84,8 @@ class TrainConfig:
             if not math.isfinite(steps):  # a finite local_epochs so large the product overflows
                 raise ConfigError(f"local_epochs {self.local_epochs} over {num_rows} rows is not a finite number of steps")
             return max(1, math.ceil(steps))
+        self._require_resolved()
+        assert self.local_steps is not None
         return self.local_steps
 
 
@@ -86,7 +97,8 @@ MAX_BATCH_SIZE = 65_536
 MAX_LENGTH = 1_048_576
 
 _TRAIN_CHECKS: dict[str, tuple[str, object]] = {
-    "local_steps": (f"must be an integer in [1, {MAX_LOCAL_STEPS}]", lambda v: 1 <= v <= MAX_LOCAL_STEPS),
+    "local_steps": (f"must be an integer in [1, {MAX_LOCAL_STEPS}]",
+                    lambda v: v is None or 1 <= v <= MAX_LOCAL_STEPS),  # None: unset
     "local_epochs": (f"must be a number in [0, {MAX_LOCAL_EPOCHS:g}]", lambda v: 0 <= v <= MAX_LOCAL_EPOCHS),
     "learning_rate": ("must be a finite number > 0", lambda v: v is None or 0 < v < math.inf),  # None: unset
     "batch_size": (f"must be an integer in [1, {MAX_BATCH_SIZE}]", lambda v: 1 <= v <= MAX_BATCH_SIZE),
@@ -151,12 +163,13 @@ def run_steps(params: list[torch.nn.Parameter], batches: Callable[[int], dict[st
     (AdaLoRA's rank schedule); `on_step(step, seconds)` sees each step's wall time; a caller
     that must see the optimizer's state (the benchmark) passes its own `optimizer` over `params`.
     """
-    if config.learning_rate is None:
-        raise ConfigError("training.learning_rate is unset: resolve it with TrainConfig.for_method first")
+    steps = steps if steps is not None else config.local_steps
+    if config.learning_rate is None or steps is None:
+        raise ConfigError("training.learning_rate and the step count must be set: resolve the settings with "
+                          "TrainConfig.for_method first")
     if optimizer is None:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker
-    steps = steps if steps is not None else config.local_steps
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(1, steps + 1):

@@ -133,7 +133,7 @@ def test_the_cli_and_the_plan_carry_the_setting_to_clients():
     assert spec.training.gradient_checkpointing is True
     plan_train = spec.train_config().plan_fields()  # what the server puts in the plan
     assert TrainConfig(**plan_train).gradient_checkpointing is True
-    assert "gradient_checkpointing" not in TrainConfig(learning_rate=1e-3).plan_fields()  # older clients read it
+    assert "gradient_checkpointing" not in TrainConfig(learning_rate=1e-3, local_steps=8).plan_fields()  # older clients read it
 
 
 def test_prefix_methods_with_checkpointing_are_refused_before_a_run_starts():

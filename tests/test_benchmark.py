@@ -115,8 +115,8 @@ def test_seeds_and_settings_are_checked_up_front():
     for bad in ("", "0,x", "1,1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_seeds(bad)
-    check_settings(["centralized", "centralized-seq", "iid", "dirichlet:0.1", "natural:site"])
-    for bad in (["central"], ["iid", "iid"], ["dirichlet:0"]):
+    check_settings(["centralized", "centralized-seq", "iid", "dirichlet:0.1", "natural:site", "dirichlet:0.1+scaffold"])
+    for bad in (["central"], ["iid", "iid"], ["dirichlet:0"], ["iid+bogus"], ["dirichlet:0+scaffold"]):
         with pytest.raises(ConfigError):
             check_settings(bad)
 
@@ -136,12 +136,18 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     _write_sentiment(tmp_path / "dev.tsv", 24, seed=2)
     out = tmp_path / "bench"
     assert main(["--model", str(model), "--data", str(tmp_path / "train.tsv"), "--eval-data", str(tmp_path / "dev.tsv"),
-                 "--methods", "lora,ia3", "--settings", "centralized,centralized-seq,dirichlet:1.0",
+                 "--methods", "lora,ia3", "--settings", "centralized,centralized-seq,dirichlet:1.0,dirichlet:1.0+scaffold",
                  "--seeds", "3", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "4",
                  "--train-limit", "0", "--out", str(out)]) == 0
     rows = read_results(out / "results.csv")
     assert {(r.method, r.setting, r.seed) for r in rows} == {
-        (m, s, 3) for m in ("lora", "ia3") for s in ("centralized", "centralized-seq", "dirichlet:1.0")}
+        (m, s, 3) for m in ("lora", "ia3")
+        for s in ("centralized", "centralized-seq", "dirichlet:1.0", "dirichlet:1.0+scaffold")}
+    # the control variate doubles the upload (the CSV keeps 3 decimals of MB)
+    scaffold = [r for r in rows if r.setting.endswith("+scaffold")]
+    plain = {r.method: r for r in rows if r.setting == "dirichlet:1.0"}
+    assert all(r.upload_mb_per_client_round == pytest.approx(2 * plain[r.method].upload_mb_per_client_round, abs=2e-3)
+               for r in scaffold)
     federated = [r for r in rows if r.setting == "dirichlet:1.0"]
     assert all(r.best_round in (1, 2) and r.best_accuracy >= r.accuracy for r in federated)
     assert all(0 < r.majority_rate < 1 for r in rows)

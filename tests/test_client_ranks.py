@@ -20,7 +20,8 @@ from fedpeft.server.lora_aggregation import lora_pairs
 def _plan(model_dir, method="lora", options=None) -> FederationPlan:
     config = make_config(method, options if options is not None else {"r": "8", "target_modules": "q_proj"})
     return FederationPlan(run_name="t", model_fingerprint=model_fingerprint(model_dir), method=method,
-                          method_options=config.to_dict(), task=builtin_task().to_dict(), train={"learning_rate": 1e-3}, seed=0)
+                          method_options=config.to_dict(), task=builtin_task().to_dict(),
+                          train={"learning_rate": 1e-3, "local_steps": 8}, seed=0)
 
 
 def _message(plan: FederationPlan, delta, rank) -> tuple:

@@ -32,7 +32,7 @@ def test_a_valid_run_config_reads_relative_paths_from_its_folder(tmp_path):
                                        '[task]\neval_data = "eval.jsonl"\n[secagg]\nenabled = true\n')
     config = RunSpec.from_toml(tmp_path / "run.toml", driver="deployment")
     assert config.task.eval_data == str(tmp_path / "eval.jsonl")
-    assert config.method_options() == {"r": "4"} and config.secagg.enabled and config.training.local_steps == 8
+    assert config.method_options() == {"r": "4"} and config.secagg.enabled and config.train_config().local_steps == 8
 
 
 @pytest.mark.parametrize(("sections", "fragment"), [

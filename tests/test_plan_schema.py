@@ -149,12 +149,15 @@ def test_older_plans_without_optional_fields_are_read():
     data = json.loads(_server_plan().to_json())
     for key in ("frozen_fingerprint", "split"):
         del data[key]
-    data["train"] = {"learning_rate": 1e-3}  # every other training setting has a default
+    data["train"] = {"learning_rate": 1e-3, "local_steps": 8}  # every other training setting has a default
     plan = FederationPlan.from_json(json.dumps(data))
-    assert plan.split == {} and plan.train_config() == TrainConfig(learning_rate=1e-3)
-    data["train"] = {}  # but the learning rate is the server's to resolve, never the client's to guess
-    with pytest.raises(ConfigError, match="plan.train.learning_rate: missing"):
-        FederationPlan.from_json(json.dumps(data))
+    assert plan.split == {} and plan.train_config() == TrainConfig(learning_rate=1e-3, local_steps=8)
+    # but the learning rate and the step count are the server's to resolve, never the client's to guess
+    for key in ("learning_rate", "local_steps"):
+        data["train"] = {"learning_rate": 1e-3, "local_steps": 8}
+        del data["train"][key]
+        with pytest.raises(ConfigError, match=f"plan.train.{key}: missing"):
+            FederationPlan.from_json(json.dumps(data))
 
 
 # ---- (3) property: any mutation is a valid plan or a ConfigError ----------------------------------

@@ -38,6 +38,7 @@ class BitFitMethod(NativeMethod):
 
     name: ClassVar[str] = "bitfit"
     federated_learning_rate: ClassVar[float] = 5e-3  # bias terms only
+    federated_local_steps: ClassVar[int] = 24  # see PeftMethod.federated_local_steps
     config_cls: ClassVar[type[MethodConfig]] = BitFitMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_BITFIT"
 

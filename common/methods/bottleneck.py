@@ -156,6 +156,7 @@ class BottleneckMethod(NativeMethod):
 
     name: ClassVar[str] = "bottleneck"
     federated_learning_rate: ClassVar[float] = 2e-3  # zero-initialised up-projections
+    federated_local_steps: ClassVar[int] = 24  # see PeftMethod.federated_local_steps
     config_cls: ClassVar[type[MethodConfig]] = BottleneckMethodConfig
     peft_type: ClassVar[str] = "FEDPEFT_BOTTLENECK"
 

@@ -35,6 +35,7 @@ class PrefixMethod(PeftLibraryMethod):
 
     name: ClassVar[str] = "prefix"
     federated_learning_rate: ClassVar[float] = 1e-2  # soft prefixes need ~10x LoRA's steps
+    federated_local_steps: ClassVar[int] = 24  # see PeftMethod.federated_local_steps
     kv_prefix: ClassVar[bool] = True
     config_cls: ClassVar[type[MethodConfig]] = PrefixMethodConfig
 

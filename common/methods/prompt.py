@@ -43,6 +43,7 @@ class PromptMethod(PeftLibraryMethod):
 
     name: ClassVar[str] = "prompt"
     federated_learning_rate: ClassVar[float] = 3e-2  # a few virtual tokens: the largest steps
+    federated_local_steps: ClassVar[int] = 24  # see PeftMethod.federated_local_steps
     config_cls: ClassVar[type[MethodConfig]] = PromptMethodConfig
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
@@ -90,6 +91,7 @@ class PTuningMethod(PeftLibraryMethod):
 
     name: ClassVar[str] = "ptuning"
     federated_learning_rate: ClassVar[float] = 3e-2  # as prompt tuning
+    federated_local_steps: ClassVar[int] = 24  # see PeftMethod.federated_local_steps
     config_cls: ClassVar[type[MethodConfig]] = PTuningMethodConfig
 
     def peft_config(self, config: MethodConfig):

@@ -131,8 +131,9 @@ def plan_problems(data: object) -> list[str]:
         train = data["train"]
         typed = field_problems(TrainConfig, train, "plan.train")
         found += typed or [f"plan.train.{key}: {rule}" for key, rule in (p.split(" ", 1) for p in train_problems(train))]
-        if not typed and train.get("learning_rate") is None:  # the server resolves it (TrainConfig.for_method)
-            found.append("plan.train.learning_rate: missing (a plan carries the concrete learning rate)")
+        for key in ("learning_rate", "local_steps"):  # the server resolves both (TrainConfig.for_method)
+            if not typed and train.get(key) is None:
+                found.append(f"plan.train.{key}: missing (a plan carries the concrete value)")
     if "split" not in bad and data.get("split"):
         found += _split_problems(data["split"])
     return found

@@ -111,9 +111,10 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     method_config = make_config(f.method, method_options)
     check_method_applies(full_model_dir, f.method, method_config, num_labels=data.task.num_labels, quantize=quantize)
     run_dir = Path(run_dir).resolve()
-    # What the run dir records: the quantization and learning rate the clients actually run with.
+    # What the run dir records: the quantization, learning rate and local steps the clients actually run with.
     resolved = spec.with_overrides({"federation.quantize": quantize,
-                                    "training.learning_rate": spec.train_config().learning_rate})
+                                    "training.learning_rate": spec.train_config().learning_rate,
+                                    "training.local_steps": spec.train_config().local_steps})
     check_run_dir(run_dir, resolved, resume)
     # Every input is checked: from here on the run dir is written.
     run_dir.mkdir(parents=True, exist_ok=True)

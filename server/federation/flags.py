@@ -71,7 +71,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("clients", "federation.clients", "virtual clients"),
     Flag("clients_per_round", "federation.clients_per_round", "clients sampled per round (0 = all)"),
     Flag("rounds", "federation.rounds", "federated rounds"),
-    Flag("local_steps", "training.local_steps", "optimizer steps per client per round"),
+    Flag("local_steps", "training.local_steps", "optimizer steps per client per round; unset: the method's "
+         "federated_local_steps"),
     Flag("local_epochs", "training.local_epochs", "epochs per round instead of steps (0 = use steps)"),
     Flag("learning_rate", "training.learning_rate", "local AdamW learning rate; unset: the method's "
          "federated_learning_rate", option="--lr"),

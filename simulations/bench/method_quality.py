@@ -11,10 +11,11 @@ with `--methods`) runs in every setting once per seed (`--seeds`). Settings:
   adapter about as far as one client's steps do, so this is the budget a federated run
   effectively has.
 - `iid`, `dirichlet:ALPHA`, `natural:COLUMN`: a federation on Flower's Simulation Engine
-  over that partition of the training rows.
+  over that partition of the training rows; `+scaffold` (`dirichlet:0.1+scaffold`) runs it
+  with SCAFFOLD drift correction.
 
-Learning rates: each method's federated default (`TrainConfig.for_method`), in the
-centralized settings too, unless `--lr` sets one for every method and setting.
+Learning rates and local steps: each method's federated defaults (`TrainConfig.for_method`),
+in the centralized settings too, unless `--lr` / `--local-steps` set one for every method.
 
 `results.csv` has one row per run: final-round and best-round held-out accuracy, and
 whether the final accuracy sits on the held-out majority-class rate (a model predicting
@@ -24,7 +25,7 @@ uploads per round; `results.png` the same accuracies as grouped bars with std er
 All three are rewritten after every run, so an interrupted benchmark keeps its results.
 
     peft-bench --data ../shared/data/sst2/train.tsv --eval-data ../shared/data/sst2/dev.tsv \\
-        --labels 0=negative,1=positive --clients 10 --rounds 4 --local-steps 6 --seeds 0,1,2 \\
+        --labels 0=negative,1=positive --clients 10 --rounds 4 --seeds 0,1,2 \\
         --settings centralized,centralized-seq,iid,dirichlet:1.0,dirichlet:0.1 --out runs/bench-sst2
 """
 
@@ -117,11 +118,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+VARIANTS: dict[str, dict[str, Any]] = {"scaffold": {"scaffold": True}}
+"""Setting suffixes (`dirichlet:0.1+scaffold`): the run-spec flags a federated setting adds."""
+
+
+def split_setting(setting: str) -> tuple[str, dict[str, Any]]:
+    """(partition, run-spec flags) of a federated setting such as `dirichlet:0.1+scaffold`."""
+    partition, *suffixes = setting.split("+")
+    unknown = [s for s in suffixes if s not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"setting {setting!r}: unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    flags: dict[str, Any] = {}
+    for suffix in suffixes:
+        flags.update(VARIANTS[suffix])
+    return partition, flags
+
+
 def check_settings(settings: Sequence[str]) -> None:
     """Refuse an unknown setting before hours of runs, not when its turn comes."""
     for setting in settings:
         if setting not in (CENTRALIZED, CENTRALIZED_SEQ):
-            PartitionSpec.parse(setting)
+            PartitionSpec.parse(split_setting(setting)[0])
     if len(set(settings)) != len(settings):
         raise ConfigError(f"settings repeat: {','.join(settings)}")
 
@@ -162,8 +179,10 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
     f, training = base.federation, base.training
     adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
                                 make_config(method), seed=seed, num_labels=data.task.num_labels)
-    steps = centralized_steps(setting, f.rounds, f.clients, training.local_steps)
-    config = dataclasses.replace(training.for_method(method), local_steps=steps, local_epochs=0.0,
+    resolved = training.for_method(method)
+    assert resolved.local_steps is not None
+    steps = centralized_steps(setting, f.rounds, f.clients, resolved.local_steps)
+    config = dataclasses.replace(resolved, local_steps=steps, local_epochs=0.0,
                                  log_every=max(1, steps // 5))
     train_local(adapted, data.task, data.train_rows, config, seed=seed, label=f"{setting} {method}")
     result = objective_for(adapted.model, adapted.tokenizer, data.task, training.max_length).evaluate(
@@ -177,13 +196,14 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
 
 
 def run_federated(base: RunSpec, method: str, setting: str, seed: int, majority: float, out_dir: Path) -> BenchRow:
-    """One simulated federation; an unset learning rate is the method's federated default."""
+    """One simulated federation; an unset learning rate or step count is the method's federated default."""
     from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
     start = time.perf_counter()
-    spec = spec_from_flags(base, method=method, partition=setting, seed=seed)
-    result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-')}-seed{seed}")
+    partition, flags = split_setting(setting)
+    spec = spec_from_flags(base, method=method, partition=partition, seed=seed, **flags)
+    result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-').replace('+', '-')}-seed{seed}")
     last = result.rows[-1]
     round_, best = best_round(result.rows)
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
@@ -333,13 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--template", default="{sentence}", help="text column(s): {a} or a pair {a} {b}")
     p.add_argument("--methods", help="comma-separated (default: every method but " + ", ".join(EXCLUDED_METHODS) + ")")
     p.add_argument("--settings", default=",".join(SETTINGS),
-                   help="comma-separated: centralized, centralized-seq, iid, dirichlet:ALPHA, natural:COLUMN")
+                   help="comma-separated: centralized, centralized-seq, iid, dirichlet:ALPHA, natural:COLUMN; a "
+                   "federated setting + a variant (dirichlet:0.1+scaffold) runs it with SCAFFOLD")
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated; every run once per seed")
     p.add_argument("--lr", type=float, help="one learning rate for every method and setting "
                    "(default: each method's federated default)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--local-steps", type=int, help="local steps per round for every method "
+                   "(default: each method's federated default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=2000)
@@ -350,16 +372,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     out_dir = Path(args.out)
     title = (f"{args.model} on {Path(args.data).parent.name}: {args.train_limit or 'all'} train rows, "
-             f"{args.clients} clients x {args.rounds} rounds x {args.local_steps} steps")
+             f"{args.clients} clients x {args.rounds} rounds x "
+             f"{args.local_steps or 'each method’s federated default'} local steps")
     rows: list[BenchRow] = []
     try:
         methods = select_methods(args.methods)
         settings = args.settings.split(",")
         check_settings(settings)
         lr = {} if args.lr is None else {"learning_rate": args.lr}
+        if args.local_steps is not None:
+            lr["local_steps"] = args.local_steps
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
                                template=args.template, clients=args.clients, rounds=args.rounds,
-                               local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length,
+                               batch_size=args.batch_size, max_length=args.max_length,
                                train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **lr)
         out_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a first full table early, then its spread

@@ -110,7 +110,7 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
     if not skip_accuracy:
         fl = run_simulation(spec_from_flags(base, topology="fl"), out_dir / "fl")
         row |= {"full_zero_shot_acc": _accuracy(fl.rows, 0), "federated_acc": _accuracy(fl.rows, -1)}
-    row |= measure_client_step(full_dir, probe, local_steps=base.training.local_steps, baseline=baseline)
+    row |= measure_client_step(full_dir, probe, local_steps=base.train_config().local_steps, baseline=baseline)
     row["emulator_blocks"] = f"{full_layer_count(full_dir)}/{full_layer_count(full_dir)}"
     results.append(row)
     _write(results, out_dir)
@@ -130,7 +130,7 @@ def run_benchmark(base, variants: Sequence[OffsiteVariant], probe: ProbeSettings
             emulator_dir, _ = prepare_emulator(full_dir, run_dir, settings, base.federation.seed)
         layer_map = plan_layers(full_dir, settings)
         options = adapter_method_options("lora", probe.method_options, layer_map)
-        row |= measure_client_step(emulator_dir, probe, options, local_steps=base.training.local_steps, baseline=baseline)
+        row |= measure_client_step(emulator_dir, probe, options, local_steps=base.train_config().local_steps, baseline=baseline)
         row["emulator_blocks"] = f"{layer_map.emulator_layers}/{layer_map.full_layers}"
         results.append(row)
         _write(results, out_dir)
