@@ -34,12 +34,7 @@ from fedpeft.common.methods import make_config
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.model.base_model import model_fingerprint
 from fedpeft.common.model.quantization import validate_quantize
-from fedpeft.common.protocol.control_variates import (
-    CONTROL_DELTA_KEY,
-    SERVER_CONTROL_KEY,
-    drift_correction,
-    update_own_control,
-)
+from fedpeft.common.protocol.control_variates import SERVER_CONTROL_KEY, accepted_round, begin_round, end_round
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import (
     PLAN_KEY,
@@ -140,10 +135,8 @@ def train_round(setup: ClientSetup, plan: FederationPlan, adapted: AdaptedModel,
     reply_arrays: ArrayRecord = delta_to_arrayrecord(adapted.get_delta())
     sent = record_bytes(reply_arrays)
     mean_step = delta_to_arrayrecord(drift.mean_step()) if drift is not None else None
-    if mean_step is not None:
-        sent += record_bytes(mean_step)  # the control variate's change costs as much again
-    log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB%s", label, len(rows),
-             stats.first_loss, stats.last_loss, sent / 1e6, " (delta + control variate)" if drift else " delta")
+    log.info("%s: %d examples, loss %.4f -> %.4f, sending %.2f MB delta", label, len(rows),
+             stats.first_loss, stats.last_loss, sent / 1e6)
     metrics = reply_metrics(len(rows), stats, load_seconds, swap_seconds, sent)
     return RoundReply(reply_arrays, metrics, mean_step)
 
@@ -208,16 +201,22 @@ def handle_train(setup: ClientSetup, msg: Message, context: Context) -> Message:
     proximal_mu = _number(config, "proximal-mu", 0.0, float)  # set by Flower's FedProx
     partition = _number(context.node_config, "partition-id", context.node_id, int)
     server_control = msg.content.array_records.get(SERVER_CONTROL_KEY)
+    correction = None
+    if server_control is not None:
+        try:
+            correction = begin_round(server_control, accepted_round(msg.content), context.state)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     reply = client_round(
         setup, plan, msg.content.array_records.get("arrays"), setup.data(context), server_round=server_round,
         partition=partition, proximal_mu=proximal_mu, lora_rank=config.get(RANK_KEY), client_id=f"node-{context.node_id}",
-        correction=drift_correction(server_control, context.state) if server_control is not None else None)
-    content = RecordDict({REPLY_ARRAYS_KEY: reply.delta, REPLY_METRICS_KEY: MetricRecord(reply.metrics)})
+        correction=correction)
     if server_control is not None:
         if reply.mean_step is None:
             raise ConfigError("the server sent a SCAFFOLD control variate, but this round trained without one")
-        content[CONTROL_DELTA_KEY] = update_own_control(server_control, reply.mean_step, context.state)
-    return Message(content, reply_to=msg)
+        end_round(server_control, reply.mean_step, server_round, context.state)
+    return Message(RecordDict({REPLY_ARRAYS_KEY: reply.delta, REPLY_METRICS_KEY: MetricRecord(reply.metrics)}),
+                   reply_to=msg)
 
 
 def _number(record: object, key: str, default: object, kind: type) -> Any:

@@ -27,12 +27,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Parameters, Status
 from flwr.compat.common import recorddict_compat as compat
 
-from fedpeft.common.protocol.control_variates import (
-    CONTROL_DELTA_KEY,
-    SERVER_CONTROL_KEY,
-    drift_correction,
-    update_own_control,
-)
+from fedpeft.common.protocol.control_variates import SERVER_CONTROL_KEY, accepted_round, begin_round, end_round
 from fedpeft.common.wire import trainer as wire
 
 # Keys shared with the server side (duplicated from fedpeft.common.protocol.plan, which imports torch).
@@ -82,9 +77,9 @@ def _call(context: Context, method: str, request: object) -> object:
 
 def _train(context: Context, plan_json: str, server_round: int, proximal_mu: float,
            arrays: ArrayRecord, lora_rank: int = 0,
-           drift_correction: ArrayRecord | None = None) -> tuple[ArrayRecord, dict[str, float], ArrayRecord | None]:
+           correction: ArrayRecord | None = None) -> tuple[ArrayRecord, dict[str, float], ArrayRecord | None]:
     reply = _call(context, "Train", wire.train_request(plan_json, server_round, proximal_mu, arrays, lora_rank,
-                                                      drift_correction))
+                                                      correction))
     mean_step = wire.arrays_from_proto(reply.mean_step) if reply.mean_step else None  # type: ignore[attr-defined]
     return wire.arrays_from_proto(reply.delta), dict(reply.metrics), mean_step  # type: ignore[attr-defined]
 
@@ -103,21 +98,22 @@ def partition_query(msg: Message, context: Context) -> Message:
 
 def _train_message(msg: Message, context: Context) -> Message:
     """Message API train: {"arrays", "config"} in, {"arrays", "metrics"} out; under SCAFFOLD
-    the server's control variate comes with them and the change of this node's goes back
-    (`control_variates`: the same bookkeeping as the simulation's ClientApp)."""
+    the server's control variate comes with them and this node keeps its own in the context's
+    state (`control_variates`: the same bookkeeping as the simulation's ClientApp)."""
     config = msg.content.config_records["config"]
     arrays = msg.content.array_records["arrays"]
+    server_round = int(config.get("server-round", 0))
     server_control = msg.content.array_records.get(SERVER_CONTROL_KEY)
-    correction = drift_correction(server_control, context.state) if server_control is not None else None
-    delta, metrics, mean_step = _train(context, str(config[PLAN_KEY]), int(config.get("server-round", 0)),
+    correction = (begin_round(server_control, accepted_round(msg.content), context.state)
+                  if server_control is not None else None)
+    delta, metrics, mean_step = _train(context, str(config[PLAN_KEY]), server_round,
                                        float(config.get("proximal-mu", 0.0)), arrays, int(config.get(RANK_KEY, 0) or 0),
                                        correction)
-    content = RecordDict({"arrays": delta, "metrics": MetricRecord(_typed(metrics))})
     if server_control is not None:
         if mean_step is None:
             raise RuntimeError("the server sent a SCAFFOLD control variate, but the local trainer returned no mean step")
-        content[CONTROL_DELTA_KEY] = update_own_control(server_control, mean_step, context.state)
-    return Message(content, reply_to=msg)
+        end_round(server_control, mean_step, server_round, context.state)
+    return Message(RecordDict({"arrays": delta, "metrics": MetricRecord(_typed(metrics))}), reply_to=msg)
 
 
 def seal_mod(msg: Message, context: Context, call_next) -> Message:  # type: ignore[no-untyped-def]
@@ -135,9 +131,6 @@ def seal_mod(msg: Message, context: Context, call_next) -> Message:  # type: ign
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    if CONTROL_DELTA_KEY in reply.content.array_records:  # the run spec refuses this combination up front
-        raise PermissionError("the server asks for a sealed reply, but envelopes do not carry SCAFFOLD control "
-                              "variates: refusing to send them in plaintext")
     delta = reply.content.array_records["arrays"]
     metrics = reply.content.metric_records["metrics"]
     request = wire.seal_request(str(config[RUN_ID_KEY]), int(config.get("server-round", 0)), str(config[METHOD_KEY]),

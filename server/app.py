@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedpeft.client.training import TrainConfig
 from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, FederationError, FedPeftError
 from fedpeft.common.files import atomic_write_bytes
@@ -141,7 +142,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             min_accepted=setup.min_accepted,
             lora_svd_scaling=setup.lora_svd_scaling,
             hetero=setup.hetero,
-            scaffold=setup.scaffold,
+            scaffold=TrainConfig(**setup.train) if setup.scaffold else None,
             clip_update_norm=setup.clip_update_norm,
             robust=setup.robust,
             fraction_train=setup.clients_per_round / setup.num_clients,
@@ -153,9 +154,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
-        if setup.scaffold:
-            log.warning("server: SCAFFOLD's control variates restart at zero (clients keep theirs in Flower's "
-                        "per-run node state, which a resumed run starts without)")
+
     objective = objective_for(adapted.model, adapted.tokenizer, setup.task, int(setup.train.get("max_length", 128)))
     eval_model = topology.eval_model(adapted)
     started = time.perf_counter()
@@ -285,6 +284,9 @@ def _resume_point(setup: ServerSetup) -> int:
     if setup.dp is not None:
         raise ConfigError("runs with differential privacy cannot be resumed: the privacy accountant's spent budget "
                           "is not checkpointed, and restarting it would under-report epsilon")
+    if setup.scaffold:
+        raise ConfigError("runs with SCAFFOLD cannot be resumed: the clients' control variates live in Flower's "
+                          "per-run node state, which a resumed run starts without")
     if setup.strategy in STATEFUL_STRATEGIES:
         raise ConfigError(f"strategy {setup.strategy!r} keeps server-side optimizer state that is not checkpointed; "
                           "runs with it cannot be resumed yet")

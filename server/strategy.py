@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -43,8 +43,9 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from fedpeft.client.training import TrainConfig
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
-from fedpeft.common.protocol.control_variates import CONTROL_DELTA_KEY, SERVER_CONTROL_KEY
+from fedpeft.common.protocol.control_variates import ACCEPTED_KEY, SERVER_CONTROL_KEY
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
@@ -79,8 +80,8 @@ class DeltaValidation:
     weighted_by_key: str
 
     def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1,
-                 clip_update_norm: float = 0.0, robust: RobustSettings | None = None, scaffold: bool = False,
-                 **kwargs: object) -> None:
+                 clip_update_norm: float = 0.0, robust: RobustSettings | None = None,
+                 scaffold: TrainConfig | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         if not (clip_update_norm >= 0 and math.isfinite(clip_update_norm)):
             raise ConfigError(f"clip_update_norm must be a finite number >= 0, got {clip_update_norm}")
@@ -103,9 +104,9 @@ class DeltaValidation:
         #: Rounds already completed before this process started (a resumed run).
         self.round_offset = 0
         self.traffic: dict[int, RoundTraffic] = {}
-        #: SCAFFOLD's server control variate (None: no drift correction).
-        self.control = ServerControl(spec) if scaffold else None
-        self._population = 0
+        #: SCAFFOLD's server control variate over the federation's clients (None: no drift correction).
+        self.control = (ServerControl(spec, int(kwargs.get("min_available_nodes", 0)), scaffold)  # type: ignore[call-overload]
+                        if scaffold is not None else None)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -116,19 +117,19 @@ class DeltaValidation:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         self._sent = {}
-        if self.clip_update_norm > 0 or self.robust.needs_updates:
+        if self.clip_update_norm > 0 or self.robust.needs_updates or self.control is not None:
             decoded: dict[int, dict[str, torch.Tensor]] = {}  # messages usually share one record
             for msg, record in zip(messages, downlinks, strict=True):
                 if id(record) not in decoded:
                     decoded[id(record)] = dict(delta_from_arrayrecord(record))
                 self._sent[msg.metadata.dst_node_id] = decoded[id(record)]
         bytes_down = sum(record_bytes(r) for r in downlinks)
-        if self.control is not None:  # c travels beside the global delta, one shared record
-            control = self.control.record()
+        if self.control is not None:  # c travels beside the global delta (one shared record), with each
+            control = self.control.record()  # node's accepted round (its own content)
             for msg in messages:
-                msg.content[SERVER_CONTROL_KEY] = control
+                msg.content = RecordDict({**dict(msg.content.items()), SERVER_CONTROL_KEY: control,
+                                          ACCEPTED_KEY: self.control.node_config(msg.metadata.dst_node_id)})
             bytes_down += record_bytes(control) * len(messages)
-            self._population = len(list(grid.get_node_ids()))
         self.traffic[server_round] = RoundTraffic(bytes_down=bytes_down, sent=len(messages))
         return messages
 
@@ -137,42 +138,28 @@ class DeltaValidation:
         per_node = getattr(super(), "reply_spec", None)
         return per_node(node_id, self.spec) if per_node is not None else self.spec
 
-    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None,
-                                                  dict[str, torch.Tensor] | None]:
-        """(problem, None, None) for a reply to leave out, or (None, its decoded delta, its
-        decoded SCAFFOLD control variate change or None without SCAFFOLD).
+    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+        """(problem, None) for a reply to leave out, or (None, its decoded delta).
 
         Checks everything Flower's own consistency check would raise on (which would
         abort the whole round), so one malformed reply only costs that client's update.
-        The control variate change is held to the same checks as the delta.
         """
         content = msg.content
-        arrays = {REPLY_ARRAYS_KEY} | ({CONTROL_DELTA_KEY} if self.control is not None else set())
-        if set(content.array_records) != arrays or set(content.metric_records) != {REPLY_METRICS_KEY}:
-            return (f"expected array records {sorted(arrays)} and metrics {REPLY_METRICS_KEY!r}, got arrays "
-                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None, None
+        if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
+            return (f"expected records {REPLY_ARRAYS_KEY!r} and {REPLY_METRICS_KEY!r}, got arrays "
+                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None
         if len(content.config_records) != 0:
-            return f"unexpected config records {sorted(content.config_records)}", None, None
+            return f"unexpected config records {sorted(content.config_records)}", None
         problem = metric_problem(content.metric_records[REPLY_METRICS_KEY], self.robust)
         if problem:
-            return problem, None, None
+            return problem, None
         try:
             delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
             self._expected_spec(msg.metadata.src_node_id).validate(delta, source="client delta")
         except DeltaError as exc:
-            return str(exc), None, None
+            return str(exc), None
         problem = value_problem(delta, self.robust)
-        if problem:
-            return problem, None, None
-        if self.control is None:
-            return None, delta, None
-        try:
-            change = delta_from_arrayrecord(content.array_records[CONTROL_DELTA_KEY], self.max_delta_bytes)
-            self.control.spec.validate(change, source="SCAFFOLD control variate change")
-        except DeltaError as exc:
-            return str(exc), None, None
-        problem = value_problem(change, self.robust)
-        return (f"SCAFFOLD control variate change: {problem}", None, None) if problem else (None, delta, change)
+        return (problem, None) if problem else (None, delta)
 
     def _bound_updates(self, candidates: list[tuple[Message, dict[str, torch.Tensor]]]) -> dict[int, str]:
         """{candidate index: reason} of replies outside the round-level bounds: the absolute
@@ -220,12 +207,9 @@ class DeltaValidation:
                 continue
             traffic.bytes_up += _reply_bytes(msg)
             problem = self.unseal(msg, server_round) if self.unseal is not None else None
-            problem, delta, change = (problem, None, None) if problem else self._check_reply(msg)
+            problem, delta = (problem, None) if problem else self._check_reply(msg)
             if delta is not None:
                 candidates.append((msg, delta))
-                if change is not None:
-                    changes[id(msg)] = change
-                    del msg.content[CONTROL_DELTA_KEY]  # Flower aggregates replies of exactly one ArrayRecord
             else:
                 self._reject(traffic, server_round, msg, str(problem))
         refused = self._bound_updates(candidates)
@@ -238,6 +222,10 @@ class DeltaValidation:
             if clipped is not None:
                 traffic.clipped += 1
                 delta = clipped
+            elif self.control is not None and msg.metadata.src_node_id in self._sent:
+                # (a clipped reply's change is not folded: its client's own c_i+ would not match it)
+                weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+                changes[id(msg)] = self.control.change(self._sent[msg.metadata.src_node_id], delta, weight)
             metrics_record = msg.content.metric_records[REPLY_METRICS_KEY]
             traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items()})  # type: ignore[arg-type]
             # Sums of many weighted updates are accumulated in float64 (cast back after aggregation).
@@ -275,7 +263,8 @@ class DeltaValidation:
             if isinstance(state.get("current_arrays"), ArrayRecord):  # FedAvgM's own copy: the published dtypes
                 self.current_arrays = arrays
             if self.control is not None:  # in the replies' sorted order: reproducible sums
-                self.control.update([changes[id(m)] for m in usable if id(m) in changes], self._population)
+                self.control.fold(server_round, [(m.metadata.src_node_id, changes[id(m)])
+                                                 for m in usable if id(m) in changes])
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
@@ -431,20 +420,20 @@ ValidatedHeteroRankLoraFedAvg = type("ValidatedHeteroRankLoraFedAvg", (DeltaVali
 
 
 def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options: dict[str, str] | None = None,
-                   lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None, scaffold: bool = False,
-                   **sampling: object) -> DeltaValidation:
+                   lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None,
+                   scaffold: TrainConfig | None = None, **sampling: object) -> DeltaValidation:
     """A validated Flower strategy by name, with algorithm options and sampling settings.
 
     With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space, and with
     `hetero` clients train per-client ranks; both replace FedAvg's array averaging, so
-    they combine with `fedavg` only. `scaffold` adds SCAFFOLD's control variates
-    (`fedpeft.server.scaffold`) to an averaging strategy.
+    they combine with `fedavg` only. `scaffold` (the clients' training settings) adds
+    SCAFFOLD's control variates (`fedpeft.server.scaffold`) to an averaging strategy.
     """
     parsed = parse_strategy_options(name, dict(options or {}))
     if (lora_svd_scaling is not None or hetero is not None) and name != "fedavg":
         raise ConfigError(f"{'heterogeneous-rank' if hetero else 'ΔW-space (svd)'} LoRA aggregation replaces "
                           f"FedAvg's averaging; use it with strategy 'fedavg', not {name!r}")
-    if scaffold and (lora_svd_scaling is not None or hetero is not None or name in ROBUST_AGGREGATORS):
+    if scaffold is not None and (lora_svd_scaling is not None or hetero is not None or name in ROBUST_AGGREGATORS):
         raise ConfigError(f"SCAFFOLD needs an averaging strategy over full-shape deltas, not {name!r} with "
                           f"{'heterogeneous ranks' if hetero else 'svd aggregation' if lora_svd_scaling else 'it'}")
     try:

@@ -177,6 +177,7 @@ def test_paths_given_as_flags_are_saved_absolute(tmp_path, monkeypatch):
     ({"federation": {"scaffold": True, "strategy": "krum"}}, "federation.scaffold cannot run with federation.strategy"),
     ({"federation": {"scaffold": True, "lora_aggregation": "svd"}},
      "federation.scaffold cannot run with federation.lora_aggregation = 'svd'"),
+    ({"federation": {"scaffold": True, "method": "adalora"}}, "federation.scaffold cannot run with federation.method"),
 ])
 def test_settings_that_would_be_ignored_or_are_malformed_are_refused(sections, fragment):
     with pytest.raises(ConfigError) as info:

@@ -143,11 +143,10 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert {(r.method, r.setting, r.seed) for r in rows} == {
         (m, s, 3) for m in ("lora", "ia3")
         for s in ("centralized", "centralized-seq", "dirichlet:1.0", "dirichlet:1.0+scaffold")}
-    # the control variate doubles the upload (the CSV keeps 3 decimals of MB)
+    # SCAFFOLD's control variate travels down only: the upload is the delta's
     scaffold = [r for r in rows if r.setting.endswith("+scaffold")]
     plain = {r.method: r for r in rows if r.setting == "dirichlet:1.0"}
-    assert all(r.upload_mb_per_client_round == pytest.approx(2 * plain[r.method].upload_mb_per_client_round, abs=2e-3)
-               for r in scaffold)
+    assert scaffold and all(r.upload_mb_per_client_round == plain[r.method].upload_mb_per_client_round for r in scaffold)
     federated = [r for r in rows if r.setting == "dirichlet:1.0"]
     assert all(r.best_round in (1, 2) and r.best_accuracy >= r.accuracy for r in federated)
     assert all(0 < r.majority_rate < 1 for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 
@@ -62,3 +63,5 @@ def test_resume_point_is_checked(tmp_path):
         _resume_point(_setup(tmp_path, rounds=1))
     with pytest.raises(ConfigError, match="cannot be resumed"):
         _resume_point(_setup(tmp_path, strategy="fedadam"))
+    with pytest.raises(ConfigError, match="SCAFFOLD cannot be resumed"):  # clients' c_i are not in the checkpoint
+        _resume_point(dataclasses.replace(_setup(tmp_path), scaffold=True))

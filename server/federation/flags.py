@@ -107,8 +107,8 @@ FLAGS: tuple[Flag, ...] = (
          "(the global rank is the max)", parse=ranks),
     Flag("clip_update_norm", "federation.clip_update_norm",
          "clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)"),
-    Flag("scaffold", "federation.scaffold", "SCAFFOLD drift correction: control variates travel with the delta and "
-         "correct every local step (doubles the bytes each way)"),
+    Flag("scaffold", "federation.scaffold", "SCAFFOLD drift correction: the server's control variate travels with "
+         "the global delta (doubling the download) and corrects every local step"),
     Flag("max_examples", "robust.max_examples", "largest num-examples a client reply may report"),
     Flag("examples_ratio", "robust.examples_ratio", "refuse a reply reporting more than this multiple of the round's "
          "median num-examples (0 = off)"),

@@ -79,10 +79,11 @@ class FederationSection:
     they declare (empty: all at the method's r)."""
     clip_update_norm: float = 0.0
     scaffold: bool = False
-    """SCAFFOLD drift correction: the server's control variate travels with the global delta,
-    each client corrects its local steps by it and returns the change of its own (as big as
-    the delta again, validated like it). With FedAvg-family strategies and naive/ffa LoRA
-    aggregation; not with SecAgg+, DP, envelopes or the split topology."""
+    """SCAFFOLD drift correction: the server's control variate travels with the global delta
+    (doubling the download), each client corrects its local steps by it; the server derives
+    each client's control variate change from its validated delta. With FedAvg-family
+    strategies and naive/ffa LoRA aggregation; not with SecAgg+, DP, envelopes, the split
+    topology or AdaLoRA; not resumable."""
     quantize: str = "auto"
     """4bit | none | auto: the coordinator's backbone and, in a simulation, every virtual client's.
     A deployed client holds its own backbone and picks its precision itself (`peft-client start
@@ -450,7 +451,7 @@ class RunSpec:
                                                       "would reach the server unmasked",
             "dp.enabled": self.dp.enabled and "the control variate changes are unclipped, un-noised local gradient "
                                               "information that DP's accounting does not cover",
-            "envelopes.enabled": self.envelopes.enabled and "sealed envelopes carry only the delta",
+            "envelopes.enabled": self.envelopes.enabled and "not tested together yet",
             "federation.topology": self.topology == "split" and "split clients train against the split server, "
                                                               "not a local delta",
             "federation.strategy": f.strategy in ROBUST_AGGREGATORS and (
@@ -458,6 +459,8 @@ class RunSpec:
                 "client could steer"),
             "federation.lora_aggregation": f.lora_aggregation not in ("naive", "ffa") and (
                 f"{f.lora_aggregation!r} does not average the trained tensors themselves"),
+            "federation.method": f.method == "adalora" and (
+                "AdaLoRA prunes singular values between steps, which the mean step would count as drift"),
         }
         return [f"federation.scaffold cannot run with "
                 f"{key} = {self.topology if key == 'federation.topology' else self.get(key)!r}: {reason}"
