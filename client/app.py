@@ -234,12 +234,15 @@ def _number(record: object, key: str, default: object, kind: type) -> Any:
 def build_client_app(setup: ClientSetup, dp: bool = False, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp bound to one local model location and data provider (simulation); with
     `dp`, Flower's `fixedclipping_mod` clips each update (the server's DP wrapper adds noise).
-    `mods` run outermost (the attack benchmark's malicious clients rewrite replies there)."""
+    `mods` run outside that (the attack benchmark's malicious clients rewrite replies there), inside
+    `codec_mod`, which decodes compressed broadcasts and encodes replies (`fedpeft.common.codecs.mod`)."""
     from flwr.clientapp.mod import fixedclipping_mod
 
     from fedpeft.client.flower_app import partition_query
+    from fedpeft.common.codecs.mod import codec_mod
 
-    app = ClientApp(mods=[*mods, *([fixedclipping_mod] if dp else [])])
+    # The codec mod runs outermost: mods inside it (an attack's, DP's clipping) see plain deltas.
+    app = ClientApp(mods=[codec_mod, *mods, *([fixedclipping_mod] if dp else [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -6,8 +6,9 @@ private data, the identity keys) lives in the long-lived trainer
 (`fedpeft.client.trainer_service`), reached at the node-config entry `trainer-address`.
 
 Three apps, one per server workflow (the server names the one to use in the FAB):
-- `plain_app`: Flower's Message API; seals the reply delta into a signed, encrypted
-  envelope when the server asks for it (`seal_mod`);
+- `plain_app`: Flower's Message API; compresses the update when the run has codecs
+  (`fedpeft.common.codecs.mod.codec_mod`) and seals the reply delta into a signed,
+  encrypted envelope when the server asks for it (`seal_mod`);
 - `dp_app`: as `plain_app`, with Flower's `fixedclipping_mod` clipping the update first
   (central DP with client-side clipping; the server adds the noise);
 - `secagg_app`: Flower's legacy SecAgg+ path (`secaggplus_mod`), which masks the delta
@@ -27,6 +28,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Parameters, Status
 from flwr.compat.common import recorddict_compat as compat
 
+from fedpeft.common.codecs.mod import codec_mod
 from fedpeft.common.protocol.control_variates import SERVER_CONTROL_KEY, accepted_round, begin_round, end_round
 from fedpeft.common.wire import trainer as wire
 
@@ -200,6 +202,8 @@ def _secagg_mods() -> list:  # type: ignore[type-arg]
     return [secaggplus_mod]
 
 
-plain_app = _build([seal_mod])
-dp_app = _build([seal_mod, fixedclipping_mod])
+# codec_mod inside seal_mod (the envelope seals the compressed update) and outside Flower's
+# clipping (the clipped update is what is encoded).
+plain_app = _build([seal_mod, codec_mod])
+dp_app = _build([seal_mod, codec_mod, fixedclipping_mod])
 secagg_app = _build(_secagg_mods(), legacy=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedpeft.client.app import ClientSetup
 from fedpeft.client.trainer_service import TrainerState, serve_trainer, socket_address
+from fedpeft.common.codecs.feedback import STATE_DIR_KEY
 from fedpeft.common.data.builtin_task import builtin_splits
 from fedpeft.common.data.partition import PartitionSpec, partition_records
 from fedpeft.common.data.records import Record, read_records
@@ -140,6 +141,8 @@ def run_client(options: ClientOptions) -> int:
     cmd = supernode_command(superlink=options.superlink, root_cert=options.root_cert, auth_key=auth_key,
                             clientappio_port=options.clientappio_port,
                             node_config={"trainer-address": socket_address(sock),
+                                         # where error-feedback residuals outlive a restart (fedpeft.common.codecs.feedback)
+                                         STATE_DIR_KEY: str((options.workdir / "state").resolve()),
                                          # declared only when known: the server orders per-client ranks by it
                                          **({"partition-id": partition} if declared else {}),
                                          # what fedpeft.simulations.harness.inprocess_client_app needs (the benchmark's baseline)

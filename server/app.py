@@ -26,6 +26,7 @@ from fedpeft.common.model.quantization import Quantize
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
 from fedpeft.common.protocol.plan import PLAN_KEY, FederationPlan
 from fedpeft.common.training.objectives import objective_for
+from fedpeft.server.compression import Compression
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
@@ -96,6 +97,8 @@ class ServerSetup:
     """What the topology adds (see `fedpeft.server.federation.topologies`); None = plain FL."""
     full_model_dir: str = ""
     """The model the federation fine-tunes, when clients hold another (offsite: the emulator's source)."""
+    compression: Compression | None = None
+    """Codecs of the deltas on the wire (`fedpeft.server.compression`); None: plain fp32 arrays."""
 
     def model_context(self):  # -> ModelContext
         from fedpeft.server.federation.topologies import ModelContext
@@ -132,7 +135,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         strategy = build_dp_strategy(spec=adapted.spec, max_delta_bytes=setup.max_delta_bytes,
                                      min_accepted=setup.min_accepted, clip_update_norm=setup.clip_update_norm,
                                      robust=setup.robust, dp=setup.dp, clients_per_round=setup.clients_per_round,
-                                     population=setup.num_clients)
+                                     population=setup.num_clients, compression=setup.compression)
     else:
         strategy = build_strategy(
             setup.strategy,
@@ -143,6 +146,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             lora_svd_scaling=setup.lora_svd_scaling,
             hetero=setup.hetero,
             scaffold=TrainConfig(**setup.train) if setup.scaffold else None,
+            compression=setup.compression,
             clip_update_norm=setup.clip_update_norm,
             robust=setup.robust,
             fraction_train=setup.clients_per_round / setup.num_clients,
@@ -179,6 +183,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             "eval_seconds": time.perf_counter() - t0,
             "bytes_up": traffic.bytes_up if traffic else 0,
             "bytes_down": traffic.bytes_down if traffic else 0,
+            "bytes_up_raw": traffic.bytes_up_raw if traffic else 0,
+            "bytes_down_raw": traffic.bytes_down_raw if traffic else 0,
             "seconds": traffic.seconds if traffic else 0.0,
             "elapsed": time.perf_counter() - started,
             "clients_sampled": traffic.sent if traffic else 0,
@@ -228,7 +234,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     train_config: dict[str, Any] = {PLAN_KEY: plan.to_json()}
     if setup.envelopes is not None:
         identity, trusted = setup.envelopes
-        opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=adapted.spec,
+        sealed_spec = (setup.compression.wire_spec(adapted.spec)  # a sealed upload is the encoded payload
+                       if setup.compression is not None and setup.compression.upload is not None else adapted.spec)
+        opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=sealed_spec,
                                 replay_path=out_dir / "replay-guard.json", robust=setup.robust)
         strategy.unseal = opener
         train_config.update(opener.seal_config(setup.method))

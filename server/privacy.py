@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.plan import UNIT_WEIGHT_KEY
+from fedpeft.server.compression import Compression
 from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import DeltaValidation
 
@@ -66,7 +67,8 @@ class ValidatedDpFedAvg(DeltaValidation, GuardedDpClientSideFixedClipping):
 
 def build_dp_strategy(*, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int, clip_update_norm: float,
                       dp: DpSection, clients_per_round: int, population: int,
-                      robust: RobustSettings | None = None) -> ValidatedDpFedAvg:
+                      robust: RobustSettings | None = None,
+                      compression: Compression | None = None) -> ValidatedDpFedAvg:
     """The DP strategy for a run: exactly `clients_per_round` sampled, unweighted mean."""
     try:
         accountant = RdpAccountant(PrivacyConfig(
@@ -79,10 +81,11 @@ def build_dp_strategy(*, spec: DeltaSpec, max_delta_bytes: int, min_accepted: in
     inner = FedAvg(fraction_train=1e-9, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
                    min_available_nodes=population, weighted_by_key=UNIT_WEIGHT_KEY)
     # The server clips too: a client that skips its fixedclipping_mod cannot exceed the bound
-    # the noise is calibrated to.
+    # the noise is calibrated to, and neither can a decoded update that a lossy codec's rounding
+    # and error feedback carried past it (the client clips before encoding).
     bound = min(clip_update_norm, dp.clipping_norm) if clip_update_norm > 0 else dp.clipping_norm
     strategy = ValidatedDpFedAvg(spec=spec, max_delta_bytes=max_delta_bytes, min_accepted=min_accepted,
-                                 clip_update_norm=bound, robust=robust, strategy=inner,
+                                 clip_update_norm=bound, robust=robust, strategy=inner, compression=compression,
                                  noise_multiplier=dp.noise_multiplier, clipping_norm=dp.clipping_norm,
                                  num_sampled_clients=clients_per_round, accountant=accountant)
     strategy.all_or_nothing = True

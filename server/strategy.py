@@ -49,6 +49,7 @@ from fedpeft.common.protocol.control_variates import ACCEPTED_KEY, SERVER_CONTRO
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
+from fedpeft.server.compression import Compression, plain_nbytes
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
@@ -64,6 +65,10 @@ class RoundTraffic:
     started: float = field(default_factory=time.perf_counter)
     bytes_down: int = 0
     bytes_up: int = 0
+    bytes_down_raw: int = 0
+    """What the broadcast would have been as plain fp32 arrays (= bytes_down without a download codec)."""
+    bytes_up_raw: int = 0
+    """What the replies' deltas would have been as plain arrays (= bytes_up without an upload codec)."""
     sent: int = 0
     accepted: int = 0
     rejected: list[str] = field(default_factory=list)
@@ -81,7 +86,8 @@ class DeltaValidation:
 
     def __init__(self, *, spec: DeltaSpec, max_delta_bytes: int, min_accepted: int = 1,
                  clip_update_norm: float = 0.0, robust: RobustSettings | None = None,
-                 scaffold: TrainConfig | None = None, **kwargs: object) -> None:
+                 scaffold: TrainConfig | None = None, compression: Compression | None = None,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[call-arg]
         if not (clip_update_norm >= 0 and math.isfinite(clip_update_norm)):
             raise ConfigError(f"clip_update_norm must be a finite number >= 0, got {clip_update_norm}")
@@ -107,6 +113,8 @@ class DeltaValidation:
         #: SCAFFOLD's server control variate over the federation's clients (None: no drift correction).
         self.control = (ServerControl(spec, int(kwargs.get("min_available_nodes", 0)), scaffold)  # type: ignore[call-overload]
                         if scaffold is not None else None)
+        #: The run's delta codecs (`fedpeft.server.compression`); None: plain fp32 arrays both ways.
+        self.compression = compression
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -114,15 +122,26 @@ class DeltaValidation:
         if self._rounds_configured and not self.all_or_nothing:
             relax_minimums(self, "min_train_nodes", "min_available_nodes", self.min_accepted)
         self._rounds_configured += 1
+        if self.compression is not None:
+            config = ConfigRecord({**dict(config), **self.compression.config()})
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         self._sent = {}
-        if self.clip_update_norm > 0 or self.robust.needs_updates or self.control is not None:
+        uploads_encoded = self.compression is not None and self.compression.upload is not None
+        if self.clip_update_norm > 0 or self.robust.needs_updates or self.control is not None or uploads_encoded:
             decoded: dict[int, dict[str, torch.Tensor]] = {}  # messages usually share one record
             for msg, record in zip(messages, downlinks, strict=True):
                 if id(record) not in decoded:
                     decoded[id(record)] = dict(delta_from_arrayrecord(record))
                 self._sent[msg.metadata.dst_node_id] = decoded[id(record)]
+        bytes_down_raw = sum(record_bytes(r) for r in downlinks)
+        if self.compression is not None and self.compression.download is not None:
+            encoded: dict[int, ArrayRecord] = {}
+            for msg, record in zip(messages, downlinks, strict=True):
+                if id(record) not in encoded:
+                    encoded[id(record)] = self.compression.encode_broadcast(record)
+                msg.content[self.arrayrecord_key] = encoded[id(record)]  # type: ignore[attr-defined]
+            downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         bytes_down = sum(record_bytes(r) for r in downlinks)
         if self.control is not None:  # c travels beside the global delta (one shared record), with each
             control = self.control.record()  # node's accepted round (its own content)
@@ -130,7 +149,9 @@ class DeltaValidation:
                 msg.content = RecordDict({**dict(msg.content.items()), SERVER_CONTROL_KEY: control,
                                           ACCEPTED_KEY: self.control.node_config(msg.metadata.dst_node_id)})
             bytes_down += record_bytes(control) * len(messages)
-        self.traffic[server_round] = RoundTraffic(bytes_down=bytes_down, sent=len(messages))
+            bytes_down_raw += record_bytes(control) * len(messages)
+        self.traffic[server_round] = RoundTraffic(bytes_down=bytes_down, bytes_down_raw=bytes_down_raw,
+                                                  sent=len(messages))
         return messages
 
     def _expected_spec(self, node_id: int) -> DeltaSpec:
@@ -153,9 +174,17 @@ class DeltaValidation:
         problem = metric_problem(content.metric_records[REPLY_METRICS_KEY], self.robust)
         if problem:
             return problem, None
+        node = msg.metadata.src_node_id
         try:
-            delta = delta_from_arrayrecord(content.array_records[REPLY_ARRAYS_KEY], self.max_delta_bytes)
-            self._expected_spec(msg.metadata.src_node_id).validate(delta, source="client delta")
+            record = content.array_records[REPLY_ARRAYS_KEY]
+            if self.compression is not None and self.compression.upload is not None:
+                if node not in self._sent:
+                    return "reply from a node this round sent no global delta to", None
+                delta = self.compression.decode_reply(record, self._sent[node], self._expected_spec(node),
+                                                      self.max_delta_bytes)
+            else:
+                delta = delta_from_arrayrecord(record, self.max_delta_bytes)
+            self._expected_spec(node).validate(delta, source="client delta")
         except DeltaError as exc:
             return str(exc), None
         problem = value_problem(delta, self.robust)
@@ -206,6 +235,9 @@ class DeltaValidation:
                 usable.append(msg)  # Flower logs error replies and skips them
                 continue
             traffic.bytes_up += _reply_bytes(msg)
+            traffic.bytes_up_raw += (plain_nbytes(self._expected_spec(msg.metadata.src_node_id))
+                                     if self.compression is not None and self.compression.upload is not None
+                                     else _reply_bytes(msg))
             problem = self.unseal(msg, server_round) if self.unseal is not None else None
             problem, delta = (problem, None) if problem else self._check_reply(msg)
             if delta is not None:
@@ -421,7 +453,8 @@ ValidatedHeteroRankLoraFedAvg = type("ValidatedHeteroRankLoraFedAvg", (DeltaVali
 
 def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options: dict[str, str] | None = None,
                    lora_svd_scaling: float | None = None, hetero: HeteroRanks | None = None,
-                   scaffold: TrainConfig | None = None, **sampling: object) -> DeltaValidation:
+                   scaffold: TrainConfig | None = None, compression: Compression | None = None,
+                   **sampling: object) -> DeltaValidation:
     """A validated Flower strategy by name, with algorithm options and sampling settings.
 
     With `lora_svd_scaling` (alpha / r) LoRA modules are aggregated in ΔW space, and with
@@ -440,10 +473,11 @@ def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options:
         if hetero is not None:
             return ValidatedHeteroRankLoraFedAvg(  # type: ignore[return-value]
                 spec=spec, max_delta_bytes=max_delta_bytes, mode=hetero.mode, ranks=hetero.ranks,
-                scaling=hetero.scaling, **sampling)
+                scaling=hetero.scaling, compression=compression, **sampling)
         if lora_svd_scaling is not None:
             return ValidatedLoraSvdFedAvg(spec=spec, max_delta_bytes=max_delta_bytes,  # type: ignore[return-value]
-                                          lora_scaling=lora_svd_scaling, **sampling)
-        return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, scaffold=scaffold, **sampling, **parsed)  # type: ignore[return-value]
+                                          lora_scaling=lora_svd_scaling, compression=compression, **sampling)
+        return STRATEGIES[name](spec=spec, max_delta_bytes=max_delta_bytes, scaffold=scaffold,  # type: ignore[return-value]
+                                compression=compression, **sampling, **parsed)  # type: ignore[return-value]
     except ValueError as exc:  # Flower validates some options itself (e.g. FedTrimmedAvg beta)
         raise ConfigError(f"strategy {name!r}: {exc}") from exc

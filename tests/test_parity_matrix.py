@@ -49,6 +49,8 @@ CASES: dict[str, dict] = {
     "fedprox": {"federation": {"strategy": "fedprox", "strategy_options": {"proximal_mu": 0.5}, **ONE_ROUND}},
     # two rounds: round 2 is the first whose correction c - c_i is not zero (each node's c_i kept in Flower's state)
     "scaffold": {"federation": {"scaffold": True}},
+    # two rounds: round 2 sends the error-feedback residual kept from round 1; stochastic rounding seeded alike
+    "compressed": {"compression": {"upload": "topk:0.25+int8", "download": "bf16"}},
     "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
 }
 SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
@@ -57,6 +59,7 @@ REFUSED = {  # case: (sections, a fragment of the problem both drivers name)
                       "strategy 'fedprox' is not supported"),
     "scaffold-fedmedian": ({"federation": {"scaffold": True, "strategy": "fedmedian"}},
                            "federation.scaffold cannot run with federation.strategy = 'fedmedian'"),
+    "topk-broadcast": ({"compression": {"download": "topk:0.1"}}, "compression.download 'topk:0.1': the broadcast"),
 }
 
 
@@ -185,8 +188,15 @@ def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch
     if name.startswith("svd"):  # the rank-r refactoring error is measured and logged every round
         assert all(0.0 <= r["svd_max_relative_error"] < 1.0 for r in rows[1:])
     if name == "ffa":  # A frozen at the shared seed (clients built the server's A): only B is federated
-        names = load_delta_file(run_dir / "checkpoints" / "global-round-0001.safetensors").keys()
-        assert names and all(".lora_B." in n for n in names)
+        from fedpeft.common.protocol.flower_io import delta_to_arrayrecord, record_bytes
+
+        global_delta = load_delta_file(run_dir / "checkpoints" / "global-round-0001.safetensors")
+        assert global_delta and all(".lora_B." in n for n in global_delta)
+        # ... and only B's bytes cross the wire, each way
+        assert all(r["bytes_up"] == r["bytes_down"] == CLIENTS * record_bytes(delta_to_arrayrecord(global_delta))
+                   for r in rows[1:])
+    if name == "compressed":  # both directions encoded: the rows count encoded and plain bytes
+        assert all(r["bytes_up"] * 4 < r["bytes_up_raw"] and r["bytes_down"] * 1.5 < r["bytes_down_raw"] for r in rows[1:])
     if name == "flexlora":  # each rank's factors carry their own measured error; a lower rank loses more
         ranks = sorted(CASES[name]["federation"]["client_ranks"])
         for row in rows[1:]:

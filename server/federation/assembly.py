@@ -141,6 +141,7 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         hetero=spec.hetero_ranks(method_config),
         secagg=spec.secagg if spec.secagg.enabled else None,
         dp=spec.dp if spec.dp.enabled else None,
-        envelopes=envelopes, publish=spec.registry_target(run_dir.name), topology=topology, on_complete=on_complete)
+        envelopes=envelopes, publish=spec.registry_target(run_dir.name), topology=topology, on_complete=on_complete,
+        compression=spec.compression_settings())
     return Federation(spec=spec, run_dir=run_dir, data=data, models=server.model_context(), topology=topology,
                       server=server, partitions=partitions)

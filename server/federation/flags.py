@@ -109,6 +109,12 @@ FLAGS: tuple[Flag, ...] = (
          "clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)"),
     Flag("scaffold", "federation.scaffold", "SCAFFOLD drift correction: the server's control variate travels with "
          "the global delta (doubling the download) and corrects every local step"),
+    Flag("upload_codec", "compression.upload", "compress each client's update on the wire: none, fp16, bf16, int8, "
+         "nf4, fp4 or topk:F[+CODEC] (e.g. topk:0.1+int8)"),
+    Flag("download_codec", "compression.download", "compress the broadcast global delta: none, fp16, bf16, int8, "
+         "nf4, fp4"),
+    Flag("error_feedback", "compression.error_feedback", "clients keep what a lossy upload codec dropped and send it "
+         "with their next update (--no-error-feedback: drop it)"),
     Flag("max_examples", "robust.max_examples", "largest num-examples a client reply may report"),
     Flag("examples_ratio", "robust.examples_ratio", "refuse a reply reporting more than this multiple of the round's "
          "median num-examples (0 = off)"),

@@ -20,7 +20,7 @@ is refused here, for that driver, instead of being ignored.
     enabled = true
 
 Sections: federation, training, task, robust, simulation, secagg, dp, envelopes, registry,
-offsite, split (see the README's "Run spec" table).
+offsite, split, compression (see the README's "Run spec" table).
 """
 
 from __future__ import annotations
@@ -177,6 +177,21 @@ class EnvelopeSection:
 
 
 @dataclass
+class CompressionSection:
+    """Codecs for the deltas on the wire (`fedpeft.common.codecs`): none | fp32 | fp16 | bf16 |
+    int8 | nf4 | fp4 | topk:F[+CODEC]."""
+
+    upload: str = "none"
+    """Each client's update (its trained delta minus the global delta it received)."""
+    download: str = "none"
+    """The global delta the server broadcasts (dense codecs only: every client needs all of it)."""
+    error_feedback: bool = True
+    """Clients keep what a lossy upload codec dropped and add it to their next update."""
+    stochastic_rounding: bool = True
+    """int8 and 4-bit upload codes round stochastically (unbiased), seeded by run, node and round."""
+
+
+@dataclass
 class RegistrySection:
     """Publish the global adapter to an adapter registry after every round (`peft-server serve` hot-loads it)."""
 
@@ -220,7 +235,7 @@ SECTIONS: dict[str, type] = {"federation": FederationSection, "training": TrainC
                              "robust": RobustSettings,
                              "simulation": SimulationSection, "secagg": SecAggSection, "dp": DpSection,
                              "envelopes": EnvelopeSection, "registry": RegistrySection, "offsite": OffsiteSettings,
-                             "split": SplitSection}
+                             "split": SplitSection, "compression": CompressionSection}
 # Settings only one driver can honour: the other refuses them when they differ from the default.
 SIMULATION_ONLY: tuple[str, ...] = ("task.train_data", "task.partition", "task.train_limit", "task.builtin_train_rows",
                                     "simulation.cpus_per_client", "simulation.gpus_per_client")
@@ -255,6 +270,7 @@ class RunSpec:
     registry: RegistrySection = field(default_factory=RegistrySection)
     offsite: OffsiteSettings = field(default_factory=OffsiteSettings)
     split: SplitSection = field(default_factory=SplitSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
     source: str = "<defaults>"
 
     # ---- reading -----------------------------------------------------------------------------
@@ -438,6 +454,35 @@ class RunSpec:
                 elif not Path(value).is_dir():
                     found.append(f"envelopes.{key}: directory {value} does not exist")
         found += self._registry_problems()
+        found += self._compression_problems()
+        return found
+
+    def _compression_problems(self) -> list[str]:
+        """Codecs that parse, and only where the deltas they compress are what the server aggregates."""
+        from fedpeft.common.codecs import Codec, CodecError
+
+        c, found = self.compression, []
+        for key in ("upload", "download"):
+            name = getattr(c, key)
+            if name != "none":
+                try:
+                    codec = Codec.parse(name, f"compression.{key}")
+                except CodecError as exc:
+                    found.append(str(exc))
+                    continue
+                if key == "download" and codec.topk is not None:
+                    found.append(f"compression.download {name!r}: the broadcast is the whole global delta, which every "
+                                 "client needs; top-k sparsifies updates (use it for compression.upload)")
+        if c.upload == "none" and c.download == "none":
+            return found
+        why = {
+            "secagg.enabled": self.secagg.enabled and "SecAgg+ masks each client's quantized delta itself; a codec "
+                                                      "would change what the masks sum over",
+            "federation.topology": self.topology == "split" and "split clients train against the split server",
+            "federation.scaffold": self.federation.scaffold and "not tested together yet",
+        }
+        found += [f"compression cannot run with {key} = {self.topology if key == 'federation.topology' else self.get(key)!r}: "
+                  f"{reason}" for key, reason in why.items() if reason]
         return found
 
     def _scaffold_problems(self) -> list[str]:
@@ -565,6 +610,13 @@ class RunSpec:
         if self.secagg.enabled:
             return "secagg"
         return "dp" if self.dp.enabled else "plain"
+
+    def compression_settings(self):  # -> Compression | None
+        """The run's codecs (None when neither direction is compressed)."""
+        from fedpeft.server.compression import Compression
+
+        c = self.compression
+        return Compression.from_names(c.upload, c.download, c.error_feedback, c.stochastic_rounding, self.federation.seed)
 
     def reply_bounds(self) -> RobustSettings:
         """The reply bounds the strategy enforces: `[robust]`, except that under DP every update

@@ -1,0 +1,87 @@
+"""The server side of compressed deltas: encode the broadcast, decode each reply's update.
+
+Clients reply with their *update* encoded by the run's upload codec
+(`fedpeft.common.codecs.mod`); the server decodes it against the method's layout (the
+reply's node's, with per-client ranks), adds it to the exact global delta that node was
+sent and hands the strategy an ordinary delta, so validation, clipping, robust bounds
+and every aggregation mode work on compressed runs unchanged. A reply that does not
+decode completely is refused with the reason and costs only that client's update.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedpeft.common.codecs import Codec, decode, encode, payload_nbytes
+from fedpeft.common.codecs.mod import ENCODED_ARRAY, codec_config, encoded_record, payload_of
+from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A run's codecs (either may be None: that direction travels as plain fp32 arrays)."""
+
+    upload: Codec | None = None
+    download: Codec | None = None
+    error_feedback: bool = True
+    stochastic_rounding: bool = True
+    seed: int = 0
+    """The run's seed: with the client's partition and the round, it seeds stochastic rounding."""
+
+    @classmethod
+    def from_names(cls, upload: str, download: str, error_feedback: bool = True,
+                   stochastic_rounding: bool = True, seed: int = 0) -> Compression | None:
+        up = None if upload == "none" else Codec.parse(upload, "compression.upload")
+        down = None if download == "none" else Codec.parse(download, "compression.download")
+        if up is None and down is None:
+            return None
+        return cls(up, down, error_feedback, stochastic_rounding, seed)
+
+    def config(self) -> dict[str, str | bool | int]:
+        """What each train message's config tells clients."""
+        return codec_config(self.upload, self.download, self.error_feedback, self.stochastic_rounding, self.seed)
+
+    def encode_broadcast(self, record: ArrayRecord) -> ArrayRecord:
+        """The global delta `record` in the download codec (deterministic rounding: every client gets the same)."""
+        assert self.download is not None
+        values = OrderedDict((n, t.float().numpy()) for n, t in delta_from_arrayrecord(record).items())
+        payload, _ = encode(self.download, values)
+        return encoded_record(payload)
+
+    def wire_spec(self, spec: DeltaSpec) -> DeltaSpec:
+        """What an upload looks like as tensors (one uint8 payload of the exact encoded size): the
+        spec sealed envelopes are opened against."""
+        assert self.upload is not None
+        size = payload_nbytes(self.upload, _layout(spec))
+        return DeltaSpec(OrderedDict({ENCODED_ARRAY: TensorSpec((size,), torch.uint8)}))
+
+    def decode_reply(self, record: ArrayRecord, sent: Mapping[str, torch.Tensor], spec: DeltaSpec,
+                     max_bytes: int) -> OrderedDict[str, torch.Tensor]:
+        """The delta a reply stands for: the global delta its node was sent plus its decoded update."""
+        assert self.upload is not None
+        update = decode(payload_of(record), self.upload, _layout(spec), max_bytes)
+        return OrderedDict((n, (sent[n].float() + torch.from_numpy(np.ascontiguousarray(u))).to(spec.tensors[n].dtype))
+                           for n, u in update.items())
+
+
+def plain_nbytes(spec: DeltaSpec) -> int:
+    """Bytes of `spec`'s delta as the plain ArrayRecord an uncompressed run sends (.npy headers included)."""
+    key = tuple((n, s.shape, str(s.dtype)) for n, s in spec.tensors.items())
+    if key not in _PLAIN_NBYTES:
+        empty = OrderedDict((n, torch.empty(s.shape, dtype=s.dtype)) for n, s in spec.tensors.items())
+        _PLAIN_NBYTES[key] = record_bytes(delta_to_arrayrecord(empty))
+    return _PLAIN_NBYTES[key]
+
+
+_PLAIN_NBYTES: dict[tuple, int] = {}
+
+
+def _layout(spec: DeltaSpec) -> OrderedDict[str, tuple[int, ...]]:
+    return OrderedDict((n, s.shape) for n, s in spec.tensors.items())
