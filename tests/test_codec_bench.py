@@ -33,3 +33,13 @@ def test_a_tiny_codec_benchmark_compares_bytes_and_accuracy_with_fp32(tiny_model
     rounds = list(csv.DictReader((out / "rounds.csv").open()))
     assert len(rounds) == 2 * 3 and float(rounds[-1]["cumulative_mb_up"]) > 0
     assert "topk:0.25+int8 / bf16" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0
+
+
+def test_sizes_print_what_each_codec_sends_for_the_real_delta(tiny_model_dir, capsys):
+    assert main(["--sizes", "--model", str(tiny_model_dir), "--method", "lora", "--method-opt", "r=4",
+                 "--codecs", "int8,topk:0.1+int8/bf16"]) == 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| codec")]
+    assert [line.split(" | ")[0] for line in lines] == ["| fp32 (none)", "| int8", "| topk:0.1+int8 / bf16"]
+    ratios = [float(line.split(" | ")[3]) for line in lines]
+    assert ratios[0] == 1.0 and 3.0 < ratios[1] < 4.0 and ratios[2] > 6

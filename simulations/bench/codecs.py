@@ -14,6 +14,11 @@ uploaded, one line per codec; all rewritten after every run.
 
     peft-bench-codecs --data ../shared/data/sst2/train.tsv --eval-data ../shared/data/sst2/dev.tsv \\
         --codecs none,fp16,int8,nf4,topk:0.1+int8,topk:0.05+nf4/bf16 --out runs/bench-codecs
+
+`--sizes` only prints what one client sends and receives per round with each codec for a
+model and method (the sizes follow from the delta's shapes), e.g. for the default job:
+
+    peft-bench-codecs --sizes --model smollm2-135m-instruct --method lora
 """
 
 from __future__ import annotations
@@ -100,6 +105,40 @@ def full_model_bytes(model: str) -> int:
                     count *= dim
                 total += 4 * count
     return total
+
+
+def size_table(model: str, method: str, settings: Sequence[str], num_labels: int | None = None,
+               options: dict[str, str] | None = None) -> str:
+    """Bytes one client sends and receives per round with each codec setting, for the real delta of
+    `method` on `model` (no training: the sizes follow from the shapes), against fp32 and a full
+    fp32 model upload."""
+    from collections import OrderedDict
+
+    from fedpeft.common.codecs import Codec, payload_nbytes
+    from fedpeft.common.methods import make_config
+    from fedpeft.common.model.adapted import AdaptedModel
+    from fedpeft.common.model.base_model import resolve_model_dir
+    from fedpeft.server.compression import plain_nbytes
+
+    adapted = AdaptedModel.load(resolve_model_dir(model), "none", method, make_config(method, options or {}),
+                                num_labels=num_labels)
+    spec = adapted.spec
+    layout = OrderedDict((n, s.shape) for n, s in spec.tensors.items())
+    plain, full = plain_nbytes(spec), full_model_bytes(model)
+
+    def size(name: str) -> int:
+        return plain if not name or name == BASELINE else payload_nbytes(Codec.parse(name), layout)
+
+    lines = [f"**{method} on {model}: {spec.num_parameters:,} trainable parameters in {len(layout)} tensors; "
+             f"full model {full / 1e6:,.1f} MB in fp32**", "",
+             "| codec (up / down) | MB up per client-round | MB down | up: x fewer than fp32 | "
+             "up: x fewer than full model |", "|---|---|---|---|---|"]
+    for setting in settings:
+        upload, _, download = setting.partition("/")
+        up, down = size(upload), size(download)
+        label = "fp32 (none)" if setting == BASELINE else setting.replace("/", " / ")
+        lines.append(f"| {label} | {up / 1e6:.3f} | {down / 1e6:.3f} | {plain / up:.1f} | {full / up:,.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_codec(base: Any, setting: str, seed: int, out_dir: Path) -> CodecRun:
@@ -233,8 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--builtin-train-rows", type=int, default=800)
     p.add_argument("--quantize", default="none")
     p.add_argument("--out", default="runs/bench-codecs")
+    p.add_argument("--sizes", action="store_true", help="only print what each codec sends for this model and method "
+                   "(no training)")
+    p.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE", help="method option (with --sizes)")
     args = p.parse_args(argv)
     setup_logging()
+    if args.sizes:
+        try:
+            options = dict(o.split("=", 1) for o in args.method_opt)
+            print(size_table(args.model, args.method, parse_codecs(args.codecs), options=options))
+        except (FedPeftError, ValueError) as exc:
+            print(f"peft-bench-codecs: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     out_dir = Path(args.out)
     runs: list[CodecRun] = []
     try:
