@@ -195,6 +195,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         }
         if result.accuracy is not None:
             row["eval_accuracy"] = result.accuracy
+        if setup.compression is not None and traffic:  # how many times fewer bytes than plain fp32 arrays
+            row["compression_up"] = traffic.bytes_up_raw / traffic.bytes_up if traffic.bytes_up else 1.0
+            row["compression_down"] = traffic.bytes_down_raw / traffic.bytes_down if traffic.bytes_down else 1.0
         topology.round_metrics(row)
         refactor_errors = getattr(strategy, "refactor_errors", {})
         if server_round in refactor_errors:
@@ -224,8 +227,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             except (FedPeftError, OSError) as exc:  # serving misses one version; training goes on
                 log.error("round %d: publishing to %s failed: %s", server_round, setup.publish.registry_dir, exc)
         acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
-        log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB | %.1f s", server_round, setup.num_rounds,
-                 result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, row["seconds"])
+        ratios = (f" (x{row['compression_up']:.1f} / x{row['compression_down']:.1f} smaller than fp32)"
+                  if "compression_up" in row else "")
+        log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB%s | %.1f s", server_round, setup.num_rounds,
+                 result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, ratios, row["seconds"])
         metrics: dict[str, float] = {"eval-loss": result.loss}
         if result.accuracy is not None:
             metrics["eval-accuracy"] = result.accuracy
@@ -242,6 +247,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         train_config.update(opener.seal_config(setup.method))
     final_arrays: ArrayRecord | None
     if setup.secagg is not None:
+        if setup.compression is not None:  # (the run spec refuses it; a hand-built setup must not drop it silently)
+            raise ConfigError("SecAgg+ cannot run with compressed deltas: it quantizes and masks the delta itself")
         secagg_strategy = SecAggFedAvg(
             spec=adapted.spec, initial=dict(initial), plan_json=plan.to_json(), settings=setup.secagg,
             min_accepted=setup.min_accepted, round_offset=offset, evaluate_global=evaluate_global,

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fedpeft.common.codecs import Codec, decode, encode, payload_nbytes
-from fedpeft.common.codecs.mod import ENCODED_ARRAY, codec_config, encoded_record, payload_of
+from fedpeft.common.codecs import Codec, CodecError, decode, encode, payload_nbytes
+from fedpeft.common.codecs.mod import ENCODED_ARRAY, MAX_DOWNLINK_BYTES, codec_config, encoded_record, payload_of
+from fedpeft.common.errors import FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 
@@ -52,7 +53,14 @@ class Compression:
         """The global delta `record` in the download codec (deterministic rounding: every client gets the same)."""
         assert self.download is not None
         values = OrderedDict((n, t.float().numpy()) for n, t in delta_from_arrayrecord(record).items())
-        payload, _ = encode(self.download, values)
+        try:
+            payload, _ = encode(self.download, values)
+        except CodecError as exc:
+            raise FederationError(f"cannot encode the global delta with compression.download "
+                                  f"{self.download.name!r}: {exc}") from None
+        if len(payload) > MAX_DOWNLINK_BYTES:
+            raise FederationError(f"the encoded global delta has {len(payload)} bytes, more than clients accept "
+                                  f"({MAX_DOWNLINK_BYTES})")
         return encoded_record(payload)
 
     def wire_spec(self, spec: DeltaSpec) -> DeltaSpec:

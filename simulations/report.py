@@ -24,6 +24,10 @@ def before_after_table(rows: Sequence[dict[str, Any]]) -> str:
     up = sum(r.get("bytes_up", 0) for r in rows)
     down = sum(r.get("bytes_down", 0) for r in rows)
     lines.append(f"| bytes up / down (all rounds) | | {up / 1e6:.2f} MB / {down / 1e6:.2f} MB | |")
+    raw_up, raw_down = (sum(r.get(k, 0) for r in rows) for k in ("bytes_up_raw", "bytes_down_raw"))
+    if any("compression_up" in r for r in rows) and up and down:  # a compressed run: what plain fp32 would have sent
+        lines.append(f"| as plain fp32 (compression) | | {raw_up / 1e6:.2f} MB / {raw_down / 1e6:.2f} MB | "
+                     f"x{raw_up / up:.1f} / x{raw_down / down:.1f} |")
     return "\n".join(lines)
 
 

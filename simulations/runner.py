@@ -88,7 +88,7 @@ def run_simulation(spec: RunSpec, out: str | Path | None = None, *, resume: str 
     continue that run dir from its last completed round with its saved spec.
 
     `on_complete` receives the server's in-process model with the final adapter. `client_mods`
-    are Flower ClientApp mods every virtual client runs outermost (the attack benchmark's
+    are Flower ClientApp mods every virtual client runs, inside the codec mod (the attack benchmark's
     malicious clients rewrite their replies there).
     """
     if resume is not None:

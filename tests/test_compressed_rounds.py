@@ -189,6 +189,8 @@ def test_a_sealed_envelope_carries_the_compressed_update(tmp_path):
      "compression cannot run with federation.scaffold = True"),
     ("simulation", {"compression": {"upload": "int8"}, "federation": {"topology": "split"}},
      "compression cannot run with federation.topology = 'split'"),
+    ("simulation", {"compression": {"error_feedback": False}},
+     "compression.error_feedback is set, but would be ignored without compression.upload"),
     ("deployment", {"compression": {"upload": "int8"}, "secagg": {"enabled": True}, "federation": {"clients": 3}},
      "compression cannot run with secagg.enabled = True"),
 ])

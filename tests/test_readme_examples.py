@@ -276,3 +276,24 @@ def test_serving_example_runs_as_written(processes, tiny_model_dir, tmp_path):
     os.killpg(server.pid, signal.SIGTERM)
     assert server.wait(timeout=60) == 0, tail(serve_log)
     assert "serving" in serve_log.read_text() and "loaded adapter support version 1" in serve_log.read_text()
+
+
+def test_compression_example_runs_as_written(processes, tiny_model_dir, tmp_path):
+    """README "Compressed deltas": a compressed peft-sim run (1 round of 2 steps on 2 clients of the tiny
+    model) and `peft-bench-codecs --sizes` (the tiny model's delta)."""
+    sim, sizes = commands(readme_bash_block("### Compressed deltas"))
+    assert sim.startswith(".venv/bin/peft-sim ") and "--upload-codec topk:0.1+int8 --download-codec bf16" in sim
+    sim += f" --model {tiny_model_dir} --rounds 1 --local-steps 2 --clients 2"
+    sizes = substitute(sizes, r"--model smollm2-135m-instruct\b", f"--model {tiny_model_dir}", count=1)
+
+    def run(command: str, name: str, timeout: float = 300) -> str:
+        log = tmp_path / f"{name}.log"
+        proc = processes.start(["bash", "-euo", "pipefail", "-c", command], log)
+        assert processes.wait(proc, timeout=timeout, log=log) == 0, f"$ {command}\n{tail(log)}"
+        return log.read_text(errors="replace")
+
+    run(sim, "peft-sim")
+    last = [json.loads(line) for line in (tmp_path / "runs" / "compressed" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["compression_up"] > 4 and last["compression_down"] > 1.5
+    table = run(sizes, "sizes")
+    assert "| topk:0.1+int8 |" in table and "| fp32 (none) |" in table

@@ -38,7 +38,9 @@ def _path(context: Context) -> Path | None:
     folder = context.node_config.get(STATE_DIR_KEY)
     if not folder:
         return None
-    safe = re.sub(r"[^0-9A-Za-z_-]", "_", f"{context.run_id}-{context.node_id}")
+    # the state dir is the client's own (peft-client's workdir); a node id would change when a
+    # SuperNode without auth keys restarts, so the file is the run's
+    safe = re.sub(r"[^0-9A-Za-z_-]", "_", str(context.run_id))
     return Path(str(folder)) / f"error-feedback-{safe}.safetensors"
 
 
@@ -55,7 +57,7 @@ def load_residual(context: Context, layout: OrderedDict[str, tuple[int, ...]]) -
                 arrays = load_file(str(path))
             except (OSError, SafetensorError) as exc:
                 log.warning("error feedback: cannot read %s (%s); starting from a zero residual", path, exc)
-    if list(arrays) == list(layout) and all(arrays[n].shape == s for n, s in layout.items()):
+    if set(arrays) == set(layout) and all(arrays[n].shape == s for n, s in layout.items()):  # (a file's are sorted)
         return OrderedDict((n, np.asarray(arrays[n], dtype=np.float32)) for n in layout)
     if arrays:
         log.warning("error feedback: the kept residual does not match this round's tensors; starting from zero")

@@ -95,22 +95,31 @@ class Quantizer:
         if bad.size:
             raise CodecError(f"{where}: bad scale {float(scales[bad[0]])!r} in block {int(bad[0])} "
                              "(scales must be finite and >= 0)")
-        per_value = np.repeat(scales, block)[:m]
         if self.name == "int8":
             codes = np.frombuffer(data, dtype=np.int8, count=m, offset=4 * blocks)
             if (codes == -128).any():
                 raise CodecError(f"{where}: int8 code -128 is outside the symmetric range [-127, 127]")
-            return codes.astype(np.float32) / 127.0 * per_value
+            return _scaled(codes.astype(np.float32) / np.float32(127.0), scales, block, m)
         packed = np.frombuffer(data, dtype=np.uint8, count=(m + 1) // 2, offset=4 * blocks)
         codes = np.empty(2 * packed.size, dtype=np.uint8)
         codes[0::2], codes[1::2] = packed >> 4, packed & 0x0F
         levels = NF4_LEVELS if self.name == "nf4" else FP4_LEVELS
-        return levels[codes[:m]] * per_value
+        return _scaled(levels[codes[:m]], scales, block, m)
 
 
 QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (
     Quantizer("fp32", True), Quantizer("fp16", False), Quantizer("bf16", False), Quantizer("int8", False),
     Quantizer("nf4", False), Quantizer("fp4", False))}
+
+
+def _scaled(normed: np.ndarray, scales: np.ndarray, block: int, m: int) -> np.ndarray:
+    """`normed` (m values) times each block's scale, in place, without a per-value copy of the scales."""
+    whole = (m // block) * block
+    out = np.empty(m, dtype=np.float32)
+    out[:whole] = (normed[:whole].reshape(-1, block) * scales[:m // block, None]).reshape(-1)
+    if whole < m:
+        out[whole:] = normed[whole:] * scales[-1]
+    return out
 
 
 def _bf16_to_float32(half: np.ndarray) -> np.ndarray:

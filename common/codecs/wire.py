@@ -76,7 +76,9 @@ class Codec:
     def name(self) -> str:
         if self.topk is None:
             return self.quantizer.name
-        return f"topk:{self.topk:g}" + ("" if self.quantizer.name == "fp32" else f"+{self.quantizer.name}")
+        # repr: the shortest text that parses back to the same float, so a client that re-parses the
+        # name keeps exactly as many values as the server expects
+        return f"topk:{self.topk!r}" + ("" if self.quantizer.name == "fp32" else f"+{self.quantizer.name}")
 
     @property
     def lossless(self) -> bool:
@@ -164,13 +166,16 @@ def decode(payload: bytes | memoryview, codec: Codec, expected: Mapping[str, tup
         raise CodecError(f"not a fedpeft encoded delta (magic {magic!r}, version {version}; expected {MAGIC!r}, {VERSION})")
     if header_len > min(MAX_HEADER_BYTES, len(view) - PREFIX.size):
         raise CodecError(f"encoded delta header of {header_len} bytes does not fit its {len(view)}-byte payload")
-    layout, name = _parse_header(bytes(view[PREFIX.size:PREFIX.size + header_len]))
+    raw_header = bytes(view[PREFIX.size:PREFIX.size + header_len])
+    layout, name = _parse_header(raw_header)
     if name != codec.name:
         raise CodecError(f"delta encoded with codec {name!r}, but this run uses {codec.name!r}")
     if expected is not None and dict(layout) != {k: tuple(v) for k, v in expected.items()}:
         raise CodecError(f"encoded delta layout differs from the method's: {_layout_difference(layout, expected)}")
     if list(layout) != list(expected or layout):
         raise CodecError("encoded delta tensors are not in the method's order")
+    if raw_header != _header(codec, layout)[PREFIX.size:]:  # the offsets below assume the canonical header
+        raise CodecError("encoded delta header is not in canonical form (compact JSON, as the encoder writes it)")
     need = payload_nbytes(codec, layout)
     if len(view) != need:
         raise CodecError(f"encoded delta is {len(view)} bytes, but codec {codec.name!r} with this layout needs exactly {need}")
@@ -179,7 +184,10 @@ def decode(payload: bytes | memoryview, codec: Codec, expected: Mapping[str, tup
     for tensor, shape in layout.items():
         n = math.prod(shape)
         size = codec.tensor_nbytes(n)
-        values = _decode_tensor(codec, view[offset:offset + size], n, tensor)
+        try:
+            values = _decode_tensor(codec, view[offset:offset + size], n, tensor)
+        except (ValueError, TypeError) as exc:  # defence in depth: the sizes above make this unreachable
+            raise CodecError(f"{tensor}: cannot decode ({exc})") from None
         if not np.isfinite(values).all():
             raise CodecError(f"{tensor}: {int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} Inf "
                              "values after decoding")

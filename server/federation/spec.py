@@ -473,6 +473,10 @@ class RunSpec:
                 if key == "download" and codec.topk is not None:
                     found.append(f"compression.download {name!r}: the broadcast is the whole global delta, which every "
                                  "client needs; top-k sparsifies updates (use it for compression.upload)")
+        if c.upload == "none":  # settings of the upload codec would be ignored: refuse them instead
+            defaults = CompressionSection()
+            found += [f"compression.{k} is set, but would be ignored without compression.upload"
+                      for k in ("error_feedback", "stochastic_rounding") if getattr(c, k) != getattr(defaults, k)]
         if c.upload == "none" and c.download == "none":
             return found
         why = {

@@ -15,8 +15,9 @@ from flwr.clientapp import ClientApp
 from fedpeft.client.app import ClientSetup, handle_train
 from fedpeft.client.flower_app import partition_query
 from fedpeft.client.launcher import load_client_rows
+from fedpeft.common.codecs.mod import codec_mod
 
-app = ClientApp()
+app = ClientApp(mods=[codec_mod])  # compressed runs: the same mod as fedpeft.client.flower_app
 app.query()(partition_query)
 
 
