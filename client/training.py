@@ -19,7 +19,7 @@ from fedpeft.common.data.records import Record, TaskSpec
 from fedpeft.common.errors import ConfigError, DataError
 from fedpeft.common.model.adapted import AdaptedModel
 from fedpeft.common.training.activation_checkpointing import gradient_checkpointing
-from fedpeft.common.training.objectives import objective_for
+from fedpeft.common.training.objectives import SequenceClassificationObjective, objective_for
 from fedpeft.common.training.scaffold import DriftCorrection
 
 log = logging.getLogger("fedpeft.client")
@@ -45,6 +45,11 @@ class TrainConfig:
     """Recompute each block's activations in backward instead of keeping them: a fraction of
     the activation memory for about one more forward pass (QLoRA's default). Not with
     prefix-style methods (prefix, ptuning_v2, mam, unipelt)."""
+    logit_adjustment: float = 0.0
+    """Label-skew calibration for classification heads (FedLC, Zhang et al. 2022; logit adjustment,
+    Menon et al. 2021): each client trains on logits + tau * log(its own label frequencies), so a
+    client that holds mostly one label stops pulling the shared head toward it; evaluation uses
+    the plain logits. tau here; 0 = off. The frequencies never leave the client."""
 
     def __post_init__(self) -> None:
         bad = train_problems(dataclasses.asdict(self))
@@ -65,12 +70,13 @@ class TrainConfig:
 
     def plan_fields(self) -> dict[str, object]:
         """What the federation plan carries to clients: every field, less gradient_checkpointing
-        while it is off, so that clients from before the option still read the plan. The
+        and logit_adjustment while they are off, so that clients from before them still read the plan. The
         learning rate must be concrete (`for_method`): clients never guess it."""
         self._require_resolved()
         fields = dict(self.__dict__)
-        if not self.gradient_checkpointing:
-            del fields["gradient_checkpointing"]
+        for key in ("gradient_checkpointing", "logit_adjustment"):  # newer options, sent when on
+            if not fields[key]:
+                del fields[key]
         return fields
 
     def _require_resolved(self) -> None:
@@ -107,6 +113,7 @@ _TRAIN_CHECKS: dict[str, tuple[str, object]] = {
     "max_grad_norm": ("must be a finite number > 0", lambda v: 0 < v < math.inf),
     "log_every": ("must be >= 1", lambda v: v >= 1),
     "gradient_checkpointing": ("must be true or false", lambda v: isinstance(v, bool)),
+    "logit_adjustment": ("must be a number in [0, 10]", lambda v: 0 <= v <= 10),
 }
 
 
@@ -212,6 +219,12 @@ def shuffled_batches(encoded: Sequence[object], collate: Callable[[list], dict[s
     return batch
 
 
+def label_shift(labels: Sequence[int], num_labels: int, tau: float) -> torch.Tensor:
+    """tau * log of the local label frequencies (add-one smoothed, so an absent label is rare, not impossible)."""
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    return (tau * torch.log((counts + 1) / (counts.sum() + num_labels))).float()
+
+
 def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], config: TrainConfig,
                 seed: int, label: str = "client", proximal_mu: float = 0.0, step_offset: int = 0,
                 drift: DriftCorrection | None = None) -> TrainStats:
@@ -230,6 +243,9 @@ def train_local(adapted: AdaptedModel, task: TaskSpec, rows: Sequence[Record], c
         raise ConfigError(f"{label}: proximal-mu must be a finite number >= 0, got {proximal_mu}")
     objective = objective_for(adapted.model, adapted.tokenizer, task, config.max_length)
     encoded = [objective.encode(r) for r in rows]
+    if config.logit_adjustment > 0 and isinstance(objective, SequenceClassificationObjective):
+        objective = dataclasses.replace(objective, label_shift=label_shift(
+            [int(e["labels"]) for e in encoded], len(task.labels), config.logit_adjustment))
     params = adapted.trainable_parameters()
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     model = adapted.model

@@ -145,6 +145,8 @@ class SequenceClassificationObjective:
     task: TaskSpec
     tokenizer: Any
     max_length: int
+    label_shift: torch.Tensor | None = None
+    """Added to the logits in the training loss only (`TrainConfig.logit_adjustment`)."""
 
     def __post_init__(self) -> None:
         if self.task.kind != "classification":
@@ -167,7 +169,12 @@ class SequenceClassificationObjective:
         return dict(self.tokenizer.pad(list(items), return_tensors="pt"))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**_to(batch, model_device(model))).loss
+        batch = _to(batch, model_device(model))
+        if self.label_shift is None:
+            return model(**batch).loss
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        return nn.functional.cross_entropy(logits + self.label_shift.to(logits.device), labels)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, rows: Sequence[Record], batch_size: int) -> EvalResult:

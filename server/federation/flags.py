@@ -109,6 +109,8 @@ FLAGS: tuple[Flag, ...] = (
          "clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)"),
     Flag("scaffold", "federation.scaffold", "SCAFFOLD drift correction: the server's control variate travels with "
          "the global delta (doubling the download) and corrects every local step"),
+    Flag("logit_adjustment", "training.logit_adjustment", "classification under label skew: clients train on "
+         "logits + TAU x log(their label frequencies) (FedLC); 0 = off"),
     Flag("upload_codec", "compression.upload", "compress each client's update on the wire: none, fp16, bf16, int8, "
          "nf4, fp4 or topk:F[+CODEC] (e.g. topk:0.1+int8)"),
     Flag("download_codec", "compression.download", "compress the broadcast global delta: none, fp16, bf16, int8, "

@@ -12,7 +12,7 @@ with `--methods`) runs in every setting once per seed (`--seeds`). Settings:
   effectively has.
 - `iid`, `dirichlet:ALPHA`, `natural:COLUMN`: a federation on Flower's Simulation Engine
   over that partition of the training rows; `+scaffold` (`dirichlet:0.1+scaffold`) runs it
-  with SCAFFOLD drift correction.
+  with SCAFFOLD drift correction, `+fedlc` with label-skew logit calibration (tau 1).
 
 Learning rates and local steps: each method's federated defaults (`TrainConfig.for_method`),
 in the centralized settings too, unless `--lr` / `--local-steps` set one for every method.
@@ -118,7 +118,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-VARIANTS: dict[str, dict[str, Any]] = {"scaffold": {"scaffold": True}}
+VARIANTS: dict[str, dict[str, Any]] = {"scaffold": {"scaffold": True}, "fedlc": {"logit_adjustment": 1.0}}
 """Setting suffixes (`dirichlet:0.1+scaffold`): the run-spec flags a federated setting adds."""
 
 
