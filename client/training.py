@@ -56,17 +56,21 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"invalid training settings: {', '.join(bad)}")
 
-    def for_method(self, method: str) -> TrainConfig:
+    def for_method(self, method: str, fresh_head: bool = False) -> TrainConfig:
         """These settings with the learning rate and local steps made concrete: `method`'s
-        federated defaults where unset."""
+        federated defaults where unset (its `federated_head_*` ones for a model that gets a
+        freshly initialised classification head, where it has them)."""
         if self.learning_rate is not None and self.local_steps is not None:
             return self
         from fedpeft.common.methods import get_method
 
         chosen = get_method(method)
-        return dataclasses.replace(
-            self, learning_rate=chosen.federated_learning_rate if self.learning_rate is None else self.learning_rate,
-            local_steps=chosen.federated_local_steps if self.local_steps is None else self.local_steps)
+        rate, steps = chosen.federated_learning_rate, chosen.federated_local_steps
+        if fresh_head:
+            rate = chosen.federated_head_learning_rate or rate
+            steps = chosen.federated_head_local_steps or steps
+        return dataclasses.replace(self, learning_rate=rate if self.learning_rate is None else self.learning_rate,
+                                   local_steps=steps if self.local_steps is None else self.local_steps)
 
     def plan_fields(self) -> dict[str, object]:
         """What the federation plan carries to clients: every field, less gradient_checkpointing

@@ -101,3 +101,20 @@ def test_encoder_head_stays_full_precision_on_a_4bit_backbone(tiny_bert_dir, met
     objective = objective_for(adapted.model, adapted.tokenizer, TASK, max_length=32)
     objective.loss(adapted.model, objective.collate([objective.encode(r) for r in TRAIN[:4]])).backward()
     assert all(adapted.model.get_parameter(n).grad is not None for n in head)
+
+
+def test_lora_defaults_depend_on_whether_the_model_gets_a_fresh_classification_head(tiny_bert_dir, tiny_model_dir):
+    from fedpeft.common.model.base_model import source_kind
+    from fedpeft.server.federation.flags import spec_from_flags
+
+    assert source_kind(str(tiny_bert_dir)) == "seq-cls" and source_kind(str(tiny_model_dir)) == "causal-lm"
+    assert source_kind("smollm2-135m-instruct") == "causal-lm"  # a GGUF source: no conversion to tell
+    encoder = spec_from_flags(model=str(tiny_bert_dir), method="lora").train_config()
+    causal = spec_from_flags(model=str(tiny_model_dir), method="lora").train_config()
+    assert (encoder.learning_rate, encoder.local_steps) == (3e-3, 24)
+    assert (causal.learning_rate, causal.local_steps) == (1e-3, 8)
+    # methods without head-specific defaults keep theirs either way; set values always win
+    ia3 = spec_from_flags(model=str(tiny_bert_dir), method="ia3").train_config()
+    assert (ia3.learning_rate, ia3.local_steps) == (3e-2, 8)
+    fixed = spec_from_flags(model=str(tiny_bert_dir), method="lora", local_steps=5, learning_rate=0.1).train_config()
+    assert (fixed.learning_rate, fixed.local_steps) == (0.1, 5)

@@ -114,6 +114,11 @@ class PeftMethod(ABC):
     #: measured on SST-2/MiniLM, bottleneck, prefix, P-tuning v2 and BitFit stay at the
     #: majority class after 4 rounds x 6 steps even centrally, and learn after 4 x 24.
     federated_local_steps: ClassVar[int] = 8
+    #: Used instead of the two above when the model gets a freshly initialised classification
+    #: head (an encoder such as MiniLM): the head starts from random weights and needs more and
+    #: larger local steps than adapting a pretrained LM head does. None: the same as above.
+    federated_head_learning_rate: ClassVar[float | None] = None
+    federated_head_local_steps: ClassVar[int | None] = None
 
     @abstractmethod
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:

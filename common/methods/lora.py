@@ -79,6 +79,12 @@ class LoraMethod(PeftLibraryMethod):
 
     name: ClassVar[str] = "lora"
     config_cls: ClassVar[type[MethodConfig]] = LoraMethodConfig
+    # With a fresh classification head, measured on SST-2/MiniLM, 10 clients x 4 rounds, Dirichlet 1.0
+    # (README "Quality benchmark"): 1e-3 x 8 steps 0.526, 3e-3 x 8 0.587, 1e-2 x 8 0.718, 1e-3 x 24
+    # 0.759, 3e-3 x 24 0.788 (centralized 0.802); IID 3e-3 x 24 0.811. A causal LM scoring label words
+    # with its pretrained head keeps 1e-3 x 8 (the default job: accuracy 0.970 after 3 rounds).
+    federated_head_learning_rate: ClassVar[float | None] = 3e-3
+    federated_head_local_steps: ClassVar[int | None] = 24
 
     def shared_frozen_names(self, model, config: MethodConfig) -> list[str]:
         assert isinstance(config, LoraMethodConfig)

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedpeft.common.errors import ModelLoadError
+from fedpeft.common.errors import FedPeftError, ModelLoadError
 from fedpeft.common.model.quantization import (
     Quantize,
     disable_cpu_weight_repacking,
@@ -187,6 +187,28 @@ def model_kind(model_dir: Path) -> ModelKind:
     architectures = config.get("architectures") or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return "causal-lm" if causal else "seq-cls"
+
+
+def source_kind(source: str | None) -> ModelKind:
+    """`model_kind` of a model source without converting it: GGUF sources (the built-in SmolLM2
+    among them) are causal LMs; an HF directory says in its config. A source that cannot be
+    read counts as a causal LM (the run spec reports it missing elsewhere)."""
+    source = source or DEFAULT_MODEL
+    builtin = BUILTIN_MODELS.get(source.lower())
+    if builtin is not None:
+        if builtin.hf_subdir is None:
+            return "causal-lm"
+        try:
+            return model_kind(builtin_file(builtin, builtin.hf_subdir))
+        except FedPeftError:
+            return "causal-lm"
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            return model_kind(path)
+        except ModelLoadError:
+            return "causal-lm"
+    return "causal-lm"
 
 
 def _head_modules(model_dir: Path) -> list[str]:

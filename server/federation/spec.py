@@ -343,8 +343,12 @@ class RunSpec:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def train_config(self) -> TrainConfig:
-        """`[training]` as clients run it: an unset learning rate is the method's federated default."""
-        return self.training.for_method(self.federation.method)
+        """`[training]` as clients run it: an unset learning rate or step count is the method's
+        federated default (for this model: encoders get a fresh classification head)."""
+        from fedpeft.common.model.base_model import source_kind
+
+        return self.training.for_method(self.federation.method,
+                                        fresh_head=source_kind(self.federation.model) == "seq-cls")
 
     def get(self, key: str) -> Any:
         """The value of a dotted key, e.g. "training.learning_rate"."""

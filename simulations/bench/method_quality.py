@@ -179,7 +179,7 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
     f, training = base.federation, base.training
     adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
                                 make_config(method), seed=seed, num_labels=data.task.num_labels)
-    resolved = training.for_method(method)
+    resolved = dataclasses.replace(base, federation=dataclasses.replace(f, method=method)).train_config()
     assert resolved.local_steps is not None
     steps = centralized_steps(setting, f.rounds, f.clients, resolved.local_steps)
     config = dataclasses.replace(resolved, local_steps=steps, local_epochs=0.0,
