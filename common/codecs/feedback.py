@@ -6,7 +6,8 @@ u plus its residual e, and keeps `e' = (u + e) - decode(encode(u + e))` for the 
 
     sum(sent) + residual == sum(true updates)
 
-and nothing the codec drops is lost for good. The residual lives in Flower's per-run
+and nothing the codec drops is lost for good, as long as the server folds the reply in
+(a refused, clipped or lost reply loses what it carried, as it would uncompressed). The residual lives in Flower's per-run
 `Context.state` (kept between a node's rounds, in simulation and deployment alike) and,
 when the node config names a state directory (`peft-client` sets its workdir's
 `state/`), also in a safetensors file there, which a restarted client reads back. A
