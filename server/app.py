@@ -36,6 +36,7 @@ from fedpeft.server.sealed_replies import EnvelopeOpener
 from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
 from fedpeft.server.serving.publishing import RegistryTarget, publish_round
 from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
+from fedpeft.server.streaming_grid import StreamingGrid
 
 if TYPE_CHECKING:
     from fedpeft.common.security.envelope import PeerIdentity
@@ -258,7 +259,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         final_arrays = run_secagg_rounds(grid, _require(context), secagg_strategy, setup.num_rounds - offset, setup.secagg)
     else:
         result = strategy.start(
-            grid=grid,
+            # a strategy that folds replies as they come gets them one at a time (memory O(P))
+            grid=StreamingGrid(grid) if strategy.folds_replies else grid,
             initial_arrays=delta_to_arrayrecord(initial),
             num_rounds=setup.num_rounds - offset,
             timeout=setup.round_timeout,

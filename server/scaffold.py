@@ -15,7 +15,8 @@ stays the mean of the clients' c_i whatever is refused, clipped or lost.
 
 c is the clients' unweighted mean, as in the paper, while FedAvg weights updates by
 example counts: with unequal partitions SCAFFOLD's fixed point is the per-client average
-objective. The sums run in float64, in the order the strategy sorts replies in.
+objective. The changes are summed exactly (`fedpeft.server.weighted_sum`), so c does not
+depend on the order replies arrive in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fedpeft.common.protocol.control_variates import ACCEPTED_KEY, ACCEPTED_ROUN
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
 from fedpeft.common.training.scaffold import control_spec
+from fedpeft.server.weighted_sum import ExactWeightedSum
 
 log = logging.getLogger("fedpeft.server")
 
@@ -72,25 +74,53 @@ class ServerControl:
         return OrderedDict((n, (sent[n].double() - delta[n].double()) * scale - c.double())
                            for n, c in self.value.items())
 
-    def fold(self, server_round: int, changes: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
-        """c += |S|/N * mean of the (node id, change) pairs; those nodes' changes are now in c."""
-        if not changes:
+    def begin_round(self, capacity: int) -> ControlChanges:
+        """An empty exact sum for the changes of a round of at most `capacity` replies."""
+        return ControlChanges(ExactWeightedSum(self.spec, capacity))
+
+    def commit(self, server_round: int, changes: ControlChanges) -> None:
+        """c += |S|/N * mean of the round's folded changes; those nodes' changes are now in c."""
+        if not changes.nodes:
             return
-        if len(changes) > self.population:  # more nodes connected than federation.clients: |S|/N capped at 1
+        count = len(changes.nodes)
+        if count > self.population:  # more nodes connected than federation.clients: |S|/N capped at 1
             log.warning("round %d: %d SCAFFOLD changes from a federation of %d clients; set federation.clients to "
-                        "the number of nodes", server_round, len(changes), self.population)
-        factor = 1.0 / max(self.population, len(changes))  # |S|/N * (1/|S|)
+                        "the number of nodes", server_round, count, self.population)
+        factor = 1.0 / max(self.population, count)  # |S|/N * (1/|S|)
+        total = changes.sum.total()
         for name in self.value:
-            total = torch.zeros(self.value[name].shape, dtype=torch.float64)
-            for _node, change in changes:
-                total += change[name]
-            self.value[name] = (self.value[name].double() + total * factor).float()
-        for node, _change in changes:
+            self.value[name] = (self.value[name].double() + total[name] * factor).float()
+        for node in changes.nodes:
             self.accepted[node] = server_round
         self._record = None
         norm = sum(float(t.double().pow(2).sum()) for t in self.value.values()) ** 0.5
         log.info("round %d: SCAFFOLD control variate updated from %d of %d clients, |c| = %.4g",
-                 server_round, len(changes), self.population, norm)
+                 server_round, count, self.population, norm)
+
+    def fold(self, server_round: int, changes: Sequence[tuple[int, Mapping[str, torch.Tensor]]]) -> None:
+        """`commit` of the given (node id, change) pairs."""
+        round_changes = self.begin_round(capacity=max(len(changes), 1))
+        for node, change in changes:
+            problem = round_changes.problem(change)
+            if problem:
+                raise ValueError(f"node {node}: {problem}")
+            round_changes.add(node, change)
+        self.commit(server_round, round_changes)
 
 
-__all__ = ["ACCEPTED_KEY", "ServerControl"]
+class ControlChanges:
+    """A round's control variate changes, summed exactly as replies are folded (unweighted)."""
+
+    def __init__(self, total: ExactWeightedSum) -> None:
+        self.sum = total
+        self.nodes: list[int] = []
+
+    def problem(self, change: Mapping[str, torch.Tensor]) -> str | None:
+        return self.sum.problem(change, 1)
+
+    def add(self, node: int, change: Mapping[str, torch.Tensor]) -> None:
+        self.sum.add(change, 1)
+        self.nodes.append(node)
+
+
+__all__ = ["ACCEPTED_KEY", "ControlChanges", "ServerControl"]

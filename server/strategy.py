@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedpeft.client.training import TrainConfig
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
@@ -53,7 +54,8 @@ from fedpeft.server.compression import Compression, plain_nbytes
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
-from fedpeft.server.scaffold import ServerControl
+from fedpeft.server.scaffold import ControlChanges, ServerControl
+from fedpeft.server.weighted_sum import ExactWeightedSum
 
 log = logging.getLogger("fedpeft.server")
 
@@ -159,11 +161,14 @@ class DeltaValidation:
         per_node = getattr(super(), "reply_spec", None)
         return per_node(node_id, self.spec) if per_node is not None else self.spec
 
-    def _check_reply(self, msg: Message) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    def _check_reply(self, msg: Message, check_values: bool = True) -> tuple[str | None, dict[str, torch.Tensor] | None]:
         """(problem, None) for a reply to leave out, or (None, its decoded delta).
 
         Checks everything Flower's own consistency check would raise on (which would
         abort the whole round), so one malformed reply only costs that client's update.
+        Without `check_values` only names, shapes and dtypes are checked here, and the
+        delta's tensors may be read-only views of the reply's buffers: the caller checks
+        the values (`_fold_problem`) and never writes to them.
         """
         content = msg.content
         if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
@@ -183,23 +188,26 @@ class DeltaValidation:
                 delta = self.compression.decode_reply(record, self._sent[node], self._expected_spec(node),
                                                       self.max_delta_bytes)
             else:
-                delta = delta_from_arrayrecord(record, self.max_delta_bytes)
-            self._expected_spec(node).validate(delta, source="client delta")
+                delta = delta_from_arrayrecord(record, self.max_delta_bytes, copy=check_values)
+            self._expected_spec(node).validate(delta, source="client delta", check_values=check_values)
         except DeltaError as exc:
             return str(exc), None
-        problem = value_problem(delta, self.robust)
+        problem = value_problem(delta, self.robust) if check_values else None
         return (problem, None) if problem else (None, delta)
 
-    def _bound_updates(self, candidates: list[tuple[Message, dict[str, torch.Tensor]]]) -> dict[int, str]:
+    def _bound_updates(self, candidates: list[tuple[Message, dict[str, torch.Tensor]]],
+                       known_norms: list[float | None] | None = None) -> dict[int, str]:
         """{candidate index: reason} of replies outside the round-level bounds: the absolute
-        and relative update-norm bounds and the relative example-count bound."""
+        and relative update-norm bounds and the relative example-count bound (`known_norms`:
+        the candidates' update norms where the caller has them)."""
         robust = self.robust
         weights = {i: float(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
                    for i, (msg, _) in enumerate(candidates)}
         refused = relative_outliers(weights, robust.examples_ratio, WEIGHT_KEY, "robust.examples_ratio")
         if robust.needs_updates:
             # Flower only delivers replies to messages this round sent, so each has its downlink.
-            norms = {i: update_norm(delta, self._sent[msg.metadata.src_node_id])
+            norms = {i: (known_norms[i] if known_norms is not None and known_norms[i] is not None
+                         else update_norm(delta, self._sent[msg.metadata.src_node_id]))
                      for i, (msg, delta) in enumerate(candidates) if msg.metadata.src_node_id in self._sent}
             if robust.norm_bound > 0:
                 refused.update({i: f"update norm {n:.4g} exceeds robust.norm_bound {robust.norm_bound:g}"
@@ -209,61 +217,163 @@ class DeltaValidation:
                 refused.setdefault(i, reason)
         return refused
 
-    def _clip(self, msg: Message, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """A reply's update (its already-validated `delta`) scaled down to `clip_update_norm`,
-        in float64; None when it is within the bound."""
+    def _clip(self, msg: Message, delta: dict[str, torch.Tensor],
+              norm: float | None = None) -> dict[str, torch.Tensor] | None:
+        """A reply's update (its already-validated `delta`, whose update norm is `norm` where
+        known) scaled down to `clip_update_norm`, in float64; None when it is within the bound."""
         sent = self._sent.get(msg.metadata.src_node_id)
         if self.clip_update_norm <= 0 or sent is None:
             return None
-        norm = update_norm(delta, sent)
+        norm = update_norm(delta, sent) if norm is None else norm
         if norm <= self.clip_update_norm:
             return None
         factor = self.clip_update_norm / norm
         log.warning("node %d: update norm %.3g clipped to %.3g", msg.metadata.src_node_id, norm, self.clip_update_norm)
         return {k: sent[k].double() + (delta[k].double() - sent[k].double()) * factor for k in delta}
 
+    folds_replies = False
+    """Whether this strategy's aggregate is the example-weighted mean (FedAvg's family, with
+    or without a server optimizer on top): then each reply is folded into an exact running
+    sum as it is accepted (`fedpeft.server.weighted_sum`) and dropped, instead of being
+    handed to Flower's aggregation with all the others."""
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        usable: list[Message] = []
-        candidates: list[tuple[Message, dict[str, torch.Tensor]]] = []
-        changes: dict[int, dict[str, torch.Tensor]] = {}  # SCAFFOLD: id(reply) -> its control variate change
+        if self.folds_replies:
+            return self._aggregate_by_folding(server_round, replies, traffic)
+        return self._aggregate_with_flower(server_round, replies, traffic)
+
+    def _admit(self, msg: Message, traffic: RoundTraffic, server_round: int,
+               fold: ExactWeightedSum | None = None) -> dict[str, torch.Tensor] | None:
+        """A reply's decoded, validated delta, or None (a failed reply counted, a bad one
+        rejected with its reason). With `fold`, the values are checked (finite, within
+        `robust.max_abs_value`, within the fold's exact range) in one pass over a flat
+        buffer that `fold` keeps staged for the reply's `add`."""
+        traffic.bytes_up += _reply_bytes(msg)
+        traffic.bytes_up_raw += (plain_nbytes(self._expected_spec(msg.metadata.src_node_id))
+                                 if self.compression is not None and self.compression.upload is not None
+                                 else _reply_bytes(msg))
+        problem = self.unseal(msg, server_round) if self.unseal is not None else None
+        problem, delta = (problem, None) if problem else self._check_reply(msg, check_values=fold is None)
+        if delta is not None and fold is not None:
+            problem = self._fold_problem(fold, msg, delta)
+        if problem or delta is None:
+            self._reject(traffic, server_round, msg, str(problem))
+            return None
+        return delta
+
+    def _fold_problem(self, fold: ExactWeightedSum, msg: Message, delta: dict[str, torch.Tensor]) -> str | None:
+        """Why `delta` cannot be folded (named per tensor where a tensor is at fault); stages it."""
+        weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+        fold.bound_peak = self.robust.max_abs_value * weight if self.robust.max_abs_value > 0 else None
+        problem = fold.problem(delta, weight)
+        if problem == "non-finite values":
+            return "; ".join(self._expected_spec(msg.metadata.src_node_id).problems(delta)) or problem
+        if problem is None and self.robust.max_abs_value > 0 and fold.staged_peak > self.robust.max_abs_value * weight:
+            return value_problem(delta, self.robust)
+        return problem
+
+    def _aggregate_by_folding(self, server_round: int, replies: Iterable[Message],
+                              traffic: RoundTraffic) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and check each reply once, fold it into an exact, order-independent
+        weighted sum, drop it: coordinator memory O(P) whatever the number of replies.
+
+        Relative bounds (`robust.examples_ratio`, `robust.norm_bound_ratio`) compare each
+        reply with the round's median, so while they are on the accepted replies are held
+        (as zero-copy views of the messages Flower already holds) until all have arrived.
+        """
+        fold = ExactWeightedSum(self.spec, capacity=max(traffic.sent, 1))
+        changes = self.control.begin_round(capacity=max(traffic.sent, 1)) if self.control is not None else None
+        metric_records: list[MetricRecord] = []
+        relative = self.robust.examples_ratio > 0 or self.robust.norm_bound_ratio > 0
+        held: list[tuple[Message, dict[str, torch.Tensor]]] = []
+        held_norms: list[float | None] = []
+        flat_sent: dict[int, torch.Tensor] = {}  # id(sent delta) -> it flat in float64 (replies usually share one)
         for msg in replies:
             if msg.has_error():
                 traffic.failed += 1
-                usable.append(msg)  # Flower logs error replies and skips them
+                log.warning("round %d: node %d replied with an error: %s", server_round, msg.metadata.src_node_id,
+                            msg.error.reason)
                 continue
-            traffic.bytes_up += _reply_bytes(msg)
-            traffic.bytes_up_raw += (plain_nbytes(self._expected_spec(msg.metadata.src_node_id))
-                                     if self.compression is not None and self.compression.upload is not None
-                                     else _reply_bytes(msg))
-            problem = self.unseal(msg, server_round) if self.unseal is not None else None
-            problem, delta = (problem, None) if problem else self._check_reply(msg)
-            if delta is not None:
-                candidates.append((msg, delta))
-            else:
-                self._reject(traffic, server_round, msg, str(problem))
-        refused = self._bound_updates(candidates)
-        for i, (msg, delta) in enumerate(candidates):
+            delta = self._admit(msg, traffic, server_round, fold)
+            if delta is None:
+                continue
+            sent = self._sent.get(msg.metadata.src_node_id)
+            norm = None
+            if sent is not None and (self.robust.needs_updates or self.clip_update_norm > 0):
+                if id(sent) not in flat_sent:
+                    flat_sent[id(sent)] = fold.flatten(sent)
+                norm = fold.staged_update_norm(flat_sent[id(sent)])
+            if relative:
+                held.append((msg, delta))
+                held_norms.append(norm)
+                continue
+            if self.robust.norm_bound > 0 and norm is not None and norm > self.robust.norm_bound:
+                self._reject(traffic, server_round, msg, f"update norm {norm:.4g} exceeds robust.norm_bound "
+                                                          f"{self.robust.norm_bound:g}")
+                continue
+            self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, norm)
+        refused = self._bound_updates(held, held_norms)
+        for i, (msg, delta) in enumerate(held):
             if i in refused:
                 self._reject(traffic, server_round, msg, refused[i])
-                continue
-            traffic.accepted += 1
-            clipped = self._clip(msg, delta)
-            if clipped is not None:
-                traffic.clipped += 1
-                delta = clipped
-            elif self.control is not None and msg.metadata.src_node_id in self._sent:
-                # (a clipped reply's change is not folded: its client's own c_i+ would not match it)
-                weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
-                changes[id(msg)] = self.control.change(self._sent[msg.metadata.src_node_id], delta, weight)
-            metrics_record = msg.content.metric_records[REPLY_METRICS_KEY]
-            traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items()})  # type: ignore[arg-type]
-            # Sums of many weighted updates are accumulated in float64 (cast back after aggregation).
-            msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(
-                {k: v.double() if v.is_floating_point() else v for k, v in delta.items()})
-            usable.append(msg)
+            else:
+                self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, held_norms[i])
+        held.clear()
+        if not self._enough_accepted(server_round, traffic):
+            return None, None
+        arrays = delta_to_arrayrecord(fold.mean())
+        # The metrics' float sums in an order that does not depend on arrival either.
+        metric_records.sort(key=lambda record: sorted(record.items()))  # type: ignore[arg-type]
+        metrics = self.train_metrics_aggr_fn([RecordDict({REPLY_METRICS_KEY: m}) for m in metric_records],  # type: ignore[attr-defined]
+                                             self.weighted_by_key)
+        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+        if isinstance(self, FedAvgM | FedOpt):
+            # The server optimizer's step on the mean: Flower's own code, given the mean as
+            # the one reply it averages (a weight-1 average of one record is that record).
+            mean_reply = Message(RecordDict({REPLY_ARRAYS_KEY: arrays,
+                                             REPLY_METRICS_KEY: MetricRecord({self.weighted_by_key: 1})}),
+                                 dst_node_id=0, message_type=MessageType.TRAIN)
+            arrays, _ = super().aggregate_train(server_round, [mean_reply])  # type: ignore[misc]
+        return self._publish(server_round, traffic, arrays, metrics, state,
+                             commit=lambda: self.control.commit(server_round, changes)  # type: ignore[union-attr]
+                             if self.control is not None and changes is not None else None)
+
+    def _fold(self, msg: Message, delta: dict[str, torch.Tensor], fold: ExactWeightedSum,
+              changes: ControlChanges | None, metric_records: list[MetricRecord], traffic: RoundTraffic,
+              server_round: int, norm: float | None = None) -> None:
+        """Fold one checked reply (clipped first where configured); nothing is folded unless all of it fits."""
+        weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+        node = msg.metadata.src_node_id
+        clipped = self._clip(msg, delta, norm)
+        if clipped is not None:
+            problem = fold.problem(clipped, weight)
+            if problem:
+                self._reject(traffic, server_round, msg, f"clipped update: {problem}")
+                return
+        change = None
+        if clipped is None and changes is not None and node in self._sent:
+            # (a clipped reply's change is not folded: its client's own c_i+ would not match it)
+            assert self.control is not None
+            change = self.control.change(self._sent[node], delta, weight)
+            problem = changes.problem(change)
+            if problem:
+                self._reject(traffic, server_round, msg, f"SCAFFOLD control change: {problem}")
+                return
+        fold.add(clipped if clipped is not None else delta, weight)
+        if change is not None:
+            assert changes is not None
+            changes.add(node, change)
+        traffic.clipped += clipped is not None
+        traffic.accepted += 1
+        record = msg.content.metric_records[REPLY_METRICS_KEY]
+        metric_records.append(record)
+        traffic.client_metrics.append({k: float(v) for k, v in record.items()})  # type: ignore[arg-type]
+
+    def _enough_accepted(self, server_round: int, traffic: RoundTraffic) -> bool:
+        """Raise when too few updates were accepted; False when DP's all-or-nothing releases nothing."""
         if traffic.accepted < self.min_accepted:
             raise FederationError(
                 f"round {server_round}: only {traffic.accepted} client update(s) accepted, need {self.min_accepted} "
@@ -274,15 +384,15 @@ class DeltaValidation:
                       "(the noise is calibrated to every sampled client's clipped update)", server_round,
                       traffic.failed, len(traffic.rejected), traffic.sent)
             traffic.seconds = time.perf_counter() - traffic.started
-            return None, None
-        # Replies arrive in any order; sorting them by content makes the float sums (and
-        # so a resumed run) bit-for-bit reproducible.
-        usable.sort(key=_reply_order)
-        # Flower's server optimizers (FedAvgM, FedAdam, ...) update their state inside
-        # aggregate_train (Flower reassigns these, never mutates them): kept to restore it
-        # if the aggregate is refused, so a refused round leaves no trace.
-        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
-        arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
+            return False
+        return True
+
+    def _publish(self, server_round: int, traffic: RoundTraffic, arrays: ArrayRecord | None,
+                 metrics: MetricRecord | None, state: dict[str, object],
+                 commit: Callable[[], None]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregate in the spec's dtypes, unless it is refused (then the server
+        optimizer's `state` is restored and the global adapter kept); `commit` runs only
+        for an aggregate that is kept."""
         traffic.seconds = time.perf_counter() - traffic.started
         if arrays is not None:
             arrays, problem = self._global_arrays(arrays)
@@ -294,12 +404,52 @@ class DeltaValidation:
                 return None, None
             if isinstance(state.get("current_arrays"), ArrayRecord):  # FedAvgM's own copy: the published dtypes
                 self.current_arrays = arrays
-            if self.control is not None:  # in the replies' sorted order: reproducible sums
-                self.control.fold(server_round, [(m.metadata.src_node_id, changes[id(m)])
-                                                 for m in usable if id(m) in changes])
+            commit()
         if metrics is not None:
             traffic.train_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return arrays, metrics
+
+    def _aggregate_with_flower(self, server_round: int, replies: Iterable[Message],
+                               traffic: RoundTraffic) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, then let the Flower strategy aggregate them all at once (the
+        robust aggregators, ΔW-space and heterogeneous-rank LoRA, DP's wrapper)."""
+        usable: list[Message] = []
+        candidates: list[tuple[Message, dict[str, torch.Tensor]]] = []
+        for msg in replies:
+            if msg.has_error():
+                traffic.failed += 1
+                usable.append(msg)  # Flower logs error replies and skips them
+                continue
+            delta = self._admit(msg, traffic, server_round)
+            if delta is not None:
+                candidates.append((msg, delta))
+        refused = self._bound_updates(candidates)
+        for i, (msg, delta) in enumerate(candidates):
+            if i in refused:
+                self._reject(traffic, server_round, msg, refused[i])
+                continue
+            traffic.accepted += 1
+            clipped = self._clip(msg, delta)
+            if clipped is not None:
+                traffic.clipped += 1
+                delta = clipped
+            metrics_record = msg.content.metric_records[REPLY_METRICS_KEY]
+            traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items()})  # type: ignore[arg-type]
+            # Sums of many weighted updates are accumulated in float64 (cast back after aggregation).
+            msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(
+                {k: v.double() if v.is_floating_point() else v for k, v in delta.items()})
+            usable.append(msg)
+        if not self._enough_accepted(server_round, traffic):
+            return None, None
+        # Replies arrive in any order; sorting them by content makes the float sums (and
+        # so a resumed run) bit-for-bit reproducible.
+        usable.sort(key=_reply_order)
+        # Flower's server optimizers (FedAvgM, FedAdam, ...) update their state inside
+        # aggregate_train (Flower reassigns these, never mutates them): kept to restore it
+        # if the aggregate is refused, so a refused round leaves no trace.
+        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+        arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
+        return self._publish(server_round, traffic, arrays, metrics, state, commit=lambda: None)
 
     def _global_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
         """The aggregate in the spec's dtypes, or the problem that keeps it from replacing
@@ -402,8 +552,11 @@ FLOWER_STRATEGIES: dict[str, type[FedAvg]] = {
     "krum": Krum,
     "multikrum": MultiKrum,
 }
+MEAN_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm"})
+"""Strategies whose aggregate is the example-weighted mean of the replies (plus a server step)."""
 STRATEGIES: dict[str, type[FedAvg]] = {
-    name: type(f"Validated{cls.__name__}", (DeltaValidation, cls), {"__doc__": f"{cls.__name__} with validated replies."})
+    name: type(f"Validated{cls.__name__}", (DeltaValidation, cls),
+               {"__doc__": f"{cls.__name__} with validated replies.", "folds_replies": name in MEAN_STRATEGIES})
     for name, cls in FLOWER_STRATEGIES.items()
 }
 # Options that sampling and record keys own; users tune only the algorithm's own knobs.

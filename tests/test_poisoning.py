@@ -122,8 +122,8 @@ def test_2_huge_finite_lora_values_are_refused_under_hetlora(flower_task_identit
 def test_2_a_non_finite_aggregate_never_replaces_the_global_adapter(flower_task_identity):
     """With every bound off, finite float32 values can still overflow in the server optimizer's step
     (FedAvgM's server learning rate here): the aggregate is refused, the global adapter kept."""
-    strategy = _strategy("fedavgm", robust=UNBOUNDED, options={"server_learning_rate": "10"})
-    big = [_reply(node, _delta(3.0e38)) for node in NODES]
+    strategy = _strategy("fedavgm", robust=UNBOUNDED, options={"server_learning_rate": "1e33"})
+    big = [_reply(node, _delta(1.0e6)) for node in NODES]
     before = strategy.current_arrays
     arrays, metrics = strategy.aggregate_train(1, big)
     assert arrays is None and metrics is None
@@ -133,6 +133,15 @@ def test_2_a_non_finite_aggregate_never_replaces_the_global_adapter(flower_task_
     arrays, _ = strategy.aggregate_train(1, _honest(4))
     assert arrays is not None and all(a.dtype == "float32" for a in arrays.values())
     assert all(a.dtype == "float32" for a in strategy.current_arrays.values())  # not float64 drift
+
+
+def test_2_values_beyond_the_exact_sum_cost_only_their_own_reply(flower_task_identity):
+    """With every bound off, the exact weighted sum still holds each reply to its share of
+    the float64 integer range: a reply beyond it is refused by name, the others aggregate."""
+    strategy = _strategy(robust=UNBOUNDED)
+    arrays, _ = strategy.aggregate_train(1, [*_honest(), _reply(4, _delta(3.0e38))])
+    assert arrays is not None and strategy.traffic[1].accepted == 3
+    assert "exceeds what an exact sum" in strategy.traffic[1].rejected[0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])

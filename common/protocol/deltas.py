@@ -58,8 +58,10 @@ class DeltaSpec:
     def num_bytes(self) -> int:
         return sum(_numel(s.shape) * torch.empty((), dtype=s.dtype).element_size() for s in self.tensors.values())
 
-    def problems(self, delta: Mapping[str, object]) -> list[str]:
-        """Everything wrong with `delta` against this spec (empty when valid)."""
+    def problems(self, delta: Mapping[str, object], check_values: bool = True) -> list[str]:
+        """Everything wrong with `delta` against this spec (empty when valid); without
+        `check_values`, only its names, shapes and dtypes (for a caller that checks the
+        values itself in one pass)."""
         found: list[str] = []
         for name in self.tensors:
             if name not in delta:
@@ -74,15 +76,15 @@ class DeltaSpec:
                 found.append(f"{name}: shape {tuple(tensor.shape)} != expected {spec.shape}")
             elif tensor.dtype != spec.dtype:
                 found.append(f"{name}: dtype {tensor.dtype} != expected {spec.dtype}")
-            elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            elif check_values and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 nan = int(torch.isnan(tensor).sum())
                 inf = int(torch.isinf(tensor).sum())
                 found.append(f"{name}: {nan} NaN and {inf} Inf values")
         return found
 
-    def validate(self, delta: Mapping[str, object], source: str = "delta") -> None:
+    def validate(self, delta: Mapping[str, object], source: str = "delta", check_values: bool = True) -> None:
         """Raise `DeltaError` listing every problem of `delta`."""
-        found = self.problems(delta)
+        found = self.problems(delta, check_values)
         if found:
             shown = "; ".join(found[:MAX_PROBLEMS_SHOWN])
             more = f" (+{len(found) - MAX_PROBLEMS_SHOWN} more)" if len(found) > MAX_PROBLEMS_SHOWN else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -20,23 +21,34 @@ def delta_to_arrayrecord(delta: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((name, Array(np.ascontiguousarray(t.detach().cpu().numpy()))) for name, t in delta.items()))
 
 
-def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None) -> OrderedDict[str, torch.Tensor]:
-    """Unpack an ArrayRecord into a delta; undecodable, inconsistent or oversized arrays raise DeltaError."""
+def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None,
+                           copy: bool = True) -> OrderedDict[str, torch.Tensor]:
+    """Unpack an ArrayRecord into a delta; undecodable, inconsistent or oversized arrays raise DeltaError.
+
+    Without `copy` the tensors are read-only views of the record's bytes (decoding is then
+    one header parse per tensor): for a caller that only reads them, while the record lives.
+    """
     size = record_bytes(record)
     if max_bytes is not None and size > max_bytes:
         raise DeltaError(f"delta of {size} bytes exceeds the limit of {max_bytes} bytes")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, array in record.items():
-        ndarray = exact_npy(name, array)
-        if ndarray.dtype.kind not in "fiub":
-            raise DeltaError(f"{name}: not a numeric array (dtype {ndarray.dtype})")
-        if not ndarray.dtype.isnative:
-            raise DeltaError(f"{name}: non-native byte order {ndarray.dtype.str!r}")
-        try:
-            out[name] = torch.from_numpy(ndarray.copy())
-        except (TypeError, ValueError) as exc:
-            raise DeltaError(f"{name}: dtype {ndarray.dtype} has no tensor equivalent ({exc})") from exc
+    with warnings.catch_warnings():  # without `copy`, torch warns that a view is read-only: the caller only reads
+        warnings.simplefilter("ignore", UserWarning)
+        for name, array in record.items():
+            out[name] = _tensor(name, array, copy)
     return out
+
+
+def _tensor(name: str, array: Array, copy: bool) -> torch.Tensor:
+    ndarray = exact_npy(name, array)
+    if ndarray.dtype.kind not in "fiub":
+        raise DeltaError(f"{name}: not a numeric array (dtype {ndarray.dtype})")
+    if not ndarray.dtype.isnative:
+        raise DeltaError(f"{name}: non-native byte order {ndarray.dtype.str!r}")
+    try:
+        return torch.from_numpy(ndarray.copy() if copy else ndarray)
+    except (TypeError, ValueError) as exc:
+        raise DeltaError(f"{name}: dtype {ndarray.dtype} has no tensor equivalent ({exc})") from exc
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -1,0 +1,264 @@
+"""`peft-bench-scale`: how the coordinator's aggregation scales with the number of replies.
+
+    peft-bench-scale --clients 10,100,1000 --deltas qv,all-linear --modes fedavg,fedavg-streaming,fedadam,svd
+
+For every delta shape, number of replies N and aggregation mode, the validated strategy
+the run spec builds (`build_strategy(...).aggregate_train`) aggregates N real Flower reply
+messages, and in the same process a plain numpy example-weighted mean of the same arrays
+(already decoded: one multiply-add pass per reply, the memory-bandwidth limit) is timed:
+the table reports both and their ratio. Modes:
+
+- `fedavg`: FedAvg with the default `[robust]` bounds (its relative bounds hold the
+  accepted replies, as views, until the round's median is known);
+- `fedavg-streaming`: FedAvg with the relative bounds off: every reply is folded and
+  dropped as it comes (what `StreamingGrid` delivers);
+- `fedadam`: FedAvg's fold plus Flower's FedAdam server step;
+- `svd`: ΔW-space LoRA aggregation (each client's dense B_i A_i: Flower's path, all
+  replies at once).
+
+Delta shapes are SmolLM2-135M's (hidden 576, 30 blocks, 3 KV heads of 64, MLP 1536), LoRA
+r=8: `qv` on q/v (120 tensors, 460,800 parameters, 1.8 MB) and `all-linear` on every
+linear layer of the blocks (the default job: 420 tensors, 2,442,240 parameters, 9.8 MB);
+synthesized from those shapes, no model is loaded. Replies cycle through a pool of 64
+distinct random payloads (more than the CPU's caches hold), so N can grow without N
+payloads in memory; each reply is its own Flower message.
+
+`peak_mb` is the growth of the process's peak RSS (VmHWM, reset before each aggregation)
+while it ran, replies fed one at a time from a generator: what the aggregation itself
+allocates beyond the replies the grid delivers. Timings are the best of `--repeats`.
+`results.csv`, `results.md` and `results.png` (time and memory against N) go to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import logging
+import platform
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
+from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS, WEIGHT_KEY
+from fedpeft.server.robust import RobustSettings
+from fedpeft.server.strategy import build_strategy
+
+log = logging.getLogger("fedpeft.bench")
+
+HIDDEN, BLOCKS, KV, MLP, RANK = 576, 30, 192, 1536, 8
+MODULES = {"qv": {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, KV)},
+           "all-linear": {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, KV),
+                          "self_attn.v_proj": (HIDDEN, KV), "self_attn.o_proj": (HIDDEN, HIDDEN),
+                          "mlp.gate_proj": (HIDDEN, MLP), "mlp.up_proj": (HIDDEN, MLP),
+                          "mlp.down_proj": (MLP, HIDDEN)}}
+MODES = ("fedavg", "fedavg-streaming", "fedadam", "svd")
+POOL = 64
+
+
+def lora_spec(kind: str) -> DeltaSpec:
+    """SmolLM2-135M's LoRA r=8 delta spec for `kind` (`qv` or `all-linear`), by HF peft's names."""
+    tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for block in range(BLOCKS):
+        for module, (fan_in, fan_out) in MODULES[kind].items():
+            prefix = f"base_model.model.model.layers.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.empty(RANK, fan_in)
+            tensors[f"{prefix}.lora_B.weight"] = torch.empty(fan_out, RANK)
+    return DeltaSpec.of_delta(tensors)
+
+
+class _Grid:
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def _strategy(mode: str, spec: DeltaSpec, clients: int) -> Any:
+    robust = RobustSettings(examples_ratio=0.0, norm_bound_ratio=0.0) if mode == "fedavg-streaming" else None
+    name = "fedadam" if mode == "fedadam" else "fedavg"
+    strategy = build_strategy(name, spec=spec, max_delta_bytes=spec.num_bytes * 2, robust=robust,
+                              lora_svd_scaling=2.0 if mode == "svd" else None, fraction_train=1.0,
+                              fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
+    zero = delta_to_arrayrecord(OrderedDict((n, torch.zeros(s.shape)) for n, s in spec.tensors.items()))
+    return strategy, list(strategy.configure_train(1, zero, ConfigRecord(), _Grid(clients)))  # type: ignore[arg-type]
+
+
+def _pool(spec: DeltaSpec, seed: int) -> tuple[list[ArrayRecord], list[np.ndarray], list[int]]:
+    """POOL distinct payloads: (their ArrayRecords, the same values flat, their example counts)."""
+    rng = np.random.default_rng(seed)
+    records, flats, weights = [], [], []
+    for _ in range(POOL):
+        flat = (rng.standard_normal(spec.num_parameters) * 0.01).astype(np.float32)
+        views, offset = OrderedDict(), 0
+        for name, tensor in spec.tensors.items():
+            size = int(np.prod(tensor.shape))
+            views[name] = torch.from_numpy(flat[offset:offset + size].reshape(tensor.shape))
+            offset += size
+        records.append(delta_to_arrayrecord(views))
+        flats.append(flat)
+        weights.append(int(rng.integers(50, 500)))
+    return records, flats, weights
+
+
+def _replies(sent: Sequence[Message], records: list[ArrayRecord], weights: list[int]) -> Iterator[Message]:
+    """One reply per sent message, payloads cycling through the pool (each its own message)."""
+    base = {k: (1 if k == "unit-weight" else 0.5) for k in TRAIN_METRIC_KEYS}
+    for i, msg in enumerate(sent):
+        metrics = MetricRecord({**base, WEIGHT_KEY: weights[i % POOL]})
+        yield Message(RecordDict({REPLY_ARRAYS_KEY: records[i % POOL],
+                                  REPLY_METRICS_KEY: metrics}), reply_to=msg)
+
+
+def numpy_limit(flats: list[np.ndarray], weights: list[int], clients: int) -> np.ndarray:
+    """The example-weighted mean of `clients` decoded flat deltas, one numpy pass per reply."""
+    acc = np.zeros(flats[0].size)
+    total = 0
+    for i in range(clients):
+        acc += weights[i % POOL] * flats[i % POOL]
+        total += weights[i % POOL]
+    return acc / total
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def measure(kind: str, mode: str, clients: int, repeats: int, pool: tuple[list[ArrayRecord], list[np.ndarray], list[int]],
+            spec: DeltaSpec) -> dict[str, Any]:
+    """One (delta, mode, N) row: our aggregation vs the numpy limit, time and peak memory."""
+    records, flats, weights = pool
+    seconds, peak = [], 0
+    for _ in range(repeats):
+        strategy, sent = _strategy(mode, spec, clients)
+        gc.collect()
+        _reset_peak()
+        before = _rss()
+        start = time.perf_counter()
+        arrays, _ = strategy.aggregate_train(1, _replies(sent, records, weights))
+        seconds.append(time.perf_counter() - start)
+        peak = max(peak, _peak_rss() - before)
+        if arrays is None or strategy.traffic[1].accepted != clients:
+            raise RuntimeError(f"{mode} N={clients}: {strategy.traffic[1].rejected[:1]}")
+        del strategy, sent, arrays
+    limit = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        numpy_limit(flats, weights, clients)
+        limit.append(time.perf_counter() - start)
+    row = {"delta": kind, "parameters": spec.num_parameters, "tensors": len(spec.tensors), "mode": mode,
+           "clients": clients, "seconds": min(seconds), "numpy_seconds": min(limit),
+           "ratio": min(seconds) / min(limit), "peak_mb": peak / 2**20}
+    log.info("%-10s %-16s N=%-6d %8.3f s  numpy %8.3f s  %6.2fx  peak +%.0f MB", kind, mode, clients,
+             row["seconds"], row["numpy_seconds"], row["ratio"], row["peak_mb"])
+    return row
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}", "",
+             "| delta | mode | clients | aggregation s | numpy limit s | x limit | peak MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['delta']} | {r['mode']} | {r['clients']:,} | {r['seconds']:.3f} | {r['numpy_seconds']:.3f} | "
+              f"{r['ratio']:.2f} | {r['peak_mb']:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({(r["delta"], r["mode"]) for r in rows}):
+        points = sorted((r["clients"], r["seconds"], r["peak_mb"]) for r in rows if (r["delta"], r["mode"]) == key)
+        left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} {key[1]}")
+        right.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"{key[0]} {key[1]}")
+    for delta in sorted({r["delta"] for r in rows}):
+        points = sorted({(r["clients"], r["numpy_seconds"]) for r in rows if r["delta"] == delta})
+        left.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", label=f"{delta} numpy limit")
+    for ax, label in ((left, "aggregation seconds"), (right, "peak MB during aggregation")):
+        ax.set_xscale("log")
+        ax.set_xlabel("replies in the round")
+        ax.set_ylabel(label)
+    left.set_yscale("log")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="peft-bench-scale", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--clients", default="10,100,1000", help="comma-separated numbers of replies per round")
+    parser.add_argument("--deltas", default="qv,all-linear", help=f"comma-separated: {', '.join(MODULES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--max-dense-clients", type=int, default=1000,
+                        help="largest N for the svd mode (it forms every client's dense B_i A_i)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for name in ("fedpeft.server",):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    clients = [int(c) for c in args.clients.split(",")]
+    deltas, modes = args.deltas.split(","), args.modes.split(",")
+    unknown = sorted(set(deltas) - set(MODULES)) + sorted(set(modes) - set(MODES))
+    if unknown or args.repeats < 1 or any(c < 1 for c in clients):
+        parser.error(f"unknown delta(s)/mode(s) {unknown}" if unknown else "--repeats and --clients must be >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # (a run sets them; this is no run)
+    rows: list[dict[str, Any]] = []
+    for kind in deltas:
+        spec = lora_spec(kind)
+        pool = _pool(spec, args.seed)
+        for mode in modes:
+            for n in clients:
+                if mode == "svd" and n > args.max_dense_clients:
+                    continue
+                rows.append(measure(kind, mode, n, args.repeats, pool, spec))
+                with (args.out / "results.csv").open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+                (args.out / "results.md").write_text(markdown(rows))
+        del pool
+    plot(rows, args.out / "results.png")
+    print(markdown(rows))
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""`peft-bench-scale` measures what it says: the strategy's aggregate and the numpy limit
+are the same mean, and a tiny run writes its table, CSV and plot."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+
+from fedpeft.common.protocol.flower_io import delta_from_arrayrecord
+from fedpeft.simulations.bench import scale
+
+
+def test_the_numpy_limit_computes_the_mean_the_strategy_publishes(flower_task_identity):
+    spec = scale.lora_spec("qv")
+    assert (len(spec.tensors), spec.num_parameters) == (120, 460_800)
+    assert scale.lora_spec("all-linear").num_parameters == 2_442_240
+    pool = scale._pool(spec, seed=1)
+    strategy, sent = scale._strategy("fedavg-streaming", spec, 5)
+    arrays, _ = strategy.aggregate_train(1, scale._replies(sent, pool[0], pool[2]))
+    ours = torch.cat([t.reshape(-1) for t in delta_from_arrayrecord(arrays).values()]).numpy()
+    limit = scale.numpy_limit(pool[1], pool[2], 5)
+    np.testing.assert_allclose(ours, limit.astype(np.float32), rtol=1e-6, atol=1e-9)
+
+
+def test_a_tiny_run_writes_its_results(tmp_path, flower_task_identity):
+    scale.main(["--clients", "2,3", "--deltas", "qv", "--modes", "fedavg,fedavg-streaming,svd",
+                "--repeats", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["mode"], r["clients"]) for r in rows] == [
+        ("fedavg", "2"), ("fedavg", "3"), ("fedavg-streaming", "2"), ("fedavg-streaming", "3"),
+        ("svd", "2"), ("svd", "3")]
+    assert all(float(r["seconds"]) > 0 and float(r["numpy_seconds"]) > 0 for r in rows)
+    assert "| qv | svd | 3 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0
