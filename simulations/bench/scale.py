@@ -14,7 +14,10 @@ the table reports both and their ratio. Modes:
   dropped as it comes (what `StreamingGrid` delivers);
 - `fedadam`: FedAvg's fold plus Flower's FedAdam server step;
 - `svd`: ΔW-space LoRA aggregation (each client's dense B_i A_i: Flower's path, all
-  replies at once).
+  replies at once);
+- `fedavg-flower`: the path every strategy took before replies were folded (and the
+  robust aggregators still take): every reply decoded, held, re-encoded in float64, sorted
+  by content and averaged by Flower's `aggregate_arrayrecords` (the "before" of a run).
 
 Delta shapes are SmolLM2-135M's (hidden 576, 30 blocks, 3 KV heads of 64, MLP 1536), LoRA
 r=8: `qv` on q/v (120 tensors, 460,800 parameters, 1.8 MB) and `all-linear` on every
@@ -23,9 +26,10 @@ synthesized from those shapes, no model is loaded. Replies cycle through a pool 
 distinct random payloads (more than the CPU's caches hold), so N can grow without N
 payloads in memory; each reply is its own Flower message.
 
-`peak_mb` is the growth of the process's peak RSS (VmHWM, reset before each aggregation)
-while it ran, replies fed one at a time from a generator: what the aggregation itself
-allocates beyond the replies the grid delivers. Timings are the best of `--repeats`.
+`peak_mb` is the growth of the peak RSS (VmHWM, reset before each aggregation) while it
+ran, replies fed one at a time from a generator: what the aggregation itself allocates
+beyond the replies the grid delivers. Each row is measured in a forked child process, so
+no row sees heap that an earlier one left behind. Timings are the best of `--repeats`.
 `results.csv`, `results.md` and `results.png` (time and memory against N) go to `--out`.
 """
 
@@ -35,6 +39,9 @@ import argparse
 import csv
 import gc
 import logging
+import math
+import multiprocessing
+import os
 import platform
 import time
 from collections import OrderedDict
@@ -60,7 +67,7 @@ MODULES = {"qv": {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HID
                           "self_attn.v_proj": (HIDDEN, KV), "self_attn.o_proj": (HIDDEN, HIDDEN),
                           "mlp.gate_proj": (HIDDEN, MLP), "mlp.up_proj": (HIDDEN, MLP),
                           "mlp.down_proj": (MLP, HIDDEN)}}
-MODES = ("fedavg", "fedavg-streaming", "fedadam", "svd")
+MODES = ("fedavg", "fedavg-streaming", "fedadam", "svd", "fedavg-flower")
 POOL = 64
 
 
@@ -89,6 +96,7 @@ def _strategy(mode: str, spec: DeltaSpec, clients: int) -> Any:
     strategy = build_strategy(name, spec=spec, max_delta_bytes=spec.num_bytes * 2, robust=robust,
                               lora_svd_scaling=2.0 if mode == "svd" else None, fraction_train=1.0,
                               fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
+    strategy.folds_replies = strategy.folds_replies and mode != "fedavg-flower"
     zero = delta_to_arrayrecord(OrderedDict((n, torch.zeros(s.shape)) for n, s in spec.tensors.items()))
     return strategy, list(strategy.configure_train(1, zero, ConfigRecord(), _Grid(clients)))  # type: ignore[arg-type]
 
@@ -180,8 +188,40 @@ def measure(kind: str, mode: str, clients: int, repeats: int, pool: tuple[list[A
     return row
 
 
+def _in_child(*args: Any) -> dict[str, Any]:
+    """`measure(*args)` in a forked child: its peak memory is its own, not what earlier
+    measurements left in this process's heap (the child shares the payload pool)."""
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    child = context.Process(target=lambda: results.put(_try(measure, *args)))
+    child.start()
+    outcome = results.get()
+    child.join()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _try(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:  # reported in the parent
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (figures differ between machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}", "",
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores (aggregation single-threaded numpy)", "",
              "| delta | mode | clients | aggregation s | numpy limit s | x limit | peak MB |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['delta']} | {r['mode']} | {r['clients']:,} | {r['seconds']:.3f} | {r['numpy_seconds']:.3f} | "
@@ -201,7 +241,11 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         left.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{key[0]} {key[1]}")
         right.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=f"{key[0]} {key[1]}")
     for delta in sorted({r["delta"] for r in rows}):
-        points = sorted({(r["clients"], r["numpy_seconds"]) for r in rows if r["delta"] == delta})
+        limits: dict[int, float] = {}
+        for r in rows:
+            if r["delta"] == delta:
+                limits[r["clients"]] = min(limits.get(r["clients"], math.inf), r["numpy_seconds"])
+        points = sorted(limits.items())
         left.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", label=f"{delta} numpy limit")
     for ax, label in ((left, "aggregation seconds"), (right, "peak MB during aggregation")):
         ax.set_xscale("log")
@@ -219,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--clients", default="10,100,1000", help="comma-separated numbers of replies per round")
     parser.add_argument("--deltas", default="qv,all-linear", help=f"comma-separated: {', '.join(MODULES)}")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(MODES[:4]), help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--max-dense-clients", type=int, default=1000,
                         help="largest N for the svd mode (it forms every client's dense B_i A_i)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -248,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for n in clients:
                 if mode == "svd" and n > args.max_dense_clients:
                     continue
-                rows.append(measure(kind, mode, n, args.repeats, pool, spec))
+                rows.append(_in_child(kind, mode, n, args.repeats, pool, spec))
                 with (args.out / "results.csv").open("w", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                     writer.writeheader()
