@@ -55,7 +55,7 @@ from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, H
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
 from fedpeft.server.scaffold import ControlChanges, ServerControl
-from fedpeft.server.weighted_sum import ExactWeightedSum
+from fedpeft.server.weighted_sum import DEFAULT_CAPACITY, ExactWeightedSum
 
 log = logging.getLogger("fedpeft.server")
 
@@ -241,7 +241,7 @@ class DeltaValidation:
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        if self.folds_replies:
+        if self.folds_replies and all(t.dtype.is_floating_point for t in self.spec.tensors.values()):
             return self._aggregate_by_folding(server_round, replies, traffic)
         return self._aggregate_with_flower(server_round, replies, traffic)
 
@@ -284,8 +284,11 @@ class DeltaValidation:
         reply with the round's median, so while they are on the accepted replies are held
         (as zero-copy views of the messages Flower already holds) until all have arrived.
         """
-        fold = ExactWeightedSum(self.spec, capacity=max(traffic.sent, 1))
-        changes = self.control.begin_round(capacity=max(traffic.sent, 1)) if self.control is not None else None
+        # Flower delivers replies only to the messages this round sent; without a configured
+        # round (a direct call) the sum is sized for DEFAULT_CAPACITY replies.
+        capacity = traffic.sent or DEFAULT_CAPACITY
+        fold = ExactWeightedSum(self.spec, capacity=capacity)
+        changes = self.control.begin_round(capacity=capacity) if self.control is not None else None
         metric_records: list[MetricRecord] = []
         relative = self.robust.examples_ratio > 0 or self.robust.norm_bound_ratio > 0
         held: list[tuple[Message, dict[str, torch.Tensor]]] = []

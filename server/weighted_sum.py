@@ -41,6 +41,8 @@ FRACTION_BITS = 49
 _CARRY_EVERY = 2 ** (53 - FRACTION_BITS) - 1
 """Folds after which the fraction limb is carried into the integer limb (its sum < 2**53)."""
 _EXACT = float(2**53)
+DEFAULT_CAPACITY = 4096
+"""Replies a sum is sized for when the caller does not know how many a round sent."""
 _NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
 MAX_WEIGHT = 2**29
 """Largest weight whose product with any float32 value is exact in float64."""
@@ -66,6 +68,7 @@ class ExactWeightedSum:
             self.layout[name] = (offset, offset + size, tuple(tensor_spec.shape))
             offset += size
         self.size = offset
+        self.capacity = capacity
         self.reply_limit = _EXACT / (capacity + 1)
         """Largest max|w * x| of one reply (its share of the exact integer range)."""
         self._hi = np.zeros(self.size, dtype=np.float64)
@@ -90,6 +93,8 @@ class ExactWeightedSum:
         """
         if not (isinstance(weight, int) and 1 <= weight <= MAX_WEIGHT):
             return f"weight {weight!r} must be an integer in [1, {MAX_WEIGHT}]"
+        if self.count >= self.capacity:
+            return f"more replies than the {self.capacity} this round's sum was sized for"
         t = self._t
         for name, (start, stop, _shape) in self.layout.items():
             tensor = delta[name].detach()

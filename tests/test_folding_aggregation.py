@@ -114,3 +114,25 @@ def test_a_reply_that_cannot_be_folded_leaves_the_sum_as_if_it_never_came(flower
     arrays, _ = strategy.aggregate_train(1, [*replies[:6], bad, *replies[6:]])
     assert "a: 15 NaN and 0 Inf values" in strategy.traffic[1].rejected[0]
     assert all(torch.equal(delta_from_arrayrecord(arrays)[k], delta_from_arrayrecord(clean)[k]) for k in SPEC_DELTA)
+
+
+def test_a_spec_with_integer_tensors_is_aggregated_by_flower(flower_task_identity):
+    spec = OrderedDict(a=torch.zeros(2), steps=torch.zeros(1, dtype=torch.int64))
+    strategy = build_strategy("fedavg", spec=DeltaSpec.of_delta(spec), max_delta_bytes=10_000, min_train_nodes=2,
+                              min_available_nodes=2, fraction_evaluate=0.0)
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    list(strategy.configure_train(1, delta_to_arrayrecord(spec), ConfigRecord(), TwoNodes()))
+    replies = []
+    for node in (1, 2):
+        request = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node,
+                          message_type="train")
+        metrics = {k: (10 if k == "num-examples" else 1 if k == "unit-weight" else 0.5) for k in TRAIN_METRIC_KEYS}
+        delta = OrderedDict(a=torch.full((2,), float(node)), steps=torch.tensor([node], dtype=torch.int64))
+        replies.append(Message(RecordDict({"arrays": delta_to_arrayrecord(delta), "metrics": MetricRecord(metrics)}),
+                               reply_to=request))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert delta_from_arrayrecord(arrays)["a"].tolist() == [1.5, 1.5]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 import torch
 
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord
@@ -34,3 +35,12 @@ def test_a_tiny_run_writes_its_results(tmp_path, flower_task_identity):
     assert all(float(r["seconds"]) > 0 and float(r["numpy_seconds"]) > 0 for r in rows)
     assert "| qv | svd | 3 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_simulation_part_runs_real_rounds_and_reports_a_marginal_cost(tmp_path):
+    scale.main(["--clients", "", "--simulate", "2,3", "--out", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "simulate.csv").open()))
+    assert [r["clients"] for r in rows] == ["2", "3"] and [r["accepted"] for r in rows] == ["2", "3"]
+    assert rows[0]["marginal_ms"] == "" and float(rows[1]["round_seconds"]) > 0
+    assert "| 3 |" in (tmp_path / "simulate.md").read_text()

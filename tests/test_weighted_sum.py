@@ -90,3 +90,12 @@ def test_bfloat16_tensors_fold_too():
         assert acc.problem(delta, weight) is None
         acc.add(delta, weight)
     assert acc.mean()["w"].tolist() == [(1.5 - 0.75) / 4] * 4
+
+
+def test_a_sum_takes_no_more_replies_than_it_was_sized_for():
+    acc = ExactWeightedSum(_spec(), capacity=2)
+    for _ in range(2):
+        delta = _delta([1.0] * 10)
+        assert acc.problem(delta, 1) is None
+        acc.add(delta, 1)
+    assert "more replies than the 2" in str(acc.problem(_delta([1.0] * 10), 1))

@@ -31,6 +31,15 @@ ran, replies fed one at a time from a generator: what the aggregation itself all
 beyond the replies the grid delivers. Each row is measured in a forked child process, so
 no row sees heap that an earlier one left behind. Timings are the best of `--repeats`.
 `results.csv`, `results.md` and `results.png` (time and memory against N) go to `--out`.
+
+`--simulate 100,1000` also runs one round of `peft-sim` (Flower's Simulation Engine, the
+same assembly as any run) with that many virtual clients on a tiny random Llama (one local
+step of batch 1 each), in a fresh process per N, and reports the round's wall time, the
+clients' own time per client-round (training plus swapping the delta in, from the
+metrics), and the marginal wall time per client-round between consecutive N: what one
+more client costs the round. `framework ms` is that marginal cost minus the clients' own
+time divided by the CPUs running clients in parallel: what the engine, the messages and
+the coordinator add per client-round. Written to `simulate.csv` / `simulate.md`.
 """
 
 from __future__ import annotations
@@ -38,11 +47,14 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import logging
 import math
 import multiprocessing
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -209,6 +221,45 @@ def _try(fn: Any, *args: Any) -> Any:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+def simulate(counts: Sequence[int], out: Path) -> list[dict[str, Any]]:
+    """One peft-sim round per number of virtual clients on a tiny model; marginal cost per client-round."""
+    from fedpeft.simulations.harness.tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(out / "tiny-llama")
+    peft_sim = Path(sys.executable).with_name("peft-sim")
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        run_dir = out / f"sim-{n}"
+        command = [str(peft_sim), "--model", str(model), "--clients", str(n), "--rounds", "1", "--local-steps", "1",
+                   "--batch-size", "1", "--builtin-train-rows", str(max(2 * n, 800)), "--eval-limit", "8",
+                   "--out", str(run_dir)]
+        log.info("simulating %d virtual clients: %s", n, " ".join(command))
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"peft-sim with {n} clients failed:\n{done.stderr[-3000:]}")
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        rows.append({"clients": n, "round_seconds": last["seconds"], "process_seconds": time.perf_counter() - started,
+                     "client_seconds": last.get("client_train_seconds", 0.0) + last.get("client_swap_seconds", 0.0),
+                     "accepted": last["clients_accepted"]})
+    parallel = max(1, os.cpu_count() or 1)
+    for before, row in zip(rows, rows[1:], strict=False):
+        marginal = (row["round_seconds"] - before["round_seconds"]) / (row["clients"] - before["clients"])
+        row["marginal_ms"] = marginal * 1e3
+        row["framework_ms"] = (marginal - row["client_seconds"] / parallel) * 1e3
+    return rows
+
+
+def simulate_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores", "",
+             "| virtual clients | round s | clients' own ms per client-round | marginal ms per client-round | "
+             "framework ms per client-round |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['clients']:,} | {r['round_seconds']:.1f} | {r['client_seconds'] * 1e3:.1f} | "
+                     + (f"{r['marginal_ms']:.1f} | {r['framework_ms']:.1f} |" if "marginal_ms" in r else "— | — |"))
+    return "\n".join(lines) + "\n"
+
+
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (figures differ between machines)."""
     try:
@@ -268,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="largest N for the svd mode (it forms every client's dense B_i A_i)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--simulate", default="", help="comma-separated numbers of virtual clients for one "
+                        "peft-sim round each on a tiny model (e.g. 100,1000); empty: no simulation")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -275,17 +328,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     for name in ("fedpeft.server",):
         logging.getLogger(name).setLevel(logging.WARNING)
-    clients = [int(c) for c in args.clients.split(",")]
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c]  # --clients "": no aggregation rows
+        simulated = [int(c) for c in args.simulate.split(",") if c]
+    except ValueError:
+        parser.error("--clients and --simulate take comma-separated integers")
     deltas, modes = args.deltas.split(","), args.modes.split(",")
     unknown = sorted(set(deltas) - set(MODULES)) + sorted(set(modes) - set(MODES))
-    if unknown or args.repeats < 1 or any(c < 1 for c in clients):
-        parser.error(f"unknown delta(s)/mode(s) {unknown}" if unknown else "--repeats and --clients must be >= 1")
+    if unknown or args.repeats < 1 or any(c < 1 for c in clients + simulated):
+        parser.error(f"unknown delta(s)/mode(s) {unknown}" if unknown
+                     else "--repeats, --clients and --simulate must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # (a run sets them; this is no run)
     rows: list[dict[str, Any]] = []
-    for kind in deltas:
+    for kind in deltas if clients else []:
         spec = lora_spec(kind)
         pool = _pool(spec, args.seed)
         for mode in modes:
@@ -299,6 +357,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                     writer.writerows(rows)
                 (args.out / "results.md").write_text(markdown(rows))
         del pool
+    if simulated:
+        sims = simulate(sorted(simulated), args.out)
+        with (args.out / "simulate.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=sorted({k for r in sims for k in r}))
+            writer.writeheader()
+            writer.writerows(sims)
+        (args.out / "simulate.md").write_text(simulate_markdown(sims))
+        print(simulate_markdown(sims))
+    if not rows:
+        return
     plot(rows, args.out / "results.png")
     print(markdown(rows))
     print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.md'}, {args.out / 'results.png'}")
