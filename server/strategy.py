@@ -310,6 +310,10 @@ class DeltaValidation:
                     flat_sent[id(sent)] = fold.flatten(sent)
                 norm = fold.staged_update_norm(flat_sent[id(sent)])
             if relative:
+                if len(held) >= fold.capacity:
+                    self._reject(traffic, server_round, msg, f"more replies than the {fold.capacity} this round's "
+                                                              "sum was sized for")
+                    continue
                 held.append((msg, delta))
                 held_norms.append(norm)
                 continue
@@ -325,7 +329,7 @@ class DeltaValidation:
             else:
                 self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, held_norms[i])
         held.clear()
-        if not self._enough_accepted(server_round, traffic):
+        if not self._enough_accepted(server_round, traffic) or fold.count == 0:
             return None, None
         arrays = delta_to_arrayrecord(fold.mean())
         # The metrics' float sums in an order that does not depend on arrival either.
@@ -365,7 +369,11 @@ class DeltaValidation:
             if problem:
                 self._reject(traffic, server_round, msg, f"SCAFFOLD control change: {problem}")
                 return
-        fold.add(clipped if clipped is not None else delta, weight)
+        try:
+            fold.add(clipped if clipped is not None else delta, weight)  # (re-checks before it changes anything)
+        except ValueError as exc:
+            self._reject(traffic, server_round, msg, str(exc))
+            return
         if change is not None:
             assert changes is not None
             changes.add(node, change)
@@ -622,6 +630,8 @@ def build_strategy(name: str, *, spec: DeltaSpec, max_delta_bytes: int, options:
     if (lora_svd_scaling is not None or hetero is not None) and name != "fedavg":
         raise ConfigError(f"{'heterogeneous-rank' if hetero else 'ΔW-space (svd)'} LoRA aggregation replaces "
                           f"FedAvg's averaging; use it with strategy 'fedavg', not {name!r}")
+    if scaffold is not None and not all(t.dtype.is_floating_point for t in spec.tensors.values()):
+        raise ConfigError("SCAFFOLD needs a delta of floating-point tensors only")
     if scaffold is not None and (lora_svd_scaling is not None or hetero is not None or name in ROBUST_AGGREGATORS):
         raise ConfigError(f"SCAFFOLD needs an averaging strategy over full-shape deltas, not {name!r} with "
                           f"{'heterogeneous ranks' if hetero else 'svd aggregation' if lora_svd_scaling else 'it'}")

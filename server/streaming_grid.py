@@ -21,7 +21,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 PULL_INTERVAL_S = 0.05
-"""Wait between pulls that found no reply (Flower's in-memory grid waits 0.1 s)."""
+"""First wait after a pull that found no reply (Flower's in-memory grid waits 0.1 s)."""
+MAX_PULL_INTERVAL_S = 3.0
+"""Longest wait between pulls while nothing arrives (Flower's gRPC grid waits 3 s)."""
 
 
 class StreamingGrid(Grid):
@@ -57,15 +59,21 @@ class StreamingGrid(Grid):
             return self.grid.send_and_receive(messages, timeout=timeout)
         pending = set(self.grid.push_messages(messages))
         del messages
-        return self._replies(pending, timeout)
+        # The deadline runs from the push, as in Flower's grids, not from the first pull.
+        return self._replies(pending, None if timeout is None else time.time() + timeout)
 
-    def _replies(self, pending: set[str], timeout: float | None) -> Iterator[Message]:
-        """Replies to `pending` as they are pulled, until all came or `timeout` passed (as Flower's grids)."""
-        end = time.time() + (timeout if timeout is not None else 0.0)
-        while pending and (timeout is None or time.time() < end):
+    def _replies(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
+        """Replies to `pending` as they are pulled, until all came or the deadline passed; one
+        last pull after it, so a reply that arrived while the strategy was folding is kept."""
+        wait = self.pull_interval
+        while pending:
+            last = deadline is not None and time.time() >= deadline
             replies = list(self.grid.pull_messages(pending))
             pending.difference_update(reply.metadata.reply_to_message_id for reply in replies)
+            wait = self.pull_interval if replies else min(wait * 2, MAX_PULL_INTERVAL_S)  # back off while idle
             while replies:
                 yield replies.pop(0)  # the grid keeps no reference: a folded reply can be freed
-            if pending:
-                time.sleep(self.pull_interval)
+            if last:
+                return
+            if pending and not replies:
+                time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.time())))

@@ -75,7 +75,7 @@ class ExactWeightedSum:
         self._lo = np.zeros(self.size, dtype=np.float64)
         self._t = np.empty(self.size, dtype=np.float64)
         self._f = np.empty(self.size, dtype=np.float64)
-        self._staged: tuple[int, float] | None = None  # (id of the staged delta, its weight)
+        self._staged: tuple[Mapping[str, torch.Tensor], float] | None = None  # (the staged delta, its weight)
         self.staged_peak = 0.0
         """An upper bound of max |w * x| of the delta `problem` last accepted (its L2 norm),
         exact whenever it exceeds `bound_peak`."""
@@ -115,7 +115,7 @@ class ExactWeightedSum:
         if peak > self.reply_limit:
             return (f"|value| x examples {peak:.3g} exceeds what an exact sum of this round's replies can "
                     f"hold ({self.reply_limit:.3g} per reply)")
-        self._staged = (id(delta), float(weight))
+        self._staged = (delta, float(weight))
         return None
 
     def flatten(self, delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -136,7 +136,7 @@ class ExactWeightedSum:
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a delta that `problem` accepted (the last one staged, or it is staged again)."""
-        if self._staged != (id(delta), float(weight)):
+        if self._staged is None or self._staged[0] is not delta or self._staged[1] != float(weight):
             problem = self.problem(delta, weight)
             if problem is not None:
                 raise ValueError(problem)

@@ -78,3 +78,26 @@ def test_evaluation_rounds_go_through_the_wrapped_grid(flower_task_identity):
             return ["collected"]
 
     assert StreamingGrid(Collecting()).send_and_receive(_train_messages(MessageType.EVALUATE)) == ["collected"]
+
+
+def test_replies_that_arrived_while_the_strategy_was_folding_are_pulled_after_the_deadline(flower_task_identity):
+    """The deadline runs from the push; once it has passed, one last pull still collects what
+    reached the grid while the strategy was busy with earlier replies (Flower's grids, which
+    do nothing between pulls, would have collected them too)."""
+
+    class AllAtOnce(TrickleGrid):
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            ready = [m for m in self.outbox if m.metadata.message_id in set(message_ids)]
+            ready = ready[:1] if self.pulls == 1 else ready  # the first pull finds one reply, later ones the rest
+            for msg in ready:
+                self.outbox.remove(msg)
+            return [Message(RecordDict({"c": ConfigRecord({"n": m.metadata.dst_node_id})}), reply_to=m) for m in ready]
+
+    import time
+
+    inner = AllAtOnce()
+    replies = iter(StreamingGrid(inner, pull_interval=0.01).send_and_receive(_train_messages(), timeout=0.2))
+    next(replies)
+    time.sleep(0.3)  # folding the first reply outlasts the round's timeout
+    assert len(list(replies)) == 2

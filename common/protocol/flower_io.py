@@ -32,7 +32,11 @@ def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None,
     if max_bytes is not None and size > max_bytes:
         raise DeltaError(f"delta of {size} bytes exceeds the limit of {max_bytes} bytes")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    with warnings.catch_warnings():  # without `copy`, torch warns that a view is read-only: the caller only reads
+    if copy:
+        for name, array in record.items():
+            out[name] = _tensor(name, array, copy)
+        return out
+    with warnings.catch_warnings():  # torch warns that a view is read-only: the caller only reads
         warnings.simplefilter("ignore", UserWarning)
         for name, array in record.items():
             out[name] = _tensor(name, array, copy)
