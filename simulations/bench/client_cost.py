@@ -42,25 +42,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft.simulations.bench.process_memory import reset_peak, status_bytes
+
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv")
 DEFAULT_LABELS = "0=negative,1=positive"
 CHECKPOINTED_TAG = " +ckpt"
-
-
-def _status_bytes(field: str) -> int:
-    """A `/proc/self/status` figure (VmHWM: peak RSS, resettable; VmRSS: current RSS), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is the training phase's alone."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _import_stack() -> None:
@@ -126,8 +112,8 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
                             make_config("lora", spec["lora"]), quantize=spec["quantize"])
     objective = CausalLMObjective(task, load_tokenizer(model_dir), spec["max_length"])
     encoded = [objective.encode(r) for r in rows]
-    loaded_rss, load_peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
-    _reset_peak()
+    loaded_rss, load_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+    reset_peak()
     params = part.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     part.model.train()  # as train_split_local: dropout on, and blocks only checkpoint in training mode
@@ -147,9 +133,9 @@ def _worker_split(spec: dict[str, Any]) -> dict[str, Any]:
     delta_bytes = _held_bytes(part.get_delta().values())
     per_step = (session.bytes_up + session.bytes_down) / (steps + 1)
     return {
-        "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),
+        "peak_rss_bytes": max(load_peak, status_bytes("VmHWM")),
         "loaded_rss_bytes": loaded_rss,
-        "train_peak_rss_bytes": _status_bytes("VmHWM"),
+        "train_peak_rss_bytes": status_bytes("VmHWM"),
         "tensor_bytes": _held_bytes([*part.model.parameters(), *part.model.buffers(), *_optimizer_tensors(optimizer)]),
         "step_seconds": sum(t - w for t, w in zip(times[1:], waits[1:], strict=True)) / steps,
         "server_wait_seconds": sum(waits[1:]) / steps,
@@ -176,8 +162,8 @@ def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
     adapted = AdaptedModel.load(model_dir, spec["quantize"], "lora", make_config("lora", spec["lora"]))
     objective = CausalLMObjective(task, adapted.tokenizer, spec["max_length"])
     encoded = [objective.encode(r) for r in rows]
-    loaded_rss, load_peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
-    _reset_peak()
+    loaded_rss, load_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+    reset_peak()
     params = adapted.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     adapted.model.train()
@@ -188,9 +174,9 @@ def _worker_fl(spec: dict[str, Any]) -> dict[str, Any]:
                   on_step=lambda _step, seconds: times.append(seconds), optimizer=optimizer)
     delta_bytes = _held_bytes(adapted.get_delta().values())
     return {
-        "peak_rss_bytes": max(load_peak, _status_bytes("VmHWM")),
+        "peak_rss_bytes": max(load_peak, status_bytes("VmHWM")),
         "loaded_rss_bytes": loaded_rss,
-        "train_peak_rss_bytes": _status_bytes("VmHWM"),
+        "train_peak_rss_bytes": status_bytes("VmHWM"),
         "tensor_bytes": _held_bytes([*adapted.model.parameters(), *adapted.model.buffers(), *_optimizer_tensors(optimizer)]),
         "step_seconds": sum(times[1:]) / steps,
         "bytes_per_step": 2 * delta_bytes / spec["local_steps"],
@@ -209,7 +195,7 @@ def _worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads", 1)))
     _import_stack()
     if kind == "baseline":
-        return {"peak_rss_bytes": _status_bytes("VmHWM")}
+        return {"peak_rss_bytes": status_bytes("VmHWM")}
     torch.manual_seed(0)
     return _worker_split(spec) if kind == "split" else _worker_fl(spec)
 

@@ -70,6 +70,7 @@ from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS, WEIGHT_KEY
 from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import build_strategy
+from fedpeft.simulations.bench.process_memory import reset_peak, status_bytes
 
 log = logging.getLogger("fedpeft.bench")
 
@@ -149,27 +150,6 @@ def numpy_limit(flats: list[np.ndarray], weights: list[int], clients: int) -> np
     return acc / total
 
 
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def measure(kind: str, mode: str, clients: int, repeats: int, pool: tuple[list[ArrayRecord], list[np.ndarray], list[int]],
             spec: DeltaSpec) -> dict[str, Any]:
     """One (delta, mode, N) row: our aggregation vs the numpy limit, time and peak memory."""
@@ -178,12 +158,12 @@ def measure(kind: str, mode: str, clients: int, repeats: int, pool: tuple[list[A
     for _ in range(repeats):
         strategy, sent = _strategy(mode, spec, clients)
         gc.collect()
-        _reset_peak()
-        before = _rss()
+        reset_peak()
+        before = status_bytes("VmRSS")
         start = time.perf_counter()
         arrays, _ = strategy.aggregate_train(1, _replies(sent, records, weights))
         seconds.append(time.perf_counter() - start)
-        peak = max(peak, _peak_rss() - before)
+        peak = max(peak, status_bytes("VmHWM") - before)
         if arrays is None or strategy.traffic[1].accepted != clients:
             raise RuntimeError(f"{mode} N={clients}: {strategy.traffic[1].rejected[:1]}")
         del strategy, sent, arrays
