@@ -50,6 +50,11 @@ class TrainConfig:
     Menon et al. 2021): each client trains on logits + tau * log(its own label frequencies), so a
     client that holds mostly one label stops pulling the shared head toward it; evaluation uses
     the plain logits. tau here; 0 = off. The frequencies never leave the client."""
+    optimizer: str = "adamw"
+    """The clients' local optimizer: "adamw", or "sgd" (plain SGD, what FedAvg, FedOpt and
+    SCAFFOLD are analysed with). SGD steps shrink with the gradient, so a client whose data
+    is already fitted (one label under label skew) barely moves the shared delta; AdamW's
+    normalised steps keep moving it by about the learning rate per step whatever the loss."""
 
     def __post_init__(self) -> None:
         bad = train_problems(dataclasses.asdict(self))
@@ -74,13 +79,16 @@ class TrainConfig:
 
     def plan_fields(self) -> dict[str, object]:
         """What the federation plan carries to clients: every field, less gradient_checkpointing
-        and logit_adjustment while they are off, so that clients from before them still read the plan. The
-        learning rate must be concrete (`for_method`): clients never guess it."""
+        and logit_adjustment while they are off and the optimizer while it is AdamW, so that
+        clients from before them still read the plan. The learning rate must be concrete
+        (`for_method`): clients never guess it."""
         self._require_resolved()
         fields = dict(self.__dict__)
         for key in ("gradient_checkpointing", "logit_adjustment"):  # newer options, sent when on
             if not fields[key]:
                 del fields[key]
+        if fields["optimizer"] == "adamw":  # the default, left out for clients from before the option
+            del fields["optimizer"]
         return fields
 
     def _require_resolved(self) -> None:
@@ -98,6 +106,8 @@ class TrainConfig:
         assert self.local_steps is not None
         return self.local_steps
 
+
+OPTIMIZERS = ("adamw", "sgd")
 
 # Upper limits keep a plan from asking a client for a job that never ends or cannot be
 # allocated (a finite local_epochs of 1e15 is as bad as infinity); far above any real run.
@@ -118,6 +128,7 @@ _TRAIN_CHECKS: dict[str, tuple[str, object]] = {
     "log_every": ("must be >= 1", lambda v: v >= 1),
     "gradient_checkpointing": ("must be true or false", lambda v: isinstance(v, bool)),
     "logit_adjustment": ("must be a number in [0, 10]", lambda v: 0 <= v <= 10),
+    "optimizer": (f"must be one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS),
 }
 
 
@@ -160,12 +171,21 @@ StepFn = Callable[[int, dict[str, torch.Tensor]], torch.Tensor | float]
 `.grad` and return the loss (a tensor to backpropagate is the caller's to backward, see `run_steps`)."""
 
 
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimizer `config.optimizer` names, at the configured learning rate and weight decay."""
+    if config.learning_rate is None:
+        raise ConfigError("training.learning_rate is unset: resolve it with TrainConfig.for_method first")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def run_steps(params: list[torch.nn.Parameter], batches: Callable[[int], dict[str, torch.Tensor]], config: TrainConfig,
               step_fn: StepFn, *, seed: int, label: str, steps: int | None = None,
               after_step: Callable[[int], None] | None = None,
               on_step: Callable[[int, float], None] | None = None,
               optimizer: torch.optim.Optimizer | None = None) -> TrainStats:
-    """The one local training loop: AdamW over `params`, `steps` (default `config.local_steps`)
+    """The one local training loop: `config.optimizer` over `params`, `steps` (default `config.local_steps`)
     steps of `step_fn`, gradient clipping, a finite-loss check, progress logging.
 
     The step is the plug: plain FL computes the loss on the whole model (`train_local`),
@@ -179,7 +199,7 @@ def run_steps(params: list[torch.nn.Parameter], batches: Callable[[int], dict[st
         raise ConfigError("training.learning_rate and the step count must be set: resolve the settings with "
                           "TrainConfig.for_method first")
     if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(params, config)
     torch.manual_seed(seed)  # dropout masks: same seed, same local round, whatever ran before on this worker
     losses: list[float] = []
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.client.training import OPTIMIZERS
 from fedpeft.server.federation.spec import SECTIONS, RunSpec
 
 
@@ -74,7 +75,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("local_steps", "training.local_steps", "optimizer steps per client per round; unset: the method's "
          "federated_local_steps"),
     Flag("local_epochs", "training.local_epochs", "epochs per round instead of steps (0 = use steps)"),
-    Flag("learning_rate", "training.learning_rate", "local AdamW learning rate; unset: the method's "
+    Flag("learning_rate", "training.learning_rate", "local learning rate; unset: the method's "
          "federated_learning_rate", option="--lr"),
     Flag("batch_size", "training.batch_size", "local batch size"),
     Flag("max_length", "training.max_length", "max tokens per example"),
@@ -109,6 +110,9 @@ FLAGS: tuple[Flag, ...] = (
          "clip each client's update (delta minus global, L2) to this norm before aggregation (0 = off)"),
     Flag("scaffold", "federation.scaffold", "SCAFFOLD drift correction: the server's control variate travels with "
          "the global delta (doubling the download) and corrects every local step"),
+    Flag("optimizer", "training.optimizer", "the clients' local optimizer: adamw, or sgd (plain SGD: steps shrink "
+         "as a client fits its data, which keeps label-skewed clients from dragging the shared delta)",
+         choices=OPTIMIZERS),
     Flag("logit_adjustment", "training.logit_adjustment", "classification under label skew: clients train on "
          "logits + TAU x log(their label frequencies) (FedLC); 0 = off"),
     Flag("upload_codec", "compression.upload", "compress each client's update on the wire: none, fp16, bf16, int8, "

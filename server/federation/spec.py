@@ -404,6 +404,9 @@ class RunSpec:
         if not 0 < self.simulation.cpus_per_client < math.inf:
             found.append(f"simulation.cpus_per_client must be a finite number > 0 (got {self.simulation.cpus_per_client})")
         found += self._switched_off_problems(defaults)
+        if self.training.optimizer != "adamw" and self.training.learning_rate is None:
+            found.append(f"training.optimizer {self.training.optimizer!r} needs training.learning_rate: the methods' "
+                         "federated default rates are AdamW rates")
         if self.training.gradient_checkpointing:
             from fedpeft.common.training.activation_checkpointing import KV_PREFIX_REASON, refuses_checkpointing
 

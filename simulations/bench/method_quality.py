@@ -362,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--local-steps", type=int, help="local steps per round for every method "
                    "(default: each method's federated default)")
+    p.add_argument("--optimizer", help="the clients' local optimizer for every method (default: adamw)")
+    p.add_argument("--strategy", help="the federated settings' server strategy (default: fedavg)")
+    p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a strategy option, repeatable (--strategy fedadam --strategy-opt eta=0.01)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=2000)
@@ -382,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr = {} if args.lr is None else {"learning_rate": args.lr}
         if args.local_steps is not None:
             lr["local_steps"] = args.local_steps
+        if args.optimizer is not None:
+            lr["optimizer"] = args.optimizer
+        if args.strategy is not None:
+            lr["strategy"] = args.strategy
+        if args.strategy_opt:
+            lr["strategy_options"] = dict(item.partition("=")[::2] for item in args.strategy_opt)
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
                                template=args.template, clients=args.clients, rounds=args.rounds,
                                batch_size=args.batch_size, max_length=args.max_length,
