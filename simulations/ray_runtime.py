@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import psutil
@@ -167,13 +167,22 @@ class _RunSimulationDeprecation(logging.Filter):
                     and any("run_simulation" in str(arg) for arg in (record.args or ())))
 
 
+FLOWER_LINK_STATE_ENV = "FEDPEFT_FLOWER_LINK_STATE"
+"""Set to 1, simulations keep Flower's unindexed in-memory LinkState (a benchmark baseline only)."""
+
+
 def run_flower_simulation(server_app: Any, client_app: Any, num_supernodes: int, backend_config: dict[str, Any]) -> None:
-    """Flower's `run_simulation`, on a Ray backend started (and cleaned up) by `ray_backend`."""
+    """Flower's `run_simulation`, on a Ray backend started (and cleaned up) by `ray_backend`, with
+    each node's pending messages indexed (`indexed_link_state`: Flower's poll is O(N²) per pass)."""
     from flwr.simulation import run_simulation
 
     flower_log = logging.getLogger("flwr")
     if not any(isinstance(f, _RunSimulationDeprecation) for f in flower_log.filters):
         flower_log.addFilter(_RunSimulationDeprecation())
-    with ray_backend(dict(backend_config.get("init_args") or {})):
+    from fedpeft.simulations.indexed_link_state import indexed_link_state
+
+    # FLOWER_LINK_STATE_ENV=1 keeps Flower's own LinkState: the baseline of `peft-bench-scale --simulate-baseline`
+    indexing = nullcontext() if os.environ.get(FLOWER_LINK_STATE_ENV) == "1" else indexed_link_state()
+    with ray_backend(dict(backend_config.get("init_args") or {})), indexing:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_config=backend_config)

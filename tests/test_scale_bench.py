@@ -39,8 +39,11 @@ def test_a_tiny_run_writes_its_results(tmp_path, flower_task_identity):
 
 @pytest.mark.slow
 def test_the_simulation_part_runs_real_rounds_and_reports_a_marginal_cost(tmp_path):
-    scale.main(["--clients", "", "--simulate", "2,3", "--out", str(tmp_path)])
+    scale.main(["--clients", "", "--simulate", "2,3", "--simulate-baseline", "--out", str(tmp_path)])
     rows = list(csv.DictReader((tmp_path / "simulate.csv").open()))
-    assert [r["clients"] for r in rows] == ["2", "3"] and [r["accepted"] for r in rows] == ["2", "3"]
-    assert rows[0]["marginal_ms"] == "" and float(rows[1]["round_seconds"]) > 0
-    assert "| 3 |" in (tmp_path / "simulate.md").read_text()
+    assert [(r["link_state"], r["clients"]) for r in rows] == [("indexed", "2"), ("indexed", "3"),
+                                                              ("flower", "2"), ("flower", "3")]
+    assert [r["accepted"] for r in rows] == ["2", "3", "2", "3"]
+    assert rows[0]["marginal_ms"] == rows[2]["marginal_ms"] == "" and float(rows[1]["round_seconds"]) > 0
+    assert rows[3]["marginal_ms"] != ""  # within one link state only
+    assert "| flower | 3 |" in (tmp_path / "simulate.md").read_text()

@@ -40,6 +40,8 @@ metrics), and the marginal wall time per client-round between consecutive N: wha
 more client costs the round. `framework ms` is that marginal cost minus the clients' own
 time divided by the CPUs running clients in parallel: what the engine, the messages and
 the coordinator add per client-round. Written to `simulate.csv` / `simulate.md`.
+`--simulate-baseline` runs every N a second time on Flower's own in-memory LinkState
+(peft-sim indexes each node's pending messages; Flower's poll scans all of them).
 """
 
 from __future__ import annotations
@@ -201,29 +203,40 @@ def _try(fn: Any, *args: Any) -> Any:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def simulate(counts: Sequence[int], out: Path) -> list[dict[str, Any]]:
-    """One peft-sim round per number of virtual clients on a tiny model; marginal cost per client-round."""
+LINK_STATES = ("indexed", "flower")
+"""`indexed`: what peft-sim runs (each node's pending messages indexed); `flower`: Flower's own
+in-memory LinkState, whose per-node poll scans every stored message (the baseline)."""
+
+
+def simulate(counts: Sequence[int], out: Path, link_states: Sequence[str] = ("indexed",)) -> list[dict[str, Any]]:
+    """One peft-sim round per number of virtual clients (and LinkState) on a tiny model; marginal
+    cost per client-round between consecutive counts of the same LinkState."""
     from fedpeft.simulations.harness.tiny_models import build_tiny_llama
+    from fedpeft.simulations.ray_runtime import FLOWER_LINK_STATE_ENV
 
     model = build_tiny_llama(out / "tiny-llama")
     peft_sim = Path(sys.executable).with_name("peft-sim")
     rows: list[dict[str, Any]] = []
-    for n in counts:
-        run_dir = out / f"sim-{n}"
+    for state, n in ((s, n) for s in link_states for n in counts):
+        run_dir = out / f"sim-{n}" if state == "indexed" else out / f"sim-{n}-{state}"
         command = [str(peft_sim), "--model", str(model), "--clients", str(n), "--rounds", "1", "--local-steps", "1",
                    "--batch-size", "1", "--builtin-train-rows", str(max(2 * n, 800)), "--eval-limit", "8",
                    "--out", str(run_dir)]
         log.info("simulating %d virtual clients: %s", n, " ".join(command))
         started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = {**os.environ, FLOWER_LINK_STATE_ENV: "1" if state == "flower" else "0"}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"peft-sim with {n} clients failed:\n{done.stderr[-3000:]}")
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        rows.append({"clients": n, "round_seconds": last["seconds"], "process_seconds": time.perf_counter() - started,
+        rows.append({"link_state": state, "clients": n, "round_seconds": last["seconds"],
+                     "process_seconds": time.perf_counter() - started,
                      "client_seconds": last.get("client_train_seconds", 0.0) + last.get("client_swap_seconds", 0.0),
                      "accepted": last["clients_accepted"]})
     parallel = max(1, os.cpu_count() or 1)
     for before, row in zip(rows, rows[1:], strict=False):
+        if before["link_state"] != row["link_state"]:
+            continue
         marginal = (row["round_seconds"] - before["round_seconds"]) / (row["clients"] - before["clients"])
         row["marginal_ms"] = marginal * 1e3
         row["framework_ms"] = (marginal - row["client_seconds"] / parallel) * 1e3
@@ -232,10 +245,10 @@ def simulate(counts: Sequence[int], out: Path) -> list[dict[str, Any]]:
 
 def simulate_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores", "",
-             "| virtual clients | round s | clients' own ms per client-round | marginal ms per client-round | "
-             "framework ms per client-round |", "|---|---|---|---|---|"]
+             "| link state | virtual clients | round s | clients' own ms per client-round | "
+             "marginal ms per client-round | framework ms per client-round |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['clients']:,} | {r['round_seconds']:.1f} | {r['client_seconds'] * 1e3:.1f} | "
+        lines.append(f"| {r['link_state']} | {r['clients']:,} | {r['round_seconds']:.1f} | {r['client_seconds'] * 1e3:.1f} | "
                      + (f"{r['marginal_ms']:.1f} | {r['framework_ms']:.1f} |" if "marginal_ms" in r else "— | — |"))
     return "\n".join(lines) + "\n"
 
@@ -301,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulate", default="", help="comma-separated numbers of virtual clients for one "
                         "peft-sim round each on a tiny model (e.g. 100,1000); empty: no simulation")
+    parser.add_argument("--simulate-baseline", action="store_true",
+                        help="also run each simulated round on Flower's own (unindexed) in-memory LinkState")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -338,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 (args.out / "results.md").write_text(markdown(rows))
         del pool
     if simulated:
-        sims = simulate(sorted(simulated), args.out)
+        sims = simulate(sorted(simulated), args.out, LINK_STATES if args.simulate_baseline else ("indexed",))
         with (args.out / "simulate.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=sorted({k for r in sims for k in r}))
             writer.writeheader()
