@@ -17,6 +17,11 @@ each candidate, the same `delivered_at` stamp. Only the incidental re-validation
 nodes' messages is skipped; theirs are validated when their own node polls (and by
 Flower's reply-side checks).
 
+One more difference: Flower's full scan also deletes *delivered* messages whose time to live
+has passed (and their late replies); the index never revisits a delivered message, so those
+stay until the round deletes them as usual. Flower's default TTL is 12 h and fedpeft sets
+none shorter, so this matters only for rounds longer than that.
+
 Written by hand because Flower's `run_simulation` has no hook to choose its LinkState; it
 is swapped in for the duration of one simulation by `indexed_link_state()`.
 """
@@ -66,6 +71,12 @@ class _PendingIndexedStore(dict):  # type: ignore[type-arg]
         super().clear()
         self.pending.clear()
 
+    def _unindexed(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise NotImplementedError("the indexed message store supports item assignment, del, pop and clear only "
+                                  "(what Flower 1.41 uses); a newer Flower must be checked against it")
+
+    update = setdefault = popitem = __ior__ = _unindexed  # type: ignore[assignment]
+
     def drop_pending(self, node_id: int, message_id: str) -> None:
         ids = self.pending.get(node_id)
         if ids is not None:
@@ -87,20 +98,24 @@ class IndexedInMemoryLinkState(InMemoryLinkState):
             raise AssertionError("`limit` must be >= 1")
         store = self.message_ins_store
         found: list[Message] = []
+        found_ids: list[str] = []
         with self.lock:
             for message_id in list(store.pending.get(node_id, ())):
                 self._check_stored_messages({message_id})  # expiry and federation, as Flower checks each
                 message = store.get(message_id)
-                if (message is not None and message.metadata.dst_node_id == node_id
+                if message is None:  # deleted without passing through the store's own methods
+                    store.drop_pending(node_id, message_id)
+                elif (message.metadata.dst_node_id == node_id
                         and (run_id is None or message.metadata.run_id == run_id)
                         and message.metadata.delivered_at == ""):
                     found.append(message)
+                    found_ids.append(message_id)
                 if limit and len(found) == limit:
                     break
             delivered_at = now().isoformat()
-            for message in found:
+            for message_id, message in zip(found_ids, found, strict=True):
                 message.metadata.delivered_at = delivered_at
-                store.drop_pending(node_id, message.metadata.message_id)
+                store.drop_pending(node_id, message_id)  # by the key it is stored under
         return found
 
 

@@ -178,6 +178,9 @@ def test_paths_given_as_flags_are_saved_absolute(tmp_path, monkeypatch):
     ({"federation": {"scaffold": True, "lora_aggregation": "svd"}},
      "federation.scaffold cannot run with federation.lora_aggregation = 'svd'"),
     ({"federation": {"scaffold": True, "method": "adalora"}}, "federation.scaffold cannot run with federation.method"),
+    ({"training": {"optimizer": "sgd"}}, "training.optimizer 'sgd' needs training.learning_rate"),
+    ({"federation": {"topology": "split"}, "training": {"optimizer": "sgd", "learning_rate": 0.3}},
+     "split: training.optimizer 'sgd' is not supported"),
 ])
 def test_settings_that_would_be_ignored_or_are_malformed_are_refused(sections, fragment):
     with pytest.raises(ConfigError) as info:

@@ -135,3 +135,32 @@ def test_a_limit_below_one_is_refused_as_by_flower(flower_task_identity):
     indexed, _, nodes = _state(True, 1)
     with pytest.raises(AssertionError):
         indexed.get_message_ins(node_id=nodes[0], limit=0)
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, IndexedInMemoryLinkState), ("1", InMemoryLinkState)])
+def test_simulations_run_on_the_indexed_state_unless_the_baseline_is_asked_for(monkeypatch, env, expected):
+    """What `run_flower_simulation` hands Flower: the indexed state, or Flower's own for the benchmark baseline."""
+    import contextlib
+
+    import flwr.simulation
+
+    from fedpeft.simulations import ray_runtime
+
+    seen = []
+    monkeypatch.setattr(ray_runtime, "ray_backend", lambda _args: contextlib.nullcontext())
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **_kw: seen.append(linkstate_factory.InMemoryLinkState))
+    if env is None:
+        monkeypatch.delenv(ray_runtime.FLOWER_LINK_STATE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ray_runtime.FLOWER_LINK_STATE_ENV, env)
+    ray_runtime.run_flower_simulation(server_app=None, client_app=None, num_supernodes=1, backend_config={})
+    assert seen == [expected] and linkstate_factory.InMemoryLinkState is InMemoryLinkState
+
+
+def test_store_methods_that_would_bypass_the_index_fail_loudly():
+    from fedpeft.simulations.indexed_link_state import _PendingIndexedStore
+
+    store = _PendingIndexedStore()
+    for call in (lambda: store.update({}), lambda: store.setdefault("k", None), lambda: store.popitem()):
+        with pytest.raises(NotImplementedError):
+            call()

@@ -124,3 +124,17 @@ def test_a_one_label_client_with_logit_adjustment_barely_moves_under_sgd_but_doe
     # measured: SGD 0.32x of its uncalibrated update, AdamW 0.99x
     assert sgd_calibrated < 0.4 * sgd_plain
     assert adamw_calibrated > 0.8 * adamw_plain
+
+
+def test_peft_bench_refuses_sgd_without_a_rate_before_any_training(tmp_path, capsys):
+    """Its centralized settings train without the assembly's check: the CLI validates up front."""
+    from test_attack_bench import _write_sentiment
+
+    from fedpeft.simulations.bench.method_quality import main
+
+    _write_sentiment(tmp_path / "train.tsv", 16, seed=1)
+    _write_sentiment(tmp_path / "dev.tsv", 8, seed=2)
+    code = main(["--data", str(tmp_path / "train.tsv"), "--eval-data", str(tmp_path / "dev.tsv"), "--methods", "lora",
+                 "--settings", "centralized,iid", "--optimizer", "sgd", "--out", str(tmp_path / "bench")])
+    assert code != 0 and "training.optimizer 'sgd' needs training.learning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "bench" / "results.csv").exists()

@@ -7,11 +7,12 @@ II of the paper, c_i+ = c_i - c + (x - y) / (K * lr), x being the global delta i
 from; what this module returns is the mean step m = (x - y) / (K * lr), from which
 `fedpeft.common.protocol.control_variates` forms c_i+ and the reply's c_i+ - c_i = m - c.
 
-With plain SGD the two updates are exactly the paper's (y <- y - lr (g - c_i + c)), and m is
-the mean of the uncorrected gradients along the local path. fedpeft clients train with
-AdamW: the correction is then applied as a separate SGD-style step after each AdamW step
-(what OpenFedLLM's SCAFFOLD does), and m is the mean AdamW step in units of the learning
-rate, so c and c_i measure drift in the same units the correction is applied in.
+With plain SGD (`training.optimizer = "sgd"`) the two updates are the paper's
+(y <- y - lr (g - c_i + c), g after gradient clipping), m = mean(g) + c - c_i, and c_i+ is
+the mean of the uncorrected gradients along the local path. With AdamW (the default) the
+correction is applied as a separate SGD-style step after each AdamW step (what
+OpenFedLLM's SCAFFOLD does), and m is the mean AdamW step in units of the learning rate,
+so c and c_i measure drift in the same units the correction is applied in.
 
 Written by hand: no maintained library implements SCAFFOLD for torch parameters
 (Flower ships no SCAFFOLD strategy).

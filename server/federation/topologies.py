@@ -205,6 +205,9 @@ class SplitTopology(Topology):
         if f.strategy == "fedprox":
             found.append("split: strategy 'fedprox' is not supported (the split client's loss has no proximal term); "
                          "use fedavg, or bound updates with federation.clip_update_norm")
+        if spec.training.optimizer != "adamw":
+            found.append(f"split: training.optimizer {spec.training.optimizer!r} is not supported (the split server "
+                         "trains its part with AdamW, and checkpoints AdamW's state); use adamw")
         if spec.dp.enabled:
             found.append("split and dp cannot be combined: the split server sees every client's raw activations")
         if spec.registry.enabled:

@@ -396,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                template=args.template, clients=args.clients, rounds=args.rounds,
                                batch_size=args.batch_size, max_length=args.max_length,
                                train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **lr)
+        base.validate("simulation")  # the centralized settings train without assemble()'s check
         out_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a first full table early, then its spread
             data = load_task_data(base.task, seed)
