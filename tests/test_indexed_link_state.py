@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 
@@ -25,7 +26,7 @@ RUN_ID, TASK_ID = 7, 11
 
 def _state(indexed: bool, nodes: int) -> tuple[InMemoryLinkState, InMemoryGrid, list[int]]:
     """A LinkState set up as Flower's run_simulation and Simulation Engine set theirs up."""
-    with indexed_link_state() if indexed else _plain():
+    with indexed_link_state() if indexed else contextlib.nullcontext():
         factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
         state = factory.state()
     assert isinstance(state, IndexedInMemoryLinkState) == indexed
@@ -43,14 +44,6 @@ def _state(indexed: bool, nodes: int) -> tuple[InMemoryLinkState, InMemoryGrid, 
     grid = InMemoryGrid(state_factory=factory)
     grid.set_run(run)
     return state, grid, node_ids
-
-
-class _plain:  # noqa: N801 - a do-nothing context manager named like the one it stands beside
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _message(dst: int, tag: int) -> Message:
@@ -140,8 +133,6 @@ def test_a_limit_below_one_is_refused_as_by_flower(flower_task_identity):
 @pytest.mark.parametrize(("env", "expected"), [(None, IndexedInMemoryLinkState), ("1", InMemoryLinkState)])
 def test_simulations_run_on_the_indexed_state_unless_the_baseline_is_asked_for(monkeypatch, env, expected):
     """What `run_flower_simulation` hands Flower: the indexed state, or Flower's own for the benchmark baseline."""
-    import contextlib
-
     import flwr.simulation
 
     from fedpeft.simulations import ray_runtime

@@ -383,19 +383,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = select_methods(args.methods)
         settings = args.settings.split(",")
         check_settings(settings)
-        lr = {} if args.lr is None else {"learning_rate": args.lr}
+        overrides = {} if args.lr is None else {"learning_rate": args.lr}
         if args.local_steps is not None:
-            lr["local_steps"] = args.local_steps
+            overrides["local_steps"] = args.local_steps
         if args.optimizer is not None:
-            lr["optimizer"] = args.optimizer
+            overrides["optimizer"] = args.optimizer
         if args.strategy is not None:
-            lr["strategy"] = args.strategy
+            overrides["strategy"] = args.strategy
         if args.strategy_opt:
-            lr["strategy_options"] = dict(item.partition("=")[::2] for item in args.strategy_opt)
+            overrides["strategy_options"] = dict(item.partition("=")[::2] for item in args.strategy_opt)
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
                                template=args.template, clients=args.clients, rounds=args.rounds,
                                batch_size=args.batch_size, max_length=args.max_length,
-                               train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **lr)
+                               train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **overrides)
         base.validate("simulation")  # the centralized settings train without assemble()'s check
         out_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a first full table early, then its spread
