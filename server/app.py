@@ -240,9 +240,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     train_config: dict[str, Any] = {PLAN_KEY: plan.to_json()}
     if setup.envelopes is not None:
         identity, trusted = setup.envelopes
-        sealed_spec = (setup.compression.wire_spec(adapted.spec)  # a sealed upload is the encoded payload
-                       if setup.compression is not None and setup.compression.upload is not None else adapted.spec)
-        opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=sealed_spec,
+        opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=strategy.upload_spec(),
                                 replay_path=out_dir / "replay-guard.json", robust=setup.robust)
         strategy.unseal = opener
         train_config.update(opener.seal_config(setup.method))

@@ -10,8 +10,9 @@ decode completely is refused with the reason and costs only that client's update
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from flwr.app import ArrayRecord
 
 from fedpeft.common.codecs import Codec, CodecError, decode, encode, payload_nbytes
 from fedpeft.common.codecs.mod import ENCODED_ARRAY, MAX_DOWNLINK_BYTES, codec_config, encoded_record, payload_of
+from fedpeft.common.codecs.wire import FP32, decode_flat
 from fedpeft.common.errors import FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
@@ -77,6 +79,55 @@ class Compression:
         update = decode(payload_of(record), self.upload, _layout(spec), max_bytes)
         return OrderedDict((n, (sent[n].float() + torch.from_numpy(np.ascontiguousarray(u))).to(spec.tensors[n].dtype))
                            for n, u in update.items())
+
+
+class FlatDelta(Mapping[str, torch.Tensor]):
+    """A plain reply that travelled as one fp32 buffer (`FLAT_UPLOAD_KEY`): `flat` views all
+    its values in `spec`'s layout (read-only, no copy), which the coordinator's fold reads
+    in place; its tensors, views of `flat`, are made only when something asks for one."""
+
+    def __init__(self, flat: np.ndarray, spec: DeltaSpec) -> None:
+        self.flat = flat
+        self.spec = spec
+        self._tensors: OrderedDict[str, torch.Tensor] | None = None
+
+    def _views(self) -> OrderedDict[str, torch.Tensor]:
+        if self._tensors is None:
+            with warnings.catch_warnings():  # torch warns that a view is read-only: readers only read
+                warnings.simplefilter("ignore", UserWarning)
+                whole = torch.from_numpy(self.flat)
+            self._tensors = OrderedDict((name, whole[start:stop].view(shape))
+                                        for name, (start, stop, shape) in self.spec.flat_layout.items())
+        return self._tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._views()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spec.tensors)
+
+    def __len__(self) -> int:
+        return len(self.spec.tensors)
+
+
+def travels_flat(spec: DeltaSpec) -> bool:
+    """Whether `spec`'s delta can travel as a flat upload: every tensor float32."""
+    return all(s.dtype == torch.float32 for s in spec.tensors.values())
+
+
+def flat_upload_spec(spec: DeltaSpec) -> DeltaSpec | None:
+    """What a flat upload of `spec`'s delta looks like as tensors (one uint8 payload of the
+    exact size: the spec sealed envelopes are opened against); None when `spec` cannot
+    travel flat (a tensor that is not float32)."""
+    if not travels_flat(spec):
+        return None
+    return DeltaSpec(OrderedDict({ENCODED_ARRAY: TensorSpec((payload_nbytes(FP32, _layout(spec)),), torch.uint8)}))
+
+
+def decode_flat_reply(record: ArrayRecord, spec: DeltaSpec, max_bytes: int) -> FlatDelta:
+    """A flat upload's delta, checked against `spec` (layout and size; its values are the
+    caller's to check); anything else raises CodecError naming what differs."""
+    return FlatDelta(decode_flat(payload_of(record), spec.shapes, max_bytes), spec)
 
 
 def plain_nbytes(spec: DeltaSpec) -> int:

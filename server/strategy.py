@@ -45,12 +45,20 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedpeft.client.training import TrainConfig
+from fedpeft.common.codecs.mod import ENCODED_ARRAY, FLAT_UPLOAD_KEY
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
 from fedpeft.common.protocol.control_variates import ACCEPTED_KEY, SERVER_CONTROL_KEY
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, WEIGHT_KEY
-from fedpeft.server.compression import Compression, plain_nbytes
+from fedpeft.server.compression import (
+    Compression,
+    FlatDelta,
+    decode_flat_reply,
+    flat_upload_spec,
+    plain_nbytes,
+    travels_flat,
+)
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
@@ -117,6 +125,7 @@ class DeltaValidation:
                         if scaffold is not None else None)
         #: The run's delta codecs (`fedpeft.server.compression`); None: plain fp32 arrays both ways.
         self.compression = compression
+        self._travels_flat: bool | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -126,6 +135,8 @@ class DeltaValidation:
         self._rounds_configured += 1
         if self.compression is not None:
             config = ConfigRecord({**dict(config), **self.compression.config()})
+        if self.flat_upload:
+            config = ConfigRecord({**dict(config), FLAT_UPLOAD_KEY: True})
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         downlinks = [msg.content.array_records[self.arrayrecord_key] for msg in messages]  # type: ignore[attr-defined]
         self._sent = {}
@@ -156,6 +167,22 @@ class DeltaValidation:
                                                   sent=len(messages))
         return messages
 
+    @property
+    def flat_upload(self) -> bool:
+        """Whether plain replies are asked for as one fp32 buffer (`FLAT_UPLOAD_KEY`), decoded
+        with one header check and read in place: whenever no upload codec compresses them and
+        every tensor is float32. Replies as one Array per tensor are still accepted."""
+        if self._travels_flat is None:
+            self._travels_flat = travels_flat(self.spec)
+        return (self.compression is None or self.compression.upload is None) and self._travels_flat
+
+    def upload_spec(self) -> DeltaSpec:
+        """What a reply's arrays look like on the wire (the spec a sealed envelope is opened against)."""
+        if self.compression is not None and self.compression.upload is not None:
+            return self.compression.wire_spec(self.spec)
+        flat = flat_upload_spec(self.spec) if self.flat_upload else None
+        return flat if flat is not None else self.spec
+
     def _expected_spec(self, node_id: int) -> DeltaSpec:
         """The spec `node_id`'s reply must match (per node where the strategy says so)."""
         per_node = getattr(super(), "reply_spec", None)
@@ -171,26 +198,31 @@ class DeltaValidation:
         the values (`_fold_problem`) and never writes to them.
         """
         content = msg.content
-        if set(content.array_records) != {REPLY_ARRAYS_KEY} or set(content.metric_records) != {REPLY_METRICS_KEY}:
+        kinds = _record_kinds(content)  # (one pass: each of Flower's typed views copies the whole content)
+        if kinds[ArrayRecord] != [REPLY_ARRAYS_KEY] or kinds[MetricRecord] != [REPLY_METRICS_KEY]:
             return (f"expected records {REPLY_ARRAYS_KEY!r} and {REPLY_METRICS_KEY!r}, got arrays "
-                    f"{sorted(content.array_records)} and metrics {sorted(content.metric_records)}"), None
-        if len(content.config_records) != 0:
-            return f"unexpected config records {sorted(content.config_records)}", None
-        problem = metric_problem(content.metric_records[REPLY_METRICS_KEY], self.robust)
+                    f"{sorted(kinds[ArrayRecord])} and metrics {sorted(kinds[MetricRecord])}"), None
+        if kinds[ConfigRecord]:
+            return f"unexpected config records {sorted(kinds[ConfigRecord])}", None
+        problem = metric_problem(_reply_metrics(msg), self.robust)
         if problem:
             return problem, None
         node = msg.metadata.src_node_id
         try:
-            record = content.array_records[REPLY_ARRAYS_KEY]
+            record = content[REPLY_ARRAYS_KEY]
+            assert isinstance(record, ArrayRecord)
             if self.compression is not None and self.compression.upload is not None:
                 if node not in self._sent:
                     return "reply from a node this round sent no global delta to", None
                 delta = self.compression.decode_reply(record, self._sent[node], self._expected_spec(node),
                                                       self.max_delta_bytes)
+            elif list(record.keys()) == [ENCODED_ARRAY] and self.flat_upload:
+                delta = decode_flat_reply(record, self._expected_spec(node), self.max_delta_bytes)
             else:
                 delta = delta_from_arrayrecord(record, self.max_delta_bytes, copy=check_values)
-            self._expected_spec(node).validate(delta, source="client delta", check_values=check_values)
-        except DeltaError as exc:
+            if not isinstance(delta, FlatDelta) or check_values:  # (a flat one's layout is checked by its decoding)
+                self._expected_spec(node).validate(delta, source="client delta", check_values=check_values)
+        except DeltaError as exc:  # (CodecError is one)
             return str(exc), None
         problem = value_problem(delta, self.robust) if check_values else None
         return (problem, None) if problem else (None, delta)
@@ -201,7 +233,7 @@ class DeltaValidation:
         and relative update-norm bounds and the relative example-count bound (`known_norms`:
         the candidates' update norms where the caller has them)."""
         robust = self.robust
-        weights = {i: float(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+        weights = {i: float(_reply_metrics(msg)[WEIGHT_KEY])  # type: ignore[arg-type]
                    for i, (msg, _) in enumerate(candidates)}
         refused = relative_outliers(weights, robust.examples_ratio, WEIGHT_KEY, "robust.examples_ratio")
         if robust.needs_updates:
@@ -266,7 +298,7 @@ class DeltaValidation:
 
     def _fold_problem(self, fold: ExactWeightedSum, msg: Message, delta: dict[str, torch.Tensor]) -> str | None:
         """Why `delta` cannot be folded (named per tensor where a tensor is at fault); stages it."""
-        weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+        weight = int(_reply_metrics(msg)[WEIGHT_KEY])  # type: ignore[arg-type]
         fold.bound_peak = self.robust.max_abs_value * weight if self.robust.max_abs_value > 0 else None
         problem = fold.problem(delta, weight)
         if problem == "non-finite values":
@@ -352,7 +384,7 @@ class DeltaValidation:
               changes: ControlChanges | None, metric_records: list[MetricRecord], traffic: RoundTraffic,
               server_round: int, norm: float | None = None) -> None:
         """Fold one checked reply (clipped first where configured); nothing is folded unless all of it fits."""
-        weight = int(msg.content.metric_records[REPLY_METRICS_KEY][WEIGHT_KEY])  # type: ignore[arg-type]
+        weight = int(_reply_metrics(msg)[WEIGHT_KEY])  # type: ignore[arg-type]
         node = msg.metadata.src_node_id
         clipped = self._clip(msg, delta, norm)
         if clipped is not None:
@@ -379,7 +411,7 @@ class DeltaValidation:
             changes.add(node, change)
         traffic.clipped += clipped is not None
         traffic.accepted += 1
-        record = msg.content.metric_records[REPLY_METRICS_KEY]
+        record = _reply_metrics(msg)
         metric_records.append(record)
         traffic.client_metrics.append({k: float(v) for k, v in record.items()})  # type: ignore[arg-type]
 
@@ -499,10 +531,28 @@ def relax_minimums(strategy: object, train_attr: str, available_attr: str, min_a
 
 def _reply_bytes(msg: Message) -> int:
     """Payload bytes of a reply's tensors, plaintext or sealed."""
-    sealed = msg.content.config_records.get("envelope")
-    envelope = sealed.get("envelope") if sealed is not None else None
-    return sum(record_bytes(r) for r in msg.content.array_records.values()) + (
+    records = dict(msg.content.items())
+    sealed = records.get("envelope")
+    envelope = sealed.get("envelope") if isinstance(sealed, ConfigRecord) else None
+    return sum(record_bytes(r) for r in records.values() if isinstance(r, ArrayRecord)) + (
         len(envelope) if isinstance(envelope, bytes) else 0)
+
+
+def _record_kinds(content: RecordDict) -> dict[type, list[str]]:
+    """The names of a message's ArrayRecords, MetricRecords and ConfigRecords, in one pass."""
+    kinds: dict[type, list[str]] = {ArrayRecord: [], MetricRecord: [], ConfigRecord: []}
+    for name, record in content.items():
+        kind = next((k for k in kinds if isinstance(record, k)), None)
+        if kind is not None:
+            kinds[kind].append(name)
+    return kinds
+
+
+def _reply_metrics(msg: Message) -> MetricRecord:
+    """A checked reply's metrics record, read without Flower's typed view (which copies the content)."""
+    record = msg.content[REPLY_METRICS_KEY]
+    assert isinstance(record, MetricRecord)
+    return record
 
 
 def _reply_order(msg: Message) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,16 @@ def _probe_logits(model) -> torch.Tensor:
         return model(input_ids=PROBE.to(model_device(model))).logits.float().cpu()
 
 
+def _record_sizes(delta: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Bytes of `delta` as a broadcast (one Array per tensor) and as an upload (one flat float32 buffer)."""
+    from fedpeft.common.codecs.mod import encoded_record
+    from fedpeft.common.codecs.wire import FP32, encode
+    from fedpeft.common.protocol.flower_io import delta_to_arrayrecord, record_bytes
+
+    flat = encoded_record(encode(FP32, OrderedDict((k, v.numpy()) for k, v in delta.items()))[0])
+    return record_bytes(delta_to_arrayrecord(delta)), record_bytes(flat)
+
+
 def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch.Tensor, model_dir: str) -> None:
     """What each aggregation mode promises beyond parity (the rows are both drivers': they are equal)."""
     from fedpeft.common.protocol.deltas import load_delta_file
@@ -188,13 +199,10 @@ def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch
     if name.startswith("svd"):  # the rank-r refactoring error is measured and logged every round
         assert all(0.0 <= r["svd_max_relative_error"] < 1.0 for r in rows[1:])
     if name == "ffa":  # A frozen at the shared seed (clients built the server's A): only B is federated
-        from fedpeft.common.protocol.flower_io import delta_to_arrayrecord, record_bytes
-
         global_delta = load_delta_file(run_dir / "checkpoints" / "global-round-0001.safetensors")
         assert global_delta and all(".lora_B." in n for n in global_delta)
-        # ... and only B's bytes cross the wire, each way
-        assert all(r["bytes_up"] == r["bytes_down"] == CLIENTS * record_bytes(delta_to_arrayrecord(global_delta))
-                   for r in rows[1:])
+        per_tensor, flat = _record_sizes(global_delta)  # ... and only B's bytes cross the wire, each way
+        assert all(r["bytes_down"] == CLIENTS * per_tensor and r["bytes_up"] == CLIENTS * flat for r in rows[1:])
     if name == "compressed":  # both directions encoded: the rows count encoded and plain bytes
         assert all(r["bytes_up"] * 4 < r["bytes_up_raw"] and r["bytes_down"] * 1.5 < r["bytes_down_raw"] for r in rows[1:])
     if name == "flexlora":  # each rank's factors carry their own measured error; a lower rank loses more
@@ -202,8 +210,9 @@ def _check_mode(name: str, run_dir: Path, rows: list[dict], server_logits: torch
         for row in rows[1:]:
             errors = [row[f"svd_relative_error_r{r}"] for r in ranks]
             assert 0.0 <= errors[-1] <= errors[0] < 1.0 and row["svd_max_relative_error"] == errors[0]
-    if name == "scaffold":  # c travels beside the global delta; replies carry the delta alone
-        assert all(r["bytes_down"] == 2 * r["bytes_up"] > 0 for r in rows[1:])
+    if name == "scaffold":  # c travels beside the global delta; replies carry the delta alone (flat)
+        per_tensor, flat = _record_sizes(load_delta_file(run_dir / "checkpoints" / "global-round-0001.safetensors"))
+        assert all(r["bytes_down"] == 2 * CLIENTS * per_tensor and r["bytes_up"] == CLIENTS * flat for r in rows[1:])
     if name in ("hetlora", "flexlora"):  # the global adapter has the largest rank and loads in stock peft
         from peft import PeftModel
 

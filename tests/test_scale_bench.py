@@ -18,11 +18,14 @@ def test_the_numpy_limit_computes_the_mean_the_strategy_publishes(flower_task_id
     assert (len(spec.tensors), spec.num_parameters) == (120, 460_800)
     assert scale.lora_spec("all-linear").num_parameters == 2_442_240
     pool = scale._pool(spec, seed=1)
-    strategy, sent = scale._strategy("fedavg-streaming", spec, 5)
-    arrays, _ = strategy.aggregate_train(1, scale._replies(sent, pool[0], pool[2]))
-    ours = torch.cat([t.reshape(-1) for t in delta_from_arrayrecord(arrays).values()]).numpy()
     limit = scale.numpy_limit(pool[1], pool[2], 5)
-    np.testing.assert_allclose(ours, limit.astype(np.float32), rtol=1e-6, atol=1e-9)
+    means = {}
+    for wire in ("flat", "arrays"):  # the same payloads as flat uploads and as one Array per tensor
+        strategy, sent = scale._strategy("fedavg-streaming", spec, 5)
+        arrays, _ = strategy.aggregate_train(1, scale._replies(sent, pool[0][wire], pool[2]))
+        means[wire] = torch.cat([t.reshape(-1) for t in delta_from_arrayrecord(arrays).values()]).numpy()
+        np.testing.assert_allclose(means[wire], limit.astype(np.float32), rtol=1e-6, atol=1e-9)
+    assert np.array_equal(means["flat"], means["arrays"])
 
 
 def test_a_tiny_run_writes_its_results(tmp_path, flower_task_identity):

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
 from fedpeft.server.weighted_sum import FRACTION_BITS, MAX_WEIGHT, ExactWeightedSum
 
 
@@ -99,3 +99,59 @@ def test_a_sum_takes_no_more_replies_than_it_was_sized_for():
         assert acc.problem(delta, 1) is None
         acc.add(delta, 1)
     assert "more replies than the 2" in str(acc.problem(_delta([1.0] * 10), 1))
+
+
+# Magnitudes that put replies on both paths: the fast int64 path takes max |w * x| < 2**13,
+# the two-limb path the rest (and every float64 reply).
+mixed32 = st.one_of(st.floats(min_value=-2.0**-30, max_value=2.0**-30, allow_nan=False, width=32),  # below the grid
+                    st.floats(min_value=-2.0**-10, max_value=2.0**-10, allow_nan=False, width=32),
+                    st.floats(min_value=-8.0, max_value=8.0, allow_nan=False, width=32),
+                    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32))
+mixed_reply = st.tuples(st.lists(mixed32, min_size=10, max_size=10), st.integers(1, 5000),
+                        st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(mixed_reply, min_size=1, max_size=60), st.randoms(use_true_random=False))
+def test_the_fast_fold_gives_the_same_bits_as_the_two_limb_fold_in_any_order(replies, rnd):
+    spec = DeltaSpec(OrderedDict(a=TensorSpec((3, 2), torch.float32), b=TensorSpec((4,), torch.float32)))
+    deltas = [(OrderedDict((n, t.to(dtype)) for n, t in _delta(values).items()), weight)
+              for values, weight, dtype in replies]
+    reference = ExactWeightedSum(spec, capacity=len(deltas), fast=False)
+    for delta, weight in deltas:
+        assert reference.problem(delta, weight) is None
+        reference.add(delta, weight)
+    rnd.shuffle(deltas)
+    fast = ExactWeightedSum(spec, capacity=len(deltas))
+    for delta, weight in deltas:
+        assert fast.problem(delta, weight) is None
+        fast.add(delta, weight)
+    for name, value in reference.total().items():
+        assert torch.equal(fast.total()[name], value), name
+
+
+def test_the_int64_sum_moves_into_the_limbs_before_it_could_overflow():
+    spec = _spec()
+    values = [8191.0, 8190.5, 4095.5, 1e-7, 3.0, 2.0**-20, 7.25, 0.5, 1.0, 8000.0]  # partial sums far above 2**63
+    fast, reference = ExactWeightedSum(spec, capacity=300), ExactWeightedSum(spec, capacity=300, fast=False)
+    moves = 0
+    for i in range(300):
+        delta = _delta([v * (1 + i % 7) / 7 for v in values])
+        for acc in (fast, reference):
+            assert acc.problem(delta, 1) is None
+            acc.add(delta, 1)
+        moves += fast._q_room == 0.0 or fast._q_room < fast.staged_peak * 2.0**FRACTION_BITS * 1.5
+    assert fast._x.size and moves > 100  # every fold of ~2**13 x 2**49 forced a move
+    for name, value in reference.total().items():
+        assert torch.equal(fast.total()[name], value)
+
+
+def test_the_fast_path_refuses_what_the_two_limb_path_refuses():
+    for fast in (True, False):
+        acc = ExactWeightedSum(_spec(), capacity=4, fast=fast)
+        assert acc.problem(_delta([float("nan")] + [0.0] * 9), 3) == "non-finite values"
+        assert acc.problem(_delta([0.0] * 9 + [float("-inf")]), 3) == "non-finite values"
+        assert acc.problem(_delta([3e38] * 10), 1) == "non-finite values" or "exceeds" in str(
+            acc.problem(_delta([3e38] * 10), 1))
+        acc.bound_peak = 9.0
+        assert acc.problem(_delta([0.5] * 9 + [-2.0]), 4) is None and acc.staged_peak == 8.0  # exact above the bound

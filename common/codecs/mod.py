@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from fedpeft.common.codecs.feedback import load_residual, save_residual
 from fedpeft.common.codecs.quantizers import CodecError
-from fedpeft.common.codecs.wire import Codec, decode, encode
+from fedpeft.common.codecs.wire import FP32, Codec, decode, encode
 from fedpeft.common.protocol.npy import exact_npy
 
 UPLOAD_CODEC_KEY = "fedpeft-upload-codec"
@@ -31,6 +31,9 @@ DOWNLOAD_CODEC_KEY = "fedpeft-download-codec"
 ERROR_FEEDBACK_KEY = "fedpeft-error-feedback"
 STOCHASTIC_KEY = "fedpeft-stochastic-rounding"
 SEED_KEY = "fedpeft-codec-seed"
+FLAT_UPLOAD_KEY = "fedpeft-flat-upload"
+"""Set (True) by a server that wants an uncompressed reply as one fp32 buffer (`FP32`): the
+trained delta itself, not its update, so the server receives exactly the client's bits."""
 PARTITION_KEY = "partition-id"
 ENCODED_ARRAY = "fedpeft-encoded"
 """The one Array of a compressed delta's ArrayRecord (uint8, the `wire` payload)."""
@@ -70,6 +73,16 @@ def plain_arrays(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((name, np.asarray(exact_npy(name, array), dtype=np.float32)) for name, array in record.items())
 
 
+def exact_float32(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """The arrays of a plain delta record, which must already be float32 (a flat upload
+    carries the client's exact bits, never a cast of them)."""
+    arrays = OrderedDict((name, exact_npy(name, array)) for name, array in record.items())
+    wrong = [f"{n} ({a.dtype})" for n, a in arrays.items() if a.dtype != np.float32]
+    if wrong:
+        raise CodecError(f"a flat upload carries float32 tensors only, not {', '.join(wrong[:4])}")
+    return arrays
+
+
 def plain_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((n, Array(np.ascontiguousarray(a, dtype=np.float32))) for n, a in arrays.items()))
 
@@ -103,9 +116,12 @@ def codec_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     config = msg.content.config_records.get("config")
     upload = _config_codec(config, UPLOAD_CODEC_KEY) if config is not None else None
     download = _config_codec(config, DOWNLOAD_CODEC_KEY) if config is not None else None
-    if upload is None and download is None:
+    flat = _flag(config, FLAT_UPLOAD_KEY) if config is not None else False
+    if upload is None and download is None and not flat:
         return call_next(msg, context)
     assert config is not None
+    if flat and upload is not None:
+        raise CodecError(f"message from server: {FLAT_UPLOAD_KEY} and {UPLOAD_CODEC_KEY} exclude each other")
     if download is not None and download.topk is not None:
         raise CodecError("message from server: a broadcast cannot be top-k sparsified")
     record = msg.content.array_records.get(ARRAYS_KEY)
@@ -114,10 +130,14 @@ def codec_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     if download is not None:
         received = decode(payload_of(record), download, max_bytes=MAX_DOWNLINK_BYTES)
         msg.content = RecordDict({**dict(msg.content.items()), ARRAYS_KEY: plain_record(received)})
-    else:
+    elif upload is not None:
         received = plain_arrays(record)
     reply = call_next(msg, context)
-    if upload is None or reply.has_error():
+    if reply.has_error() or (upload is None and not flat):
+        return reply
+    if upload is None:  # the trained delta as it is, in one buffer
+        payload, _ = encode(FP32, exact_float32(reply.content.array_records[ARRAYS_KEY]))
+        reply.content = RecordDict({**dict(reply.content.items()), ARRAYS_KEY: encoded_record(payload)})
         return reply
     trained = plain_arrays(reply.content.array_records[ARRAYS_KEY])
     if list(trained) != list(received) or any(trained[n].shape != received[n].shape for n in received):

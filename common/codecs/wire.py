@@ -23,6 +23,7 @@ checks that they are consistent with each other (a bitmap with k bits set, k val
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -194,6 +195,43 @@ def decode(payload: bytes | memoryview, codec: Codec, expected: Mapping[str, tup
         out[tensor] = values.reshape(shape)
         offset += _aligned(size)
     return out
+
+
+FP32 = Codec(QUANTIZERS["fp32"])
+"""The lossless codec a plain (uncompressed) upload travels in: one buffer, float32 values."""
+
+
+@functools.lru_cache(maxsize=256)
+def _fp32_frame(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[bytes, int, int] | None:
+    """(the canonical header, the offset of the first value, the payload size) of an fp32
+    payload with this layout whose parts are contiguous (even sizes: no padding between
+    them); None where padding would split the values."""
+    if any(math.prod(shape) % 2 for _, shape in layout):
+        return None
+    ordered = OrderedDict(layout)
+    header = _header(FP32, ordered)
+    return header, _aligned(len(header)), payload_nbytes(FP32, ordered)
+
+
+def decode_flat(payload: bytes | memoryview, expected: tuple[tuple[str, tuple[int, ...]], ...],
+                max_bytes: int | None = None) -> np.ndarray:
+    """All float32 values of an fp32 payload with exactly the `expected` layout ((name, shape)
+    pairs in order), as one read-only vector viewing `payload` (no copy, values not yet
+    checked: the caller checks them in one pass). The header must be the canonical one for
+    `expected`, byte for byte, and the size exact; anything else is refused as `decode`
+    refuses it. Layouts whose parts are padded apart take `decode` and are concatenated."""
+    view = memoryview(payload).cast("B")
+    frame = _fp32_frame(expected)
+    if frame is None or bytes(view[:len(frame[0])]) != frame[0]:
+        # the general decoder names what differs (codec, layout, order, form, size)
+        values = decode(view, FP32, OrderedDict(expected), max_bytes)
+        return np.concatenate([v.reshape(-1) for v in values.values()]) if values else np.empty(0, np.float32)
+    header, start, size = frame
+    if max_bytes is not None and len(view) > max_bytes:
+        raise CodecError(f"encoded delta of {len(view)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(view) != size:
+        raise CodecError(f"encoded delta is {len(view)} bytes, but codec 'fp32' with this layout needs exactly {size}")
+    return np.frombuffer(view, dtype="<f4", count=(size - start) // 4, offset=start)
 
 
 def _decode_tensor(codec: Codec, data: memoryview, n: int, where: str) -> np.ndarray:

@@ -8,6 +8,7 @@ parameter is touched. On disk and in checkpoints deltas are safetensors.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,23 @@ class DeltaSpec:
     @classmethod
     def of_delta(cls, delta: Mapping[str, torch.Tensor]) -> DeltaSpec:
         return cls(OrderedDict((n, TensorSpec(tuple(t.shape), t.dtype)) for n, t in delta.items()))
+
+    @functools.cached_property
+    def shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(name, shape) of every tensor in order: hashable, computed once per spec."""
+        return tuple((name, tuple(s.shape)) for name, s in self.tensors.items())
+
+    @functools.cached_property
+    def flat_layout(self) -> OrderedDict[str, tuple[int, int, tuple[int, ...]]]:
+        """Each tensor's (start, stop, shape) in one flat vector of all values, in spec order
+        (the layout of a flat upload and of the coordinator's running sum)."""
+        layout: OrderedDict[str, tuple[int, int, tuple[int, ...]]] = OrderedDict()
+        offset = 0
+        for name, tensor_spec in self.tensors.items():
+            size = _numel(tensor_spec.shape)
+            layout[name] = (offset, offset + size, tuple(tensor_spec.shape))
+            offset += size
+        return layout
 
     @property
     def num_parameters(self) -> int:

@@ -6,12 +6,16 @@ For every delta shape, number of replies N and aggregation mode, the validated s
 the run spec builds (`build_strategy(...).aggregate_train`) aggregates N real Flower reply
 messages, and in the same process a plain numpy example-weighted mean of the same arrays
 (already decoded: one multiply-add pass per reply, the memory-bandwidth limit) is timed:
-the table reports both and their ratio. Modes:
+the table reports both and their ratio. Replies travel as the strategy asks clients to send
+them (one fp32 buffer each, `fedpeft.common.codecs.mod.FLAT_UPLOAD_KEY`), except where a
+mode says otherwise. Modes:
 
 - `fedavg`: FedAvg with the default `[robust]` bounds (its relative bounds hold the
   accepted replies, as views, until the round's median is known);
 - `fedavg-streaming`: FedAvg with the relative bounds off: every reply is folded and
   dropped as it comes (what `StreamingGrid` delivers);
+- `fedavg-arrays`: `fedavg-streaming` with every reply as one Flower Array per tensor (the
+  wire before flat uploads, and what a client that ignores `FLAT_UPLOAD_KEY` sends);
 - `fedadam`: FedAvg's fold plus Flower's FedAdam server step;
 - `svd`: ΔW-space LoRA aggregation (each client's dense B_i A_i: Flower's path, all
   replies at once);
@@ -27,8 +31,9 @@ distinct random payloads (more than the CPU's caches hold), so N can grow withou
 payloads in memory; each reply is its own Flower message.
 
 `peak_mb` is the growth of the peak RSS (VmHWM, reset before each aggregation) while it
-ran, replies fed one at a time from a generator: what the aggregation itself allocates
-beyond the replies the grid delivers. Each row is measured in a forked child process, so
+ran: what the aggregation itself allocates beyond the replies the grid delivers (the reply
+messages are built before the clock starts, as a run's grid builds them; their payloads
+are the pool's). Each row is measured in a forked child process, so
 no row sees heap that an earlier one left behind. Timings are the best of `--repeats`.
 `results.csv`, `results.md` and `results.png` (time and memory against N) go to `--out`.
 
@@ -67,6 +72,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedpeft.common.codecs.mod import encoded_record
+from fedpeft.common.codecs.wire import FP32, encode
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS, WEIGHT_KEY
@@ -82,7 +89,9 @@ MODULES = {"qv": {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HID
                           "self_attn.v_proj": (HIDDEN, KV), "self_attn.o_proj": (HIDDEN, HIDDEN),
                           "mlp.gate_proj": (HIDDEN, MLP), "mlp.up_proj": (HIDDEN, MLP),
                           "mlp.down_proj": (MLP, HIDDEN)}}
-MODES = ("fedavg", "fedavg-streaming", "fedadam", "svd", "fedavg-flower")
+MODES = ("fedavg", "fedavg-streaming", "fedadam", "svd", "fedavg-arrays", "fedavg-flower")
+PER_TENSOR_MODES = ("fedavg-arrays", "fedavg-flower")
+"""Modes whose replies carry one Array per tensor (the others: what the strategy asks for)."""
 POOL = 64
 
 
@@ -106,7 +115,8 @@ class _Grid:
 
 
 def _strategy(mode: str, spec: DeltaSpec, clients: int) -> Any:
-    robust = RobustSettings(examples_ratio=0.0, norm_bound_ratio=0.0) if mode == "fedavg-streaming" else None
+    streaming = mode in ("fedavg-streaming", "fedavg-arrays")
+    robust = RobustSettings(examples_ratio=0.0, norm_bound_ratio=0.0) if streaming else None
     name = "fedadam" if mode == "fedadam" else "fedavg"
     strategy = build_strategy(name, spec=spec, max_delta_bytes=spec.num_bytes * 2, robust=robust,
                               lora_svd_scaling=2.0 if mode == "svd" else None, fraction_train=1.0,
@@ -116,10 +126,15 @@ def _strategy(mode: str, spec: DeltaSpec, clients: int) -> Any:
     return strategy, list(strategy.configure_train(1, zero, ConfigRecord(), _Grid(clients)))  # type: ignore[arg-type]
 
 
-def _pool(spec: DeltaSpec, seed: int) -> tuple[list[ArrayRecord], list[np.ndarray], list[int]]:
-    """POOL distinct payloads: (their ArrayRecords, the same values flat, their example counts)."""
+Pool = tuple[dict[str, list[ArrayRecord]], list[np.ndarray], list[int]]
+
+
+def _pool(spec: DeltaSpec, seed: int) -> Pool:
+    """POOL distinct payloads: ({"arrays": as one Array per tensor, "flat": as a flat upload},
+    the same values flat, their example counts)."""
     rng = np.random.default_rng(seed)
-    records, flats, weights = [], [], []
+    records: dict[str, list[ArrayRecord]] = {"arrays": [], "flat": []}
+    flats, weights = [], []
     for _ in range(POOL):
         flat = (rng.standard_normal(spec.num_parameters) * 0.01).astype(np.float32)
         views, offset = OrderedDict(), 0
@@ -127,7 +142,8 @@ def _pool(spec: DeltaSpec, seed: int) -> tuple[list[ArrayRecord], list[np.ndarra
             size = int(np.prod(tensor.shape))
             views[name] = torch.from_numpy(flat[offset:offset + size].reshape(tensor.shape))
             offset += size
-        records.append(delta_to_arrayrecord(views))
+        records["arrays"].append(delta_to_arrayrecord(views))
+        records["flat"].append(encoded_record(encode(FP32, OrderedDict((n, v.numpy()) for n, v in views.items()))[0]))
         flats.append(flat)
         weights.append(int(rng.integers(50, 500)))
     return records, flats, weights
@@ -152,23 +168,24 @@ def numpy_limit(flats: list[np.ndarray], weights: list[int], clients: int) -> np
     return acc / total
 
 
-def measure(kind: str, mode: str, clients: int, repeats: int, pool: tuple[list[ArrayRecord], list[np.ndarray], list[int]],
-            spec: DeltaSpec) -> dict[str, Any]:
+def measure(kind: str, mode: str, clients: int, repeats: int, pool: Pool, spec: DeltaSpec) -> dict[str, Any]:
     """One (delta, mode, N) row: our aggregation vs the numpy limit, time and peak memory."""
-    records, flats, weights = pool
+    by_wire, flats, weights = pool
     seconds, peak = [], 0
     for _ in range(repeats):
         strategy, sent = _strategy(mode, spec, clients)
+        records = by_wire["flat" if strategy.flat_upload and mode not in PER_TENSOR_MODES else "arrays"]
+        replies = list(_replies(sent, records, weights))  # (the grid builds them in a run: not timed)
         gc.collect()
         reset_peak()
         before = status_bytes("VmRSS")
         start = time.perf_counter()
-        arrays, _ = strategy.aggregate_train(1, _replies(sent, records, weights))
+        arrays, _ = strategy.aggregate_train(1, iter(replies))
         seconds.append(time.perf_counter() - start)
         peak = max(peak, status_bytes("VmHWM") - before)
         if arrays is None or strategy.traffic[1].accepted != clients:
             raise RuntimeError(f"{mode} N={clients}: {strategy.traffic[1].rejected[:1]}")
-        del strategy, sent, arrays
+        del strategy, sent, arrays, replies
     limit = []
     for _ in range(repeats):
         start = time.perf_counter()
