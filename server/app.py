@@ -241,7 +241,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.envelopes is not None:
         identity, trusted = setup.envelopes
         opener = EnvelopeOpener(identity, trusted, run_id=persistent_run_id(out_dir), spec=strategy.upload_spec(),
-                                replay_path=out_dir / "replay-guard.json", robust=setup.robust)
+                                replay_path=out_dir / "replay-guard.json", robust=setup.robust,
+                                spec_of=strategy.upload_spec)
         strategy.unseal = opener
         train_config.update(opener.seal_config(setup.method))
     final_arrays: ArrayRecord | None

@@ -66,11 +66,9 @@ class Compression:
         return encoded_record(payload)
 
     def wire_spec(self, spec: DeltaSpec) -> DeltaSpec:
-        """What an upload looks like as tensors (one uint8 payload of the exact encoded size): the
-        spec sealed envelopes are opened against."""
+        """What an upload looks like as tensors: the spec sealed envelopes are opened against."""
         assert self.upload is not None
-        size = payload_nbytes(self.upload, _layout(spec))
-        return DeltaSpec(OrderedDict({ENCODED_ARRAY: TensorSpec((size,), torch.uint8)}))
+        return payload_spec(self.upload, spec)
 
     def decode_reply(self, record: ArrayRecord, sent: Mapping[str, torch.Tensor], spec: DeltaSpec,
                      max_bytes: int) -> OrderedDict[str, torch.Tensor]:
@@ -119,9 +117,12 @@ def flat_upload_spec(spec: DeltaSpec) -> DeltaSpec | None:
     """What a flat upload of `spec`'s delta looks like as tensors (one uint8 payload of the
     exact size: the spec sealed envelopes are opened against); None when `spec` cannot
     travel flat (a tensor that is not float32)."""
-    if not travels_flat(spec):
-        return None
-    return DeltaSpec(OrderedDict({ENCODED_ARRAY: TensorSpec((payload_nbytes(FP32, _layout(spec)),), torch.uint8)}))
+    return payload_spec(FP32, spec) if travels_flat(spec) else None
+
+
+def payload_spec(codec: Codec, spec: DeltaSpec) -> DeltaSpec:
+    """`spec`'s delta encoded with `codec`, as tensors: one uint8 payload of the exact size."""
+    return DeltaSpec(OrderedDict({ENCODED_ARRAY: TensorSpec((payload_nbytes(codec, _layout(spec)),), torch.uint8)}))
 
 
 def decode_flat_reply(record: ArrayRecord, spec: DeltaSpec, max_bytes: int) -> FlatDelta:

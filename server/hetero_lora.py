@@ -140,12 +140,9 @@ def aggregate_flexlora(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Se
     scale = scaling(rank)
     exact: dict[str, torch.Tensor] = {}
     for a_name, b_name in pairs:
-        # mean_update takes one scale for all; give each client its own by pre-scaling its B
-        scaled = [{a_name: d[a_name], b_name: d[b_name].double() * scaling(d[a_name].shape[0])} for d in deltas]
-        exact[a_name] = mean_update(scaled, weights, a_name, b_name, 1.0)
-        a, b = refactor(exact[a_name], rank, scale)
-        out[a_name] = a.to(deltas[0][a_name].dtype)
-        out[b_name] = b.to(deltas[0][b_name].dtype)
+        client_scales = [scaling(d[a_name].shape[0]) for d in deltas]
+        exact[a_name] = mean_update(deltas, weights, a_name, b_name, client_scales)
+        out[a_name], out[b_name] = refactor(exact[a_name], rank, scale)  # float64 until the errors are measured
     merged = OrderedDict((n, out[n]) for n in names)
     errors: dict[int, float] = {}
     for r in sorted({rank, *client_ranks}):
@@ -157,4 +154,5 @@ def aggregate_flexlora(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Se
                 got = scaling(r) * (sent[b_name].double() @ sent[a_name].double())
                 worst = max(worst, float(torch.linalg.matrix_norm(got - exact[a_name])) / norm)
         errors[r] = worst
+    merged = OrderedDict((n, t.to(deltas[0][n].dtype)) for n, t in merged.items())
     return merged, RankErrorReport(modules=len(pairs), max_relative_error=errors)

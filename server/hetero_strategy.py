@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -170,8 +171,14 @@ class HeteroRankLoraFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
+        deltas = [delta_from_arrayrecord(next(iter(msg.content.array_records.values()))) for msg in valid]
+        return self.aggregate_deltas(server_round, deltas, valid)
+
+    def aggregate_deltas(self, server_round: int, deltas: Sequence[Mapping[str, torch.Tensor]],
+                         replies: Sequence[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregate of decoded, validated `deltas` (one per reply, in a content order)."""
+        valid = replies
         contents = [msg.content for msg in valid]
-        deltas = [delta_from_arrayrecord(next(iter(c.array_records.values()))) for c in contents]
         weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]  # type: ignore[arg-type]
         rank = self.assignment.max_rank
         if self.mode == "hetlora":

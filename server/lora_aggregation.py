@@ -60,36 +60,78 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     return out
 
 
-def mean_update(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str, b_name: str,
-                scaling: float) -> torch.Tensor:
-    """The exact example-weighted mean of the clients' ΔW = s·B·A for one module (float64)."""
+def stacked_factors(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str,
+                    b_name: str, scaling: float | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_s, A_s), float64, with B_s·A_s the exact example-weighted mean of the clients' s·B·A.
+
+    The mean of s_i·w_i·B_i·A_i is the product of the clients' factors side by side:
+    B_s = [c_1·B_1 … c_N·B_N] (out x Σr_i) and A_s = [A_1; …; A_N] (Σr_i x in), with
+    c_i = s_i·w_i/Σw. No client's dense out x in product is ever formed. `scaling`: one
+    s for all, or one per client (FlexLoRA's per-rank scales).
+    """
     total = float(sum(weights))
-    return sum(scaling * (w / total) * (d[b_name].double() @ d[a_name].double())
-               for d, w in zip(deltas, weights, strict=True))  # type: ignore[return-value]
+    scales = [float(scaling)] * len(deltas) if isinstance(scaling, int | float) else [float(x) for x in scaling]
+    b = torch.cat([d[b_name].double() * (sc * w / total) for d, w, sc in zip(deltas, weights, scales, strict=True)],
+                  dim=1)
+    a = torch.cat([d[a_name].double() for d in deltas], dim=0)
+    return b, a
+
+
+def mean_update(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str, b_name: str,
+                scaling: float | Sequence[float]) -> torch.Tensor:
+    """The exact example-weighted mean of the clients' ΔW = s·B·A for one module (float64):
+    one matrix product of the stacked factors."""
+    b, a = stacked_factors(deltas, weights, a_name, b_name, scaling)
+    return b @ a
+
+
+def mean_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (U, S, Vh) of B·A without forming it when the stacked rank k is below
+    both of its sides: B = Q_B·R_B and Aᵀ = Q_A·R_A, so B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the
+    SVD of the small k x k core gives it (k = N·r for N clients: cheap for a few clients,
+    where the dense SVD of out x in dominated). Otherwise the product's own SVD."""
+    k = b.shape[1]
+    if k >= min(b.shape[0], a.shape[1]):
+        return torch.linalg.svd(b @ a, full_matrices=False)
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u, s, vh @ q_a.T
 
 
 NULL_DIRECTION_SEED = 0x5EED
 
 
 def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` (A, B) with s·B·A = best rank-`rank` approximation of `update`.
+    """Rank-`rank` (A, B) with s·B·A = best rank-`rank` approximation of `update`."""
+    return refactor_svd(*torch.linalg.svd(update, full_matrices=False), rank=rank, scaling=scaling)
+
+
+def refactor_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` (A, B) with s·B·A the best rank-`rank` approximation of U·diag(S)·Vh.
 
     The singular values are split evenly between the factors (B = U·√S/√s,
-    A = √S·Vᵀ/√s), which keeps A and B on the same scale for further training.
-    Components the update does not use (zero singular values, or rank beyond the
-    matrix size) get a fresh seeded random A row and a zero B column, as LoRA's own
-    initialization does: the product is unchanged, and the component can still learn
-    (with both factors zero its gradients would be zero forever).
+    A = √S·Vᵀ/√s), which keeps A and B on the same scale for further training. Each
+    component's sign is fixed (the largest |entry| of its U column positive), so the
+    factors do not depend on how the SVD was computed. Components the update does not
+    use (zero singular values, or rank beyond the matrix size) get a fresh seeded random
+    A row and a zero B column, as LoRA's own initialization does: the product is
+    unchanged, and the component can still learn (with both factors zero its gradients
+    would be zero forever).
     """
-    u, s, vh = torch.linalg.svd(update, full_matrices=False)
-    root = torch.sqrt(s[:rank] / scaling)
-    b = u[:, :rank] * root
-    a = root[:, None] * vh[:rank]
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if u.numel():
+        flip = torch.where(u.gather(0, u.abs().argmax(dim=0, keepdim=True)) < 0, -1.0, 1.0).to(u.dtype)
+        u, vh = u * flip, vh * flip.T
+    root = torch.sqrt(s / scaling)
+    b = u * root
+    a = root[:, None] * vh
     if rank > s.numel():  # more rank than the matrix has: pad
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - s.numel())], dim=1)
         a = torch.cat([a, a.new_zeros(rank - s.numel(), a.shape[1])], dim=0)
     used = torch.zeros(rank, dtype=torch.bool)
-    used[: min(rank, s.numel())] = s[:rank] > (s.max() * 1e-12 if s.numel() else 0)
+    used[: min(rank, s.numel())] = s > (s.max() * 1e-12 if s.numel() else 0)
     if not bool(used.all()):
         generator = torch.Generator().manual_seed(NULL_DIRECTION_SEED)
         bound = 1.0 / math.sqrt(a.shape[1])  # peft's kaiming_uniform(a=sqrt(5)) bound for lora_A
@@ -97,6 +139,12 @@ def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Ten
         a[~used] = fresh
         b[:, ~used] = 0
     return a, b
+
+
+def tail_error(s: torch.Tensor, rank: int) -> float:
+    """||best rank-`rank` approximation - M||_F / ||M||_F from M's singular values (Eckart–Young)."""
+    total = float((s**2).sum())
+    return math.sqrt(float((s[rank:] ** 2).sum()) / total) if total > 0 else 0.0
 
 
 def aggregate_lora_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
@@ -114,11 +162,9 @@ def aggregate_lora_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Se
     worst = 0.0
     for a_name, b_name in pairs:
         rank = deltas[0][a_name].shape[0]
-        exact = mean_update(deltas, weights, a_name, b_name, scaling)
-        a, b = refactor(exact, rank, scaling)
-        norm = float(torch.linalg.matrix_norm(exact))
-        if norm > 0:
-            worst = max(worst, float(torch.linalg.matrix_norm(scaling * (b @ a) - exact)) / norm)
+        u, s, vh = mean_svd(*stacked_factors(deltas, weights, a_name, b_name, scaling))
+        a, b = refactor_svd(u, s, vh, rank, scaling)
+        worst = max(worst, tail_error(s, rank))
         out[a_name] = a.to(deltas[0][a_name].dtype)
         out[b_name] = b.to(deltas[0][b_name].dtype)
     ordered = OrderedDict((n, out[n]) for n in names)

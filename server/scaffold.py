@@ -76,7 +76,7 @@ class ServerControl:
 
     def begin_round(self, capacity: int) -> ControlChanges:
         """An empty exact sum for the changes of a round of at most `capacity` replies."""
-        return ControlChanges(ExactWeightedSum(self.spec, capacity))
+        return ControlChanges(ExactWeightedSum(self.spec, capacity, fast=False))  # (float64 changes: two limbs)
 
     def commit(self, server_round: int, changes: ControlChanges) -> None:
         """c += |S|/N * mean of the round's folded changes; those nodes' changes are now in c."""

@@ -17,6 +17,7 @@ not against a compromised coordinator host.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Message, RecordDict
@@ -62,11 +63,15 @@ class EnvelopeOpener:
     """Turns a sealed reply into the plaintext reply the strategy validates, in place."""
 
     def __init__(self, identity: PeerIdentity, trusted: dict[str, bytes], run_id: str, spec: DeltaSpec,
-                 replay_path: Path | None = None, robust: RobustSettings | None = None) -> None:
+                 replay_path: Path | None = None, robust: RobustSettings | None = None,
+                 spec_of: Callable[[int], DeltaSpec] | None = None) -> None:
+        """`spec`: what every reply's sealed delta must be; `spec_of(node id)`, where given,
+        the spec of that node's reply (per-node LoRA ranks), which `spec` must bound in size."""
         self.identity = identity
         self.trusted = trusted
         self.run_id = run_id
         self.spec = spec
+        self.spec_of = spec_of
         self.robust = robust if robust is not None else RobustSettings()
         self.max_bytes = envelope_size_limit(spec)
         self.guard = ReplayGuard(replay_path)
@@ -103,7 +108,8 @@ class EnvelopeOpener:
                 return (f"envelope rejected (replayed): client {envelope.client_id!r} already delivered an update "
                         f"for round {server_round}")
             delta = open_delta(envelope, recipient=self.identity, trusted_senders=self.trusted, replay_guard=self.guard,
-                               expected_spec=self.spec, expected_run_id=self.run_id, expected_round=server_round,
+                               expected_spec=self.spec if self.spec_of is None else self.spec_of(msg.metadata.src_node_id),
+                               expected_run_id=self.run_id, expected_round=server_round,
                                max_bytes=self.max_bytes)
             if not isinstance(signature, bytes):
                 return f"sealed reply from client {envelope.client_id!r} has no metrics signature"

@@ -24,9 +24,10 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -63,7 +64,7 @@ from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, H
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
 from fedpeft.server.scaffold import ControlChanges, ServerControl
-from fedpeft.server.weighted_sum import DEFAULT_CAPACITY, ExactWeightedSum
+from fedpeft.server.weighted_sum import DEFAULT_CAPACITY, Checked, ExactWeightedSum
 
 log = logging.getLogger("fedpeft.server")
 
@@ -176,12 +177,14 @@ class DeltaValidation:
             self._travels_flat = travels_flat(self.spec)
         return (self.compression is None or self.compression.upload is None) and self._travels_flat
 
-    def upload_spec(self) -> DeltaSpec:
-        """What a reply's arrays look like on the wire (the spec a sealed envelope is opened against)."""
+    def upload_spec(self, node_id: int | None = None) -> DeltaSpec:
+        """What a reply's arrays look like on the wire (the spec a sealed envelope is opened
+        against): `node_id`'s reply (its own LoRA rank, where ranks differ), else the global spec's."""
+        spec = self.spec if node_id is None else self._expected_spec(node_id)
         if self.compression is not None and self.compression.upload is not None:
-            return self.compression.wire_spec(self.spec)
-        flat = flat_upload_spec(self.spec) if self.flat_upload else None
-        return flat if flat is not None else self.spec
+            return self.compression.wire_spec(spec)
+        flat = flat_upload_spec(spec) if self.flat_upload else None
+        return flat if flat is not None else spec
 
     def _expected_spec(self, node_id: int) -> DeltaSpec:
         """The spec `node_id`'s reply must match (per node where the strategy says so)."""
@@ -323,7 +326,7 @@ class DeltaValidation:
         changes = self.control.begin_round(capacity=capacity) if self.control is not None else None
         metric_records: list[MetricRecord] = []
         relative = self.robust.examples_ratio > 0 or self.robust.norm_bound_ratio > 0
-        held: list[tuple[Message, dict[str, torch.Tensor]]] = []
+        held: list[tuple[Message, dict[str, torch.Tensor], Checked | None]] = []
         held_norms: list[float | None] = []
         flat_sent: dict[int, torch.Tensor] = {}  # id(sent delta) -> it flat in float64 (replies usually share one)
         for msg in replies:
@@ -346,7 +349,7 @@ class DeltaValidation:
                     self._reject(traffic, server_round, msg, f"more replies than the {fold.capacity} this round's "
                                                               "sum was sized for")
                     continue
-                held.append((msg, delta))
+                held.append((msg, delta, fold.checked()))  # (a flat upload is not read again to fold)
                 held_norms.append(norm)
                 continue
             if self.robust.norm_bound > 0 and norm is not None and norm > self.robust.norm_bound:
@@ -354,12 +357,14 @@ class DeltaValidation:
                                                           f"{self.robust.norm_bound:g}")
                 continue
             self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, norm)
-        refused = self._bound_updates(held, held_norms)
-        for i, (msg, delta) in enumerate(held):
+        refused = self._bound_updates([(msg, delta) for msg, delta, _ in held], held_norms)
+        for i, (msg, delta, checked) in enumerate(held):
             if i in refused:
                 self._reject(traffic, server_round, msg, refused[i])
-            else:
-                self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, held_norms[i])
+                continue
+            if checked is not None:
+                fold.restage(checked)
+            self._fold(msg, delta, fold, changes, metric_records, traffic, server_round, held_norms[i])
         held.clear()
         if not self._enough_accepted(server_round, traffic) or fold.count == 0:
             return None, None
@@ -457,6 +462,8 @@ class DeltaValidation:
         """Check every reply, then let the Flower strategy aggregate them all at once (the
         robust aggregators, ΔW-space and heterogeneous-rank LoRA, DP's wrapper)."""
         usable: list[Message] = []
+        own: list[tuple[Message, Mapping[str, torch.Tensor]]] = []  # for a strategy that takes decoded deltas
+        aggregate_deltas = getattr(super(), "aggregate_deltas", None)
         candidates: list[tuple[Message, dict[str, torch.Tensor]]] = []
         for msg in replies:
             if msg.has_error():
@@ -478,12 +485,21 @@ class DeltaValidation:
                 delta = clipped
             metrics_record = msg.content.metric_records[REPLY_METRICS_KEY]
             traffic.client_metrics.append({k: float(v) for k, v in metrics_record.items()})  # type: ignore[arg-type]
+            if aggregate_deltas is not None:  # decoded once, handed over as it is
+                own.append((msg, delta))
+                continue
             # Sums of many weighted updates are accumulated in float64 (cast back after aggregation).
             msg.content[REPLY_ARRAYS_KEY] = delta_to_arrayrecord(
                 {k: v.double() if v.is_floating_point() else v for k, v in delta.items()})
             usable.append(msg)
         if not self._enough_accepted(server_round, traffic):
             return None, None
+        if aggregate_deltas is not None:
+            # The same content order as below, from the decoded deltas (no re-encoding).
+            own.sort(key=lambda pair: _delta_order(*pair))
+            state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+            arrays, metrics = aggregate_deltas(server_round, [d for _, d in own], [m for m, _ in own])
+            return self._publish(server_round, traffic, arrays, metrics, state, commit=lambda: None)
         # Replies arrive in any order; sorting them by content makes the float sums (and
         # so a resumed run) bit-for-bit reproducible.
         usable.sort(key=_reply_order)
@@ -566,6 +582,21 @@ def _reply_order(msg: Message) -> tuple[int, str]:
     return (1, digest.hexdigest())
 
 
+def _delta_order(msg: Message, delta: Mapping[str, torch.Tensor]) -> str:
+    """A content key of an accepted reply (its delta's bytes and its metrics), so that
+    aggregating in this order does not depend on the order replies arrived in."""
+    digest = hashlib.sha256()
+    flat = getattr(delta, "flat", None)
+    if isinstance(flat, np.ndarray):
+        digest.update(memoryview(flat).cast("B"))
+    else:
+        for name, tensor in delta.items():
+            digest.update(name.encode())
+            digest.update(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+    digest.update(repr(sorted(_reply_metrics(msg).items())).encode())
+    return digest.hexdigest()
+
+
 _SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 """The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
 # Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
@@ -589,8 +620,13 @@ class LoraSvdFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
-        contents = [msg.content for msg in valid]
-        deltas = [delta_from_arrayrecord(next(iter(c.array_records.values()))) for c in contents]
+        deltas = [delta_from_arrayrecord(next(iter(msg.content.array_records.values()))) for msg in valid]
+        return self.aggregate_deltas(server_round, deltas, valid)
+
+    def aggregate_deltas(self, server_round: int, deltas: Sequence[Mapping[str, torch.Tensor]],
+                         replies: Sequence[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregate of decoded, validated `deltas` (one per reply, in a content order)."""
+        contents = [msg.content for msg in replies]
         weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]  # type: ignore[arg-type]
         merged, report = aggregate_lora_svd(deltas, weights, self.lora_scaling)
         self.refactor_errors[server_round] = report.max_relative_error

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,10 +60,32 @@ MAX_WEIGHT = 2**29
 _Q_SCALE = 2.0**FRACTION_BITS
 _INT_ROOM = 2.0**62
 """What the int64 accumulator's true partial sum is kept below (2**63 less a safety margin)."""
+_LOW_MASK = (1 << FRACTION_BITS) - 1
 _BLOCK = 1 << 15
 """Values per block of the fast fold (its int64 scratch, 256 KiB, stays in the L2 cache)."""
 _FLOAT32_EXACT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 """Dtypes whose values float32 holds exactly (the fast path stages replies as float32)."""
+
+
+class Checked(NamedTuple):
+    """A reply `ExactWeightedSum.problem` accepted: its delta, weight, values and exact peak."""
+
+    delta: Mapping[str, torch.Tensor]
+    weight: float
+    values: np.ndarray
+    peak: float
+
+
+def _immutable(values: np.ndarray) -> bool:
+    """Whether `values` views a `bytes` object (nothing can change them)."""
+    base: object = values
+    while True:
+        if isinstance(base, np.ndarray) and not base.flags.writeable and base.base is not None:
+            base = base.base
+        elif isinstance(base, memoryview) and base.readonly:
+            base = base.obj
+        else:
+            return isinstance(base, bytes)
 
 
 class ExactWeightedSum:
@@ -94,7 +117,8 @@ class ExactWeightedSum:
         self._x = np.empty(0, dtype=np.float32)  # the fast path's copy of a reply's x (allocated on first use)
         self._q = np.zeros(self.size if fast else 0, dtype=np.int64)  # the fast path's sum of q
         self._q_room = 0.0  # a bound of the |q| folded into _q since it was last moved to the limbs
-        self._block = np.empty(min(_BLOCK, self.size) if fast else 0, dtype=np.float64)
+        self._block = np.empty(max(1, min(_BLOCK, self.size)), dtype=np.float64)
+        self._sent32: tuple[torch.Tensor, np.ndarray | None] | None = None  # (a sent delta, it in float32 if exact)
         self._staged: tuple[Mapping[str, torch.Tensor], float, np.ndarray | None] | None = None
         """(the staged delta, its weight, its float32 values flat on the fast path / None)"""
         self.staged_peak = 0.0
@@ -151,6 +175,20 @@ class ExactWeightedSum:
         self._staged = (delta, float(weight), x if fast else None)
         return None
 
+    def checked(self) -> Checked | None:
+        """The staged reply's accepted check, for folding it later (`restage`) without reading
+        it again; only where its values are read in place from immutable bytes (a flat
+        upload), so what was checked is what will be folded. None otherwise."""
+        if self._staged is None or self._staged[2] is None or not _immutable(self._staged[2]):
+            return None
+        delta, weight, x = self._staged
+        return Checked(delta, weight, x, self.staged_peak)
+
+    def restage(self, checked: Checked) -> None:
+        """Stage a reply `checked` accepted, so that its `add` folds it without a second check."""
+        self._staged = (checked.delta, checked.weight, checked.values)
+        self.staged_peak = checked.peak
+
     def problem_two_limbs(self, delta: Mapping[str, torch.Tensor], weight: int) -> str | None:
         """`problem`, staging on the two-limb path whatever the values."""
         fast, self.fast = self.fast, False
@@ -196,22 +234,43 @@ class ExactWeightedSum:
         return flat
 
     def staged_update_norm(self, sent: torch.Tensor) -> float:
-        """L2 norm of the staged delta minus `sent` (flat, float64), in float64."""
+        """L2 norm of the staged delta minus `sent` (flat, float64, e.g. from `flatten`).
+
+        On the fast path, where `sent` holds float32 values (a broadcast always does), the
+        difference is taken in float32 and its squares summed pairwise, block by block (one
+        rounding per value, relative error ~1e-7: ample for a bound, and a function of the
+        reply alone); else in float64.
+        """
         if self._staged is None:
             raise ValueError("no delta is staged")
         weight, x = self._staged[1], self._staged[2]
-        s = sent.numpy()
         if x is None:
-            diff = np.multiply(s, -weight, out=self._f)
+            diff = np.multiply(sent.numpy(), -weight, out=self._f)
             diff += self._t
             return math.sqrt(float(np.dot(diff, diff))) / weight
+        s32 = self._float32_of(sent)
         square = 0.0
-        block = self._block
-        for start in range(0, self.size, block.size):
-            stop = min(self.size, start + block.size)
-            diff = np.subtract(x[start:stop], s[start:stop], out=block[:stop - start], dtype=np.float64)
-            square += float(np.dot(diff, diff))
+        if s32 is None:  # a sent delta with values float32 cannot hold: the difference in float64
+            s, block = sent.numpy(), self._block
+            for start in range(0, self.size, block.size):
+                stop = min(self.size, start + block.size)
+                diff = np.subtract(x[start:stop], s[start:stop], out=block[:stop - start], dtype=np.float64)
+                square += float(np.dot(diff, diff))
+            return math.sqrt(square)
+        block32 = self._block.view(np.float32)
+        for start in range(0, self.size, block32.size):
+            stop = min(self.size, start + block32.size)
+            diff = np.subtract(x[start:stop], s32[start:stop], out=block32[:stop - start])
+            square += float(np.add.reduce(np.square(diff, out=diff)))
         return math.sqrt(square)
+
+    def _float32_of(self, sent: torch.Tensor) -> np.ndarray | None:
+        """`sent` (float64) as float32 when that is exact (cached for the round's one broadcast)."""
+        if self._sent32 is None or self._sent32[0] is not sent:
+            s64 = sent.numpy()
+            s32 = s64.astype(np.float32)
+            self._sent32 = (sent, s32 if np.array_equal(s32, s64) else None)
+        return self._sent32[1]
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a delta that `problem` accepted (the last one staged, or it is staged again)."""
@@ -250,13 +309,17 @@ class ExactWeightedSum:
             np.add(q[start:stop], part, out=q[start:stop])
 
     def _move_q(self) -> None:
-        """Move the int64 sum into the limbs exactly: q = hi * 2**49 + lo with 0 <= lo < 2**49."""
+        """Move the int64 sum into the limbs exactly, block by block: q = hi * 2**49 + lo with
+        0 <= lo < 2**49 (an arithmetic shift and a mask)."""
         if self._q_room == 0.0:
             return
-        high = np.right_shift(self._q, FRACTION_BITS)
-        self._hi += high  # |high| < 2**13: exact in float64
-        self._lo += self._q - np.left_shift(high, FRACTION_BITS, out=high)  # < 2**49: exact
-        self._q[:] = 0
+        scratch = self._block.view(np.int64)
+        for start in range(0, self.size, scratch.size):
+            stop = min(self.size, start + scratch.size)
+            q, part = self._q[start:stop], scratch[:stop - start]
+            self._hi[start:stop] += np.right_shift(q, FRACTION_BITS, out=part)  # |high| < 2**13: exact
+            self._lo[start:stop] += np.bitwise_and(q, _LOW_MASK, out=part)  # < 2**49: exact
+            q[:] = 0
         self._q_room = 0.0
         self._lo_added()
 
@@ -267,11 +330,15 @@ class ExactWeightedSum:
             self._lo_adds = 0
 
     def _carry(self) -> None:
-        scratch = np.empty_like(self._lo)
-        carry = np.trunc(np.multiply(self._lo, 2.0**-FRACTION_BITS, out=scratch), out=scratch)
-        self._hi += carry
-        carry *= _Q_SCALE
-        self._lo -= carry
+        """Carry the fraction limb's whole units into the integer limb, block by block."""
+        block = self._block
+        for start in range(0, self.size, block.size):
+            stop = min(self.size, start + block.size)
+            lo = self._lo[start:stop]
+            carry = np.trunc(np.multiply(lo, 2.0**-FRACTION_BITS, out=block[:stop - start]), out=block[:stop - start])
+            self._hi[start:stop] += carry
+            carry *= _Q_SCALE
+            lo -= carry
 
     def total(self) -> OrderedDict[str, torch.Tensor]:
         """sum_i w_i * x_i in float64 (one rounding, of exact integer sums: order-independent)."""

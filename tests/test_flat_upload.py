@@ -10,8 +10,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedpeft.common.codecs.mod import ENCODED_ARRAY, FLAT_UPLOAD_KEY, codec_mod, encoded_record
-from fedpeft.common.codecs.wire import FP32, decode_flat, encode
+from fedpeft.common.codecs.mod import ENCODED_ARRAY, FLAT_UPLOAD_KEY, codec_mod, encoded_record, flat_upload_record
+from fedpeft.common.codecs.wire import FP32, decode_flat, encode, encode_fp32
 from fedpeft.common.errors import DeltaError
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
@@ -52,8 +52,7 @@ def _reply(request: Message, record: ArrayRecord, seed: int) -> Message:
 
 
 def _flat(delta: OrderedDict) -> ArrayRecord:
-    payload, _ = encode(FP32, OrderedDict((k, v.numpy()) for k, v in delta.items()))
-    return encoded_record(payload)
+    return flat_upload_record(OrderedDict((k, v.numpy()) for k, v in delta.items()))
 
 
 @pytest.mark.parametrize("like", [EVEN, ODD], ids=["contiguous", "padded"])
@@ -86,14 +85,10 @@ def test_malformed_flat_replies_cost_only_their_own_update(flower_task_identity)
     payload = bytes(good[ENCODED_ARRAY].data[-good[ENCODED_ARRAY].numpy().size:])  # the raw payload
     nan = deltas[2].copy()
     nan["b"] = nan["b"].clone()
-    nan["b"][3] = float("nan")
-    nan_payload = bytearray(payload)
-    values = np.frombuffer(nan_payload, dtype=np.float32, offset=len(payload) - 40)
-    assert values.size == 10
-    nan_payload[len(payload) - 40 + 12:len(payload) - 40 + 16] = np.float32("nan").tobytes()
+    nan["b"][3] = float("nan")  # the client's encoder sends it as it is: the server judges it
     bad = {
         1: encoded_record(payload[:-4]),  # truncated
-        2: encoded_record(bytes(nan_payload)),  # a NaN in b[3]
+        2: _flat(nan),  # a NaN in b[3]
         3: _flat(OrderedDict(a=deltas[3]["a"].reshape(6, 4), b=deltas[3]["b"])),  # another layout
     }
     replies = [_reply(m, bad.get(i, _flat(d)), i) for i, (m, d) in enumerate(zip(sent, deltas, strict=True))]
@@ -111,14 +106,16 @@ def test_malformed_flat_replies_cost_only_their_own_update(flower_task_identity)
 
 def test_a_flat_payload_with_another_header_is_refused_by_name():
     spec_layout = DeltaSpec.of_delta(EVEN).shapes
-    payload, _ = encode(FP32, OrderedDict((k, v.numpy()) for k, v in _delta(EVEN, 1).items()))
+    values = OrderedDict((k, v.numpy()) for k, v in _delta(EVEN, 1).items())
+    payload = encode_fp32(values)
+    assert payload == encode(FP32, values)[0]  # the fp32 codec's own bytes, finite or not
     assert np.array_equal(decode_flat(payload, spec_layout), np.concatenate(
         [v.numpy().reshape(-1) for v in _delta(EVEN, 1).values()]))
     with pytest.raises(DeltaError, match="exceeds the limit"):
         decode_flat(payload, spec_layout, max_bytes=len(payload) - 1)
     renamed = OrderedDict((("z" if k == "a" else k), v.numpy()) for k, v in _delta(EVEN, 1).items())
     with pytest.raises(DeltaError, match="layout differs"):
-        decode_flat(encode(FP32, renamed)[0], spec_layout)
+        decode_flat(encode_fp32(renamed), spec_layout)
 
 
 def test_a_spec_that_is_not_float32_asks_for_one_array_per_tensor(flower_task_identity):
@@ -137,6 +134,7 @@ def test_a_spec_that_is_not_float32_asks_for_one_array_per_tensor(flower_task_id
 
 def test_the_client_mod_sends_the_trained_delta_itself_in_one_buffer():
     trained = _delta(EVEN, 7)
+    trained["b"][1] = float("inf")  # a diverged client's reply still leaves: the server refuses it by name
     request = Message(RecordDict({"arrays": delta_to_arrayrecord(EVEN),
                                   "config": ConfigRecord({FLAT_UPLOAD_KEY: True})}), dst_node_id=1, message_type="train")
 
@@ -149,4 +147,5 @@ def test_the_client_mod_sends_the_trained_delta_itself_in_one_buffer():
     assert list(reply.content.array_records["arrays"].keys()) == [ENCODED_ARRAY]
     decoded = decode_flat_reply(reply.content.array_records["arrays"], DeltaSpec.of_delta(EVEN), 10_000)
     assert all(torch.equal(decoded[k], trained[k]) for k in EVEN)  # the exact bits, not an update
+    assert DeltaSpec.of_delta(EVEN).problems(decoded) == ["b: 0 NaN and 1 Inf values"]
     assert reply.content.metric_records["metrics"]["x"] == 1.0

@@ -189,3 +189,39 @@ def test_ranks_are_assigned_once_and_cycled_over_nodes_in_order():
     assignment.assign([5, 1])  # a node seen later gets the next rank of the cycle
     assert assignment.by_node == {3: 2, 5: 4, 9: 2, 1: 4}
     assert assignment.max_rank == 4
+
+
+@pytest.mark.parametrize("mode", ["hetlora", "flexlora"])
+def test_sealed_flat_replies_are_opened_against_each_nodes_own_rank(flower_task_identity, tmp_path, mode):
+    from fedpeft.common.codecs.mod import flat_upload_record
+    from fedpeft.common.security.envelope import PeerIdentity, seal_delta, sign_metrics
+    from fedpeft.common.wire import envelope_to_bytes
+    from fedpeft.server.sealed_replies import EnvelopeOpener
+
+    server, clients = PeerIdentity.generate(), {n: PeerIdentity.generate() for n in NODES}
+    strategy = _build(mode)
+    sent = _round(strategy, _delta(8, torch.Generator().manual_seed(0)))
+    assert strategy.flat_upload
+    strategy.unseal = EnvelopeOpener(server, {c.public_keys.key_id: c.public_ed25519 for c in clients.values()}, "run",
+                                     strategy.upload_spec(), replay_path=tmp_path / "replay.json",
+                                     spec_of=strategy.upload_spec)
+    gen = torch.Generator().manual_seed(1)
+    sealed = []
+    for node, rank in ((7, 2), (19, 4), (31, 8)):
+        delta = _delta(rank, gen)
+        metrics = _reply(sent[node], delta, examples=10 * rank).content["metrics"]
+        payload = delta_from_arrayrecord(flat_upload_record(OrderedDict((k, v.numpy()) for k, v in delta.items())))
+        envelope = seal_delta(payload, run_id="run", round=1, client_id=clients[node].public_keys.key_id,
+                              method="lora", sender=clients[node], recipient_public_x25519=server.public_x25519)
+        signature = sign_metrics(envelope, {k: float(v) for k, v in metrics.items()}, clients[node])
+        sealed.append(Message(RecordDict({"metrics": metrics, "envelope": ConfigRecord(
+            {"envelope": envelope_to_bytes(envelope), "client-id": "x", "metrics-signature": signature})}),
+            reply_to=sent[node]))
+    arrays, _ = strategy.aggregate_train(1, sealed)
+    assert strategy.traffic[1].accepted == 3, strategy.traffic[1].rejected
+    reference = _build(mode)
+    reference_sent = _round(reference, _delta(8, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(1)
+    expected, _ = reference.aggregate_train(1, [_reply(reference_sent[n], _delta(r, gen), examples=10 * r)
+                                               for n, r in ((7, 2), (19, 4), (31, 8))])
+    assert all(torch.equal(delta_from_arrayrecord(arrays)[k], delta_from_arrayrecord(expected)[k]) for k in (A, B))

@@ -18,7 +18,16 @@ from hypothesis import strategies as st
 from fedpeft.common.errors import DeltaError
 from fedpeft.common.methods import make_config
 from fedpeft.common.model.adapted import AdaptedModel
-from fedpeft.server.lora_aggregation import aggregate_lora_svd, lora_pairs, mean_update, refactor, weighted_mean
+from fedpeft.server.lora_aggregation import (
+    aggregate_lora_svd,
+    lora_pairs,
+    mean_svd,
+    mean_update,
+    refactor,
+    refactor_svd,
+    stacked_factors,
+    weighted_mean,
+)
 
 A, B = "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"
 
@@ -138,3 +147,21 @@ def test_frozen_a_fingerprint_matches_across_peers_with_the_same_seed(tiny_model
     assert fingerprint(0) == fingerprint(0) != ""
     assert fingerprint(0) != fingerprint(1)
     assert fingerprint(0, freeze="false") == ""
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), rank=st.integers(1, 3), out_f=st.integers(13, 20), in_f=st.integers(13, 20),
+       seed=st.integers(0, 10_000))
+def test_stacked_factors_give_the_dense_mean_and_its_factors_without_forming_it(n, rank, out_f, in_f, seed):
+    gen = torch.Generator().manual_seed(seed)
+    clients = [_client(gen, rank, out_f, in_f) for _ in range(n)]
+    weights = [float(w) for w in torch.randint(1, 500, (n,), generator=gen)]
+    dense = sum(1.5 * (w / sum(weights)) * (c[B] @ c[A]) for c, w in zip(clients, weights, strict=True))
+    b, a = stacked_factors(clients, weights, A, B, 1.5)
+    assert b.shape == (out_f, n * rank) and n * rank < min(out_f, in_f)  # the QR route
+    torch.testing.assert_close(b @ a, dense, rtol=1e-12, atol=1e-12)
+    u, s, vh = mean_svd(b, a)
+    torch.testing.assert_close(torch.linalg.svdvals(dense)[: s.numel()], s, rtol=1e-9, atol=1e-12)
+    # the factors themselves (signs fixed) match those of the dense SVD
+    for got, want in zip(refactor_svd(u, s, vh, rank, 1.5), refactor(dense, rank, 1.5), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)

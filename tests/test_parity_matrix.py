@@ -184,11 +184,10 @@ def _probe_logits(model) -> torch.Tensor:
 
 def _record_sizes(delta: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Bytes of `delta` as a broadcast (one Array per tensor) and as an upload (one flat float32 buffer)."""
-    from fedpeft.common.codecs.mod import encoded_record
-    from fedpeft.common.codecs.wire import FP32, encode
+    from fedpeft.common.codecs.mod import flat_upload_record
     from fedpeft.common.protocol.flower_io import delta_to_arrayrecord, record_bytes
 
-    flat = encoded_record(encode(FP32, OrderedDict((k, v.numpy()) for k, v in delta.items()))[0])
+    flat = flat_upload_record(OrderedDict((k, v.numpy()) for k, v in delta.items()))
     return record_bytes(delta_to_arrayrecord(delta)), record_bytes(flat)
 
 

@@ -208,6 +208,28 @@ def test_svd_lora_strategy_aggregates_in_delta_w_space(flower_task_identity):
     assert "train-loss" in metrics
 
 
+def test_svd_lora_strategy_gives_the_same_bits_whatever_the_arrival_order_and_wire_form(flower_task_identity):
+    from fedpeft.common.codecs.mod import flat_upload_record
+
+    a, b = "m.lora_A.default.weight", "m.lora_B.default.weight"
+    gen = torch.Generator().manual_seed(1)
+    deltas = [OrderedDict([(a, torch.randn(4, 24, generator=gen)), (b, torch.randn(24, 4, generator=gen)),
+                           ("m.magnitude", torch.randn(24, generator=gen))]) for _ in range(9)]
+
+    def run(order, flat):
+        strategy = build_strategy("fedavg", spec=DeltaSpec.of_delta(deltas[0]), max_delta_bytes=10_000,
+                                  lora_svd_scaling=2.0, min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
+        record = (lambda d: flat_upload_record(OrderedDict((k, v.numpy()) for k, v in d.items()))) if flat else \
+            delta_to_arrayrecord
+        arrays, _ = strategy.aggregate_train(1, [_reply(i + 1, record(deltas[i]), examples=7 * (i + 1)) for i in order])
+        assert strategy.traffic[1].accepted == 9
+        return delta_from_arrayrecord(arrays)
+
+    first = run(list(range(9)), flat=False)
+    for order, flat in (([8, 4, 2, 0, 6, 3, 7, 1, 5], False), ([3, 1, 7, 4, 0, 8, 2, 6, 5], True)):
+        assert all(torch.equal(run(order, flat)[k], first[k]) for k in first)
+
+
 def test_svd_lora_aggregation_needs_fedavg(flower_task_identity):
     with pytest.raises(ConfigError, match="use it with strategy 'fedavg'"):
         _build("fedprox", lora_svd_scaling=2.0)

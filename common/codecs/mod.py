@@ -8,8 +8,11 @@ error-feedback residual, `fedpeft.common.codecs.feedback`), encoded as one buffe
 (`fedpeft.common.codecs.wire`). The server adds the decoded update to the exact global
 delta it sent, so a lossy broadcast never accumulates error on the server.
 
-One mod for the simulation's ClientApp and the deployment's torch-free forwarder, so both
-compress identically; it does nothing when the config names no codec. Stochastic
+Without a codec, when the config asks for a flat upload (`FLAT_UPLOAD_KEY`), the reply's
+trained delta leaves as one fp32 buffer in the same wire layout, its exact float32 bits
+(`flat_upload_record`), which the server checks and reads in place; with neither, the mod
+does nothing. One mod for the simulation's ClientApp and the deployment's torch-free
+forwarder, so both compress identically. Stochastic
 rounding draws from a generator seeded by (run seed, partition, round): reruns are identical.
 """
 
@@ -23,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from fedpeft.common.codecs.feedback import load_residual, save_residual
 from fedpeft.common.codecs.quantizers import CodecError
-from fedpeft.common.codecs.wire import FP32, Codec, decode, encode
+from fedpeft.common.codecs.wire import Codec, decode, encode, encode_fp32
 from fedpeft.common.protocol.npy import exact_npy
 
 UPLOAD_CODEC_KEY = "fedpeft-upload-codec"
@@ -56,6 +59,12 @@ def codec_config(upload: Codec | None, download: Codec | None, error_feedback: b
 def encoded_record(payload: bytes) -> ArrayRecord:
     """A compressed delta as the ArrayRecord that carries it (one uint8 array)."""
     return ArrayRecord(OrderedDict({ENCODED_ARRAY: Array(np.frombuffer(payload, dtype=np.uint8))}))
+
+
+def flat_upload_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A plain upload: float32 `values` (name -> array, in the method's order) as one fp32
+    buffer with their exact bits, non-finite ones included (the server judges them)."""
+    return encoded_record(encode_fp32(values))
 
 
 def payload_of(record: ArrayRecord) -> memoryview:
@@ -136,8 +145,8 @@ def codec_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     if reply.has_error() or (upload is None and not flat):
         return reply
     if upload is None:  # the trained delta as it is, in one buffer
-        payload, _ = encode(FP32, exact_float32(reply.content.array_records[ARRAYS_KEY]))
-        reply.content = RecordDict({**dict(reply.content.items()), ARRAYS_KEY: encoded_record(payload)})
+        flat = flat_upload_record(exact_float32(reply.content.array_records[ARRAYS_KEY]))
+        reply.content = RecordDict({**dict(reply.content.items()), ARRAYS_KEY: flat})
         return reply
     trained = plain_arrays(reply.content.array_records[ARRAYS_KEY])
     if list(trained) != list(received) or any(trained[n].shape != received[n].shape for n in received):

@@ -201,6 +201,21 @@ FP32 = Codec(QUANTIZERS["fp32"])
 """The lossless codec a plain (uncompressed) upload travels in: one buffer, float32 values."""
 
 
+def encode_fp32(values: Mapping[str, np.ndarray]) -> bytes:
+    """An fp32 payload of float32 `values` exactly as they are, non-finite ones included:
+    a plain upload carries what the client trained, and the server, not the client,
+    judges it (a NaN reply is refused there with its reason, like any other bad reply)."""
+    layout = OrderedDict((name, tuple(int(d) for d in np.shape(v))) for name, v in values.items())
+    out = bytearray(_header(FP32, layout))
+    out += bytes(_aligned(len(out)) - len(out))
+    for name, array in values.items():
+        if np.asarray(array).dtype != np.float32:
+            raise CodecError(f"{name}: an fp32 payload carries float32 values, not {np.asarray(array).dtype}")
+        part = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        out += part + bytes(_aligned(len(part)) - len(part))
+    return bytes(out)
+
+
 @functools.lru_cache(maxsize=256)
 def _fp32_frame(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[bytes, int, int] | None:
     """(the canonical header, the offset of the first value, the payload size) of an fp32

@@ -72,8 +72,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedpeft.common.codecs.mod import encoded_record
-from fedpeft.common.codecs.wire import FP32, encode
+from fedpeft.common.codecs.mod import flat_upload_record
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS, WEIGHT_KEY
@@ -143,7 +142,7 @@ def _pool(spec: DeltaSpec, seed: int) -> Pool:
             views[name] = torch.from_numpy(flat[offset:offset + size].reshape(tensor.shape))
             offset += size
         records["arrays"].append(delta_to_arrayrecord(views))
-        records["flat"].append(encoded_record(encode(FP32, OrderedDict((n, v.numpy()) for n, v in views.items()))[0]))
+        records["flat"].append(flat_upload_record(OrderedDict((n, v.numpy()) for n, v in views.items())))
         flats.append(flat)
         weights.append(int(rng.integers(50, 500)))
     return records, flats, weights
