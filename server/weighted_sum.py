@@ -30,9 +30,10 @@ and so does the whole float64 product w * 2**49 * x (exact: 29 + 24 bits), whose
 conversion to int64 truncates toward zero: q in one pass, summed in an int64 accumulator
 whose wrap-around is harmless while the true partial sum fits (tracked with each reply's
 bound, and moved exactly into the limbs before it could overflow). Same integers, same
-sums, so the same bits as the two-limb fold, at about two passes a reply instead of seven,
-each over cache-sized blocks. Replies outside that range (or float64 ones, e.g. clipped
-updates) take the two-limb path; both land in the same exact total.
+sums, so the same bits as the two-limb fold: one compiled pass a reply
+(`fedpeft.server.fold_kernels`) after numpy's min and max, instead of seven. Replies
+outside that range (or float64 ones, e.g. clipped updates) take the two-limb path; both
+land in the same exact total.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from fedpeft.common.protocol.deltas import DeltaSpec
+from fedpeft.server.fold_kernels import fold_q, update_square
 
 FRACTION_BITS = 49
 """Resolution of the fractional limb (2**-49 of one unit of w * x)."""
@@ -62,7 +64,7 @@ _INT_ROOM = 2.0**62
 """What the int64 accumulator's true partial sum is kept below (2**63 less a safety margin)."""
 _LOW_MASK = (1 << FRACTION_BITS) - 1
 _BLOCK = 1 << 15
-"""Values per block of the fast fold (its int64 scratch, 256 KiB, stays in the L2 cache)."""
+"""Values per block of the moves and carries between limbs (a 256 KiB scratch, in the L2 cache)."""
 _FLOAT32_EXACT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 """Dtypes whose values float32 holds exactly (the fast path stages replies as float32)."""
 
@@ -118,7 +120,6 @@ class ExactWeightedSum:
         self._q = np.zeros(self.size if fast else 0, dtype=np.int64)  # the fast path's sum of q
         self._q_room = 0.0  # a bound of the |q| folded into _q since it was last moved to the limbs
         self._block = np.empty(max(1, min(_BLOCK, self.size)), dtype=np.float64)
-        self._sent32: tuple[torch.Tensor, np.ndarray | None] | None = None  # (a sent delta, it in float32 if exact)
         self._staged: tuple[Mapping[str, torch.Tensor], float, np.ndarray | None] | None = None
         """(the staged delta, its weight, its float32 values flat on the fast path / None)"""
         self.staged_peak = 0.0
@@ -234,43 +235,16 @@ class ExactWeightedSum:
         return flat
 
     def staged_update_norm(self, sent: torch.Tensor) -> float:
-        """L2 norm of the staged delta minus `sent` (flat, float64, e.g. from `flatten`).
-
-        On the fast path, where `sent` holds float32 values (a broadcast always does), the
-        difference is taken in float32 and its squares summed pairwise, block by block (one
-        rounding per value, relative error ~1e-7: ample for a bound, and a function of the
-        reply alone); else in float64.
-        """
+        """L2 norm of the staged delta minus `sent` (flat, float64, e.g. from `flatten`), in
+        float64 (on the fast path one compiled pass, `fold_kernels.update_square`)."""
         if self._staged is None:
             raise ValueError("no delta is staged")
         weight, x = self._staged[1], self._staged[2]
-        if x is None:
-            diff = np.multiply(sent.numpy(), -weight, out=self._f)
-            diff += self._t
-            return math.sqrt(float(np.dot(diff, diff))) / weight
-        s32 = self._float32_of(sent)
-        square = 0.0
-        if s32 is None:  # a sent delta with values float32 cannot hold: the difference in float64
-            s, block = sent.numpy(), self._block
-            for start in range(0, self.size, block.size):
-                stop = min(self.size, start + block.size)
-                diff = np.subtract(x[start:stop], s[start:stop], out=block[:stop - start], dtype=np.float64)
-                square += float(np.dot(diff, diff))
-            return math.sqrt(square)
-        block32 = self._block.view(np.float32)
-        for start in range(0, self.size, block32.size):
-            stop = min(self.size, start + block32.size)
-            diff = np.subtract(x[start:stop], s32[start:stop], out=block32[:stop - start])
-            square += float(np.add.reduce(np.square(diff, out=diff)))
-        return math.sqrt(square)
-
-    def _float32_of(self, sent: torch.Tensor) -> np.ndarray | None:
-        """`sent` (float64) as float32 when that is exact (cached for the round's one broadcast)."""
-        if self._sent32 is None or self._sent32[0] is not sent:
-            s64 = sent.numpy()
-            s32 = s64.astype(np.float32)
-            self._sent32 = (sent, s32 if np.array_equal(s32, s64) else None)
-        return self._sent32[1]
+        if x is not None:
+            return math.sqrt(update_square(x, sent.numpy()))
+        diff = np.multiply(sent.numpy(), -weight, out=self._f)
+        diff += self._t
+        return math.sqrt(float(np.dot(diff, diff))) / weight
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a delta that `problem` accepted (the last one staged, or it is staged again)."""
@@ -294,19 +268,13 @@ class ExactWeightedSum:
         self.total_weight += weight
 
     def _fold_fast(self, x: np.ndarray, weight: int) -> None:
-        """q = trunc(w * 2**49 * x) into the int64 sum, block by block (the float64 product is
-        exact; the conversion truncates toward zero, as the two limbs do)."""
+        """q += trunc(w * 2**49 * x) into the int64 sum in one compiled pass (the float64
+        product is exact; the conversion truncates toward zero, as the two limbs do)."""
         bound = self.staged_peak * _Q_SCALE
         if self._q_room + bound >= _INT_ROOM:
             self._move_q()
         self._q_room += bound
-        scale = float(weight) * _Q_SCALE
-        q, scratch = self._q, self._block.view(np.int64)
-        for start in range(0, self.size, scratch.size):
-            stop = min(self.size, start + scratch.size)
-            part = scratch[:stop - start]
-            np.multiply(x[start:stop], scale, out=part, dtype=np.float64, casting="unsafe")
-            np.add(q[start:stop], part, out=q[start:stop])
+        fold_q(self._q, x, float(weight) * _Q_SCALE)
 
     def _move_q(self) -> None:
         """Move the int64 sum into the limbs exactly, block by block: q = hi * 2**49 + lo with

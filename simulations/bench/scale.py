@@ -76,6 +76,7 @@ from fedpeft.common.codecs.mod import flat_upload_record
 from fedpeft.common.protocol.deltas import DeltaSpec
 from fedpeft.common.protocol.flower_io import delta_to_arrayrecord
 from fedpeft.common.protocol.plan import REPLY_ARRAYS_KEY, REPLY_METRICS_KEY, TRAIN_METRIC_KEYS, WEIGHT_KEY
+from fedpeft.server.fold_kernels import warm_up
 from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import build_strategy
 from fedpeft.simulations.bench.process_memory import reset_peak, status_bytes
@@ -175,6 +176,7 @@ def measure(kind: str, mode: str, clients: int, repeats: int, pool: Pool, spec: 
         strategy, sent = _strategy(mode, spec, clients)
         records = by_wire["flat" if strategy.flat_upload and mode not in PER_TENSOR_MODES else "arrays"]
         replies = list(_replies(sent, records, weights))  # (the grid builds them in a run: not timed)
+        warm_up()  # (loading the compiled fold once per process is not the fold's time or memory)
         gc.collect()
         reset_peak()
         before = status_bytes("VmRSS")
@@ -203,13 +205,21 @@ def _in_child(*args: Any) -> dict[str, Any]:
     measurements left in this process's heap (the child shares the payload pool)."""
     context = multiprocessing.get_context("fork")
     results = context.SimpleQueue()
-    child = context.Process(target=lambda: results.put(_try(measure, *args)))
+    child = context.Process(target=lambda: results.put(_try(_single_threaded_measure, *args)))
     child.start()
     outcome = results.get()
     child.join()
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def _single_threaded_measure(*args: Any) -> dict[str, Any]:
+    """`measure` with torch on one thread, like the numpy limit it is compared with (and
+    because a forked child must not enter the OpenMP pool its parent may have started: it
+    would wait forever for threads that were not forked)."""
+    torch.set_num_threads(1)
+    return measure(*args)
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -281,7 +291,7 @@ def cpu_name() -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores (aggregation single-threaded numpy)", "",
+    lines = [f"CPU: {cpu_name()}, {os.cpu_count()} cores (aggregation on one thread: numpy, numba, torch)", "",
              "| delta | mode | clients | aggregation s | numpy limit s | x limit | peak MB |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['delta']} | {r['mode']} | {r['clients']:,} | {r['seconds']:.3f} | {r['numpy_seconds']:.3f} | "
