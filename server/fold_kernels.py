@@ -5,28 +5,49 @@ float64 product, a cast, an integer add) through cache-sized blocks, about 1.4x 
 float64 weighted mean; the fused loop reads x and q once and writes q once, about half
 of it. Written by hand because no library has an exact, order-independent weighted sum.
 Single-threaded on purpose (the coordinator shares its CPUs with simulated clients).
-Compiled on first use and cached beside this module (`cache=True`; where that directory
-is read-only numba compiles again in each process, about a second).
+Compiled on first use and cached on disk (beside this module, else in numba's user cache
+directory); where no cache directory is writable the kernels are compiled in memory in
+each process instead (about a second at the first round).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
+def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """numba.njit with an on-disk cache where one can be written, in memory otherwise."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(cache=False, nogil=True, **options)(fn)
+
+    return wrap
+
+
+@_compiled()
 def fold_q(q: np.ndarray, x: np.ndarray, scale: float) -> None:  # pragma: no cover (compiled)
     """q += trunc(x * scale) as int64, elementwise (x float32; x * scale exact in float64,
     and within the int64 range: the caller bounds |x| * scale)."""
+    if q.size != x.size:
+        raise ValueError("fold_q: q and x differ in size")
     for i in range(x.size):
         q[i] += np.int64(np.float64(x[i]) * scale)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+@_compiled(fastmath={"reassoc"})
 def update_square(x: np.ndarray, sent: np.ndarray) -> float:  # pragma: no cover (compiled)
-    """sum((x - sent)**2) in float64 (x float32, sent float64): the reassociated (vectorized)
-    order is fixed for a machine, not across CPUs (relative differences ~1e-16)."""
+    """sum((x - sent)**2) in float64 (x float32, sent float64), summed in the vectorized
+    order the compiler picks for this CPU: the same on every run on one machine, while
+    another CPU may round it differently (relative ~1e-16)."""
+    if x.size != sent.size:
+        raise ValueError("update_square: x and sent differ in size")
     total = 0.0
     for i in range(x.size):
         d = np.float64(x[i]) - sent[i]

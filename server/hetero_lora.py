@@ -120,7 +120,9 @@ def aggregate_hetlora(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Seq
                       scaling: Scaling) -> OrderedDict[str, torch.Tensor]:
     """HetLoRA: example-weighted mean of the clients' factors, each lifted to the global `rank`."""
     _check(deltas, weights)
-    lifted = [lift(d, rank, scaling) for d in deltas]
+    # lifted in float64: the rank rescaling of B must not round before the mean does
+    lifted = [lift(OrderedDict((k, v.double() if v.is_floating_point() else v) for k, v in d.items()), rank, scaling)
+              for d in deltas]
     return weighted_mean(lifted, weights, list(lifted[0]))
 
 

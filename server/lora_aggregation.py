@@ -14,6 +14,7 @@ the base weight's (out_features, in_features) shape.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def stacked_factors(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Seque
     s for all, or one per client (FlexLoRA's per-rank scales).
     """
     total = float(sum(weights))
-    scales = [float(scaling)] * len(deltas) if isinstance(scaling, int | float) else [float(x) for x in scaling]
+    scales = [float(scaling)] * len(deltas) if isinstance(scaling, numbers.Real) else [float(x) for x in scaling]
     b = torch.cat([d[b_name].double() * (sc * w / total) for d, w, sc in zip(deltas, weights, scales, strict=True)],
                   dim=1)
     a = torch.cat([d[a_name].double() for d in deltas], dim=0)
@@ -113,8 +114,10 @@ def refactor_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
 
     The singular values are split evenly between the factors (B = U·√S/√s,
     A = √S·Vᵀ/√s), which keeps A and B on the same scale for further training. Each
-    component's sign is fixed (the largest |entry| of its U column positive), so the
-    factors do not depend on how the SVD was computed. Components the update does not
+    component's sign is fixed (the largest |entry| of its U column positive), so the QR
+    and the dense route give the same factors up to rounding (where singular values are
+    distinct and no two entries of a U column tie in magnitude; s·B·A is the same
+    either way). Components the update does not
     use (zero singular values, or rank beyond the matrix size) get a fresh seeded random
     A row and a zero B column, as LoRA's own initialization does: the product is
     unchanged, and the component can still learn (with both factors zero its gradients

@@ -468,6 +468,9 @@ class DeltaValidation:
         for msg in replies:
             if msg.has_error():
                 traffic.failed += 1
+                if aggregate_deltas is not None:  # (these never reach Flower's aggregation, which logs them)
+                    log.warning("round %d: node %d replied with an error: %s", server_round,
+                                msg.metadata.src_node_id, msg.error.reason)
                 usable.append(msg)  # Flower logs error replies and skips them
                 continue
             delta = self._admit(msg, traffic, server_round)
@@ -495,7 +498,7 @@ class DeltaValidation:
         if not self._enough_accepted(server_round, traffic):
             return None, None
         if aggregate_deltas is not None:
-            # The same content order as below, from the decoded deltas (no re-encoding).
+            # A content order (as below for Flower's path), from the decoded deltas: no re-encoding.
             own.sort(key=lambda pair: _delta_order(*pair))
             state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
             arrays, metrics = aggregate_deltas(server_round, [d for _, d in own], [m for m, _ in own])
@@ -583,16 +586,20 @@ def _reply_order(msg: Message) -> tuple[int, str]:
 
 
 def _delta_order(msg: Message, delta: Mapping[str, torch.Tensor]) -> str:
-    """A content key of an accepted reply (its delta's bytes and its metrics), so that
-    aggregating in this order does not depend on the order replies arrived in."""
+    """A content key of an accepted reply (each tensor's name, dtype, shape and bytes, in the
+    delta's order, then its metrics), so that aggregating in this order depends neither on
+    the order replies arrived in nor on their wire form (a flat upload or one Array per
+    tensor give the same key)."""
     digest = hashlib.sha256()
-    flat = getattr(delta, "flat", None)
-    if isinstance(flat, np.ndarray):
-        digest.update(memoryview(flat).cast("B"))
+    flat, spec = getattr(delta, "flat", None), getattr(delta, "spec", None)
+    if isinstance(flat, np.ndarray) and isinstance(spec, DeltaSpec):
+        parts = ((name, flat[start:stop], shape) for name, (start, stop, shape) in spec.flat_layout.items())
     else:
-        for name, tensor in delta.items():
-            digest.update(name.encode())
-            digest.update(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+        parts = ((name, t.detach().contiguous().numpy() if t.dtype != torch.bfloat16 else
+                  t.detach().contiguous().view(torch.int16).numpy(), tuple(t.shape)) for name, t in delta.items())
+    for name, values, shape in parts:
+        digest.update(f"{name}|{values.dtype}|{tuple(shape)}|".encode())
+        digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
     digest.update(repr(sorted(_reply_metrics(msg).items())).encode())
     return digest.hexdigest()
 

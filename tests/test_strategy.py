@@ -208,8 +208,11 @@ def test_svd_lora_strategy_aggregates_in_delta_w_space(flower_task_identity):
     assert "train-loss" in metrics
 
 
-def test_svd_lora_strategy_gives_the_same_bits_whatever_the_arrival_order_and_wire_form(flower_task_identity):
+def test_svd_lora_strategy_gives_the_same_bits_whatever_the_arrival_order_and_wire_form(flower_task_identity, monkeypatch):
     from fedpeft.common.codecs.mod import flat_upload_record
+    from fedpeft.server.strategy import LoraSvdFedAvg
+
+    aggregate = LoraSvdFedAvg.aggregate_deltas
 
     a, b = "m.lora_A.default.weight", "m.lora_B.default.weight"
     gen = torch.Generator().manual_seed(1)
@@ -221,13 +224,22 @@ def test_svd_lora_strategy_gives_the_same_bits_whatever_the_arrival_order_and_wi
                                   lora_svd_scaling=2.0, min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
         record = (lambda d: flat_upload_record(OrderedDict((k, v.numpy()) for k, v in d.items()))) if flat else \
             delta_to_arrayrecord
+        seen = []
+
+        def recording(self, server_round, got, replies):  # the order the math sees
+            seen.extend(int(m.content["metrics"]["num-examples"]) for m in replies)
+            return aggregate(self, server_round, got, replies)
+
+        monkeypatch.setattr(LoraSvdFedAvg, "aggregate_deltas", recording)
         arrays, _ = strategy.aggregate_train(1, [_reply(i + 1, record(deltas[i]), examples=7 * (i + 1)) for i in order])
         assert strategy.traffic[1].accepted == 9
-        return delta_from_arrayrecord(arrays)
+        return delta_from_arrayrecord(arrays), seen
 
-    first = run(list(range(9)), flat=False)
+    first, first_order = run(list(range(9)), flat=False)
+    assert first_order != sorted(first_order)  # (a content order, not the arrival order)
     for order, flat in (([8, 4, 2, 0, 6, 3, 7, 1, 5], False), ([3, 1, 7, 4, 0, 8, 2, 6, 5], True)):
-        assert all(torch.equal(run(order, flat)[k], first[k]) for k in first)
+        got, seen = run(order, flat)
+        assert seen == first_order and all(torch.equal(got[k], first[k]) for k in first)
 
 
 def test_svd_lora_aggregation_needs_fedavg(flower_task_identity):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
-from fedpeft.server.weighted_sum import FRACTION_BITS, MAX_WEIGHT, ExactWeightedSum
+from fedpeft.server.weighted_sum import FRACTION_BITS, MAX_WEIGHT, ExactWeightedSum, _immutable
 
 
 def _spec() -> DeltaSpec:
@@ -191,3 +191,42 @@ def test_a_spec_without_parameters_folds_to_nothing():
     assert acc.problem(delta, 3) is None and acc.staged_update_norm(acc.flatten(delta)) == 0.0
     acc.add(delta, 3)
     assert acc.mean()["a"].shape == (0,)
+
+
+def test_kernels_compile_in_memory_where_no_cache_can_be_written(monkeypatch):
+    import importlib.util
+
+    import numba
+
+    from fedpeft.server import fold_kernels
+
+    real = numba.njit
+
+    def njit(*args, cache=False, **kwargs):
+        if cache:  # what numba raises at decoration when no cache directory is writable
+            raise RuntimeError("cannot cache function 'fold_q': no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    spec = importlib.util.spec_from_file_location("fold_kernels_uncached", fold_kernels.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    q = np.zeros(3, np.int64)
+    module.fold_q(q, np.array([1.5, -1.5, 2.0], np.float32), 3.0)
+    assert q.tolist() == [4, -4, 6] and module.update_square(np.ones(2, np.float32), np.zeros(2)) == 2.0
+
+
+def test_only_values_read_in_place_from_immutable_bytes_skip_the_second_check():
+    from fedpeft.common.codecs.mod import flat_upload_record
+    from fedpeft.server.compression import decode_flat_reply
+
+    spec = _spec()
+    delta = _delta([0.5] * 10)
+    acc = ExactWeightedSum(spec, capacity=4)
+    flat = decode_flat_reply(flat_upload_record(OrderedDict((k, v.numpy()) for k, v in delta.items())), spec, 10_000)
+    assert acc.problem(flat, 2) is None and acc.checked() is not None  # views of the message's bytes
+    assert acc.problem(delta, 2) is None and acc.checked() is None  # copied into the sum's scratch
+    writable = np.full(10, 0.5, np.float32)
+    readonly = writable.view()
+    readonly.flags.writeable = False
+    assert not _immutable(readonly) and not _immutable(writable)  # its memory can still change

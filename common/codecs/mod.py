@@ -145,8 +145,8 @@ def codec_mod(msg: Message, context: Context, call_next: Callable[[Message, Cont
     if reply.has_error() or (upload is None and not flat):
         return reply
     if upload is None:  # the trained delta as it is, in one buffer
-        flat = flat_upload_record(exact_float32(reply.content.array_records[ARRAYS_KEY]))
-        reply.content = RecordDict({**dict(reply.content.items()), ARRAYS_KEY: flat})
+        one_buffer = flat_upload_record(exact_float32(reply.content.array_records[ARRAYS_KEY]))
+        reply.content = RecordDict({**dict(reply.content.items()), ARRAYS_KEY: one_buffer})
         return reply
     trained = plain_arrays(reply.content.array_records[ARRAYS_KEY])
     if list(trained) != list(received) or any(trained[n].shape != received[n].shape for n in received):
