@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord
 
 from fedpeft.common.codecs import Codec, CodecError, decode, encode, payload_nbytes
 from fedpeft.common.codecs.mod import ENCODED_ARRAY, MAX_DOWNLINK_BYTES, codec_config, encoded_record, payload_of
-from fedpeft.common.codecs.wire import FP32, decode_flat
+from fedpeft.common.codecs.wire import decode_flat
 from fedpeft.common.errors import FederationError
 from fedpeft.common.protocol.deltas import DeltaSpec, TensorSpec
 from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord, record_bytes
@@ -111,13 +111,6 @@ class FlatDelta(Mapping[str, torch.Tensor]):
 def travels_flat(spec: DeltaSpec) -> bool:
     """Whether `spec`'s delta can travel as a flat upload: every tensor float32."""
     return all(s.dtype == torch.float32 for s in spec.tensors.values())
-
-
-def flat_upload_spec(spec: DeltaSpec) -> DeltaSpec | None:
-    """What a flat upload of `spec`'s delta looks like as tensors (one uint8 payload of the
-    exact size: the spec sealed envelopes are opened against); None when `spec` cannot
-    travel flat (a tensor that is not float32)."""
-    return payload_spec(FP32, spec) if travels_flat(spec) else None
 
 
 def payload_spec(codec: Codec, spec: DeltaSpec) -> DeltaSpec:

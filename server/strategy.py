@@ -47,6 +47,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedpeft.client.training import TrainConfig
 from fedpeft.common.codecs.mod import ENCODED_ARRAY, FLAT_UPLOAD_KEY
+from fedpeft.common.codecs.wire import FP32
 from fedpeft.common.errors import ConfigError, DeltaError, FederationError
 from fedpeft.common.protocol.control_variates import ACCEPTED_KEY, SERVER_CONTROL_KEY
 from fedpeft.common.protocol.deltas import DeltaSpec
@@ -56,7 +57,7 @@ from fedpeft.server.compression import (
     Compression,
     FlatDelta,
     decode_flat_reply,
-    flat_upload_spec,
+    payload_spec,
     plain_nbytes,
     travels_flat,
 )
@@ -183,8 +184,7 @@ class DeltaValidation:
         spec = self.spec if node_id is None else self._expected_spec(node_id)
         if self.compression is not None and self.compression.upload is not None:
             return self.compression.wire_spec(spec)
-        flat = flat_upload_spec(spec) if self.flat_upload else None
-        return flat if flat is not None else spec
+        return payload_spec(FP32, spec) if self.flat_upload else spec
 
     def _expected_spec(self, node_id: int) -> DeltaSpec:
         """The spec `node_id`'s reply must match (per node where the strategy says so)."""

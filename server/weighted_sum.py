@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -70,11 +70,13 @@ _FLOAT32_EXACT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
 class Checked(NamedTuple):
-    """A reply `ExactWeightedSum.problem` accepted: its delta, weight, values and exact peak."""
+    """A reply `ExactWeightedSum.problem` accepted: its delta, weight, float32 values flat
+    (the fast path; None on the two-limb path, which stages w * x in its scratch) and the
+    bound of max |w * x| its fold is sized by (`staged_peak`)."""
 
     delta: Mapping[str, torch.Tensor]
     weight: float
-    values: np.ndarray
+    values: np.ndarray | None
     peak: float
 
 
@@ -120,8 +122,8 @@ class ExactWeightedSum:
         self._q = np.zeros(self.size if fast else 0, dtype=np.int64)  # the fast path's sum of q
         self._q_room = 0.0  # a bound of the |q| folded into _q since it was last moved to the limbs
         self._block = np.empty(max(1, min(_BLOCK, self.size)), dtype=np.float64)
-        self._staged: tuple[Mapping[str, torch.Tensor], float, np.ndarray | None] | None = None
-        """(the staged delta, its weight, its float32 values flat on the fast path / None)"""
+        self._staged: Checked | None = None
+        """The reply `problem` last accepted, which `add` folds."""
         self.staged_peak = 0.0
         """An upper bound of max |w * x| of the delta `problem` last accepted: exact on the fast
         path, else from its L2 norm and exact whenever it exceeds `bound_peak`."""
@@ -173,21 +175,19 @@ class ExactWeightedSum:
                     f"hold ({self.reply_limit:.3g} per reply)")
         if fast and peak * _Q_SCALE >= _INT_ROOM:  # q would not fit an int64: the two limbs take it
             return self.problem_two_limbs(delta, weight)
-        self._staged = (delta, float(weight), x if fast else None)
+        self._staged = Checked(delta, float(weight), x if fast else None, peak)
         return None
 
     def checked(self) -> Checked | None:
         """The staged reply's accepted check, for folding it later (`restage`) without reading
         it again; only where its values are read in place from immutable bytes (a flat
         upload), so what was checked is what will be folded. None otherwise."""
-        if self._staged is None or self._staged[2] is None or not _immutable(self._staged[2]):
-            return None
-        delta, weight, x = self._staged
-        return Checked(delta, weight, x, self.staged_peak)
+        staged = self._staged
+        return staged if staged is not None and staged.values is not None and _immutable(staged.values) else None
 
     def restage(self, checked: Checked) -> None:
         """Stage a reply `checked` accepted, so that its `add` folds it without a second check."""
-        self._staged = (checked.delta, checked.weight, checked.values)
+        self._staged = checked
         self.staged_peak = checked.peak
 
     def problem_two_limbs(self, delta: Mapping[str, torch.Tensor], weight: int) -> str | None:
@@ -239,7 +239,7 @@ class ExactWeightedSum:
         float64 (on the fast path one compiled pass, `fold_kernels.update_square`)."""
         if self._staged is None:
             raise ValueError("no delta is staged")
-        weight, x = self._staged[1], self._staged[2]
+        weight, x = self._staged.weight, self._staged.values
         if x is not None:
             return math.sqrt(update_square(x, sent.numpy()))
         diff = np.multiply(sent.numpy(), -weight, out=self._f)
@@ -248,15 +248,15 @@ class ExactWeightedSum:
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a delta that `problem` accepted (the last one staged, or it is staged again)."""
-        if self._staged is None or self._staged[0] is not delta or self._staged[1] != float(weight):
+        if self._staged is None or self._staged.delta is not delta or self._staged.weight != float(weight):
             problem = self.problem(delta, weight)
             if problem is not None:
                 raise ValueError(problem)
         assert self._staged is not None
-        x = self._staged[2]
+        x, peak = self._staged.values, self._staged.peak
         self._staged = None
         if x is not None:
-            self._fold_fast(x, weight)
+            self._fold_fast(x, weight, peak)
         else:
             t, f = self._t, self._f
             self._hi += np.trunc(t, out=f)  # the integer part (np.modf is 3x slower than these two passes)
@@ -267,10 +267,10 @@ class ExactWeightedSum:
         self.count += 1
         self.total_weight += weight
 
-    def _fold_fast(self, x: np.ndarray, weight: int) -> None:
+    def _fold_fast(self, x: np.ndarray, weight: int, peak: float) -> None:
         """q += trunc(w * 2**49 * x) into the int64 sum in one compiled pass (the float64
         product is exact; the conversion truncates toward zero, as the two limbs do)."""
-        bound = self.staged_peak * _Q_SCALE
+        bound = peak * _Q_SCALE
         if self._q_room + bound >= _INT_ROOM:
             self._move_q()
         self._q_room += bound
@@ -282,14 +282,18 @@ class ExactWeightedSum:
         if self._q_room == 0.0:
             return
         scratch = self._block.view(np.int64)
-        for start in range(0, self.size, scratch.size):
-            stop = min(self.size, start + scratch.size)
+        for start, stop in self._blocks():
             q, part = self._q[start:stop], scratch[:stop - start]
             self._hi[start:stop] += np.right_shift(q, FRACTION_BITS, out=part)  # |high| < 2**13: exact
             self._lo[start:stop] += np.bitwise_and(q, _LOW_MASK, out=part)  # < 2**49: exact
             q[:] = 0
         self._q_room = 0.0
         self._lo_added()
+
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        """(start, stop) of each scratch-sized block of the flat vector."""
+        step = self._block.size
+        return ((start, min(self.size, start + step)) for start in range(0, self.size, step))
 
     def _lo_added(self) -> None:
         self._lo_adds += 1
@@ -299,11 +303,9 @@ class ExactWeightedSum:
 
     def _carry(self) -> None:
         """Carry the fraction limb's whole units into the integer limb, block by block."""
-        block = self._block
-        for start in range(0, self.size, block.size):
-            stop = min(self.size, start + block.size)
-            lo = self._lo[start:stop]
-            carry = np.trunc(np.multiply(lo, 2.0**-FRACTION_BITS, out=block[:stop - start]), out=block[:stop - start])
+        for start, stop in self._blocks():
+            lo, part = self._lo[start:stop], self._block[:stop - start]
+            carry = np.trunc(np.multiply(lo, 2.0**-FRACTION_BITS, out=part), out=part)
             self._hi[start:stop] += carry
             carry *= _Q_SCALE
             lo -= carry
