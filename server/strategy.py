@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedpeft.client.training import TrainConfig
 from fedpeft.common.codecs.mod import ENCODED_ARRAY, FLAT_UPLOAD_KEY
@@ -61,8 +62,10 @@ from fedpeft.server.compression import (
     plain_nbytes,
     travels_flat,
 )
+from fedpeft.server.fold_kernels import NON_FINITE_BITS, peak_bits
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRankLoraFedAvg, HeteroRanks
 from fedpeft.server.lora_aggregation import aggregate_lora_svd
+from fedpeft.server.metric_mean import weighted_metric_mean
 from fedpeft.server.robust import RobustSettings, metric_problem, relative_outliers, update_norm, value_problem
 from fedpeft.server.scaffold import ControlChanges, ServerControl
 from fedpeft.server.weighted_sum import DEFAULT_CAPACITY, Checked, ExactWeightedSum
@@ -281,11 +284,12 @@ class DeltaValidation:
         return self._aggregate_with_flower(server_round, replies, traffic)
 
     def _admit(self, msg: Message, traffic: RoundTraffic, server_round: int,
-               fold: ExactWeightedSum | None = None) -> dict[str, torch.Tensor] | None:
+               fold: ExactWeightedSum | None = None, sent: np.ndarray | None = None) -> dict[str, torch.Tensor] | None:
         """A reply's decoded, validated delta, or None (a failed reply counted, a bad one
         rejected with its reason). With `fold`, the values are checked (finite, within
         `robust.max_abs_value`, within the fold's exact range) in one pass over a flat
-        buffer that `fold` keeps staged for the reply's `add`."""
+        buffer that `fold` keeps staged for the reply's `add`; with `sent` too (the round's
+        delta to this node, `ExactWeightedSum.flatten_sent`) that pass measures its update norm."""
         traffic.bytes_up += _reply_bytes(msg)
         traffic.bytes_up_raw += (plain_nbytes(self._expected_spec(msg.metadata.src_node_id))
                                  if self.compression is not None and self.compression.upload is not None
@@ -293,17 +297,18 @@ class DeltaValidation:
         problem = self.unseal(msg, server_round) if self.unseal is not None else None
         problem, delta = (problem, None) if problem else self._check_reply(msg, check_values=fold is None)
         if delta is not None and fold is not None:
-            problem = self._fold_problem(fold, msg, delta)
+            problem = self._fold_problem(fold, msg, delta, sent)
         if problem or delta is None:
             self._reject(traffic, server_round, msg, str(problem))
             return None
         return delta
 
-    def _fold_problem(self, fold: ExactWeightedSum, msg: Message, delta: dict[str, torch.Tensor]) -> str | None:
+    def _fold_problem(self, fold: ExactWeightedSum, msg: Message, delta: dict[str, torch.Tensor],
+                      sent: np.ndarray | None = None) -> str | None:
         """Why `delta` cannot be folded (named per tensor where a tensor is at fault); stages it."""
         weight = int(_reply_metrics(msg)[WEIGHT_KEY])  # type: ignore[arg-type]
         fold.bound_peak = self.robust.max_abs_value * weight if self.robust.max_abs_value > 0 else None
-        problem = fold.problem(delta, weight)
+        problem = fold.problem(delta, weight, sent)
         if problem == "non-finite values":
             return "; ".join(self._expected_spec(msg.metadata.src_node_id).problems(delta)) or problem
         if problem is None and self.robust.max_abs_value > 0 and fold.staged_peak > self.robust.max_abs_value * weight:
@@ -328,22 +333,22 @@ class DeltaValidation:
         relative = self.robust.examples_ratio > 0 or self.robust.norm_bound_ratio > 0
         held: list[tuple[Message, dict[str, torch.Tensor], Checked | None]] = []
         held_norms: list[float | None] = []
-        flat_sent: dict[int, torch.Tensor] = {}  # id(sent delta) -> it flat in float64 (replies usually share one)
+        flat_sent: dict[int, np.ndarray] = {}  # id(sent delta) -> it flat (replies usually share one)
+        measure_norms = self.robust.needs_updates or self.clip_update_norm > 0
         for msg in replies:
             if msg.has_error():
                 traffic.failed += 1
                 log.warning("round %d: node %d replied with an error: %s", server_round, msg.metadata.src_node_id,
                             msg.error.reason)
                 continue
-            delta = self._admit(msg, traffic, server_round, fold)
+            sent = self._sent.get(msg.metadata.src_node_id) if measure_norms else None
+            if sent is not None and id(sent) not in flat_sent:
+                flat_sent[id(sent)] = fold.flatten_sent(sent)
+            sent_flat = flat_sent[id(sent)] if sent is not None else None
+            delta = self._admit(msg, traffic, server_round, fold, sent_flat)
             if delta is None:
                 continue
-            sent = self._sent.get(msg.metadata.src_node_id)
-            norm = None
-            if sent is not None and (self.robust.needs_updates or self.clip_update_norm > 0):
-                if id(sent) not in flat_sent:
-                    flat_sent[id(sent)] = fold.flatten(sent)
-                norm = fold.staged_update_norm(flat_sent[id(sent)])
+            norm = fold.staged_update_norm(sent_flat) if sent_flat is not None else None
             if relative:
                 if len(held) >= fold.capacity:
                     self._reject(traffic, server_round, msg, f"more replies than the {fold.capacity} this round's "
@@ -368,20 +373,26 @@ class DeltaValidation:
         held.clear()
         if not self._enough_accepted(server_round, traffic) or fold.count == 0:
             return None, None
-        arrays = delta_to_arrayrecord(fold.mean())
+        optimizer = isinstance(self, FedAvgM | FedOpt)
+        aggregate: ArrayRecord | Mapping[str, torch.Tensor] = (
+            fold.mean() if optimizer or not travels_flat(self.spec)
+            else FlatDelta(fold.mean_flat().astype(np.float32), self.spec))  # (the published dtype, cast at once)
         # The metrics' float sums in an order that does not depend on arrival either.
         metric_records.sort(key=lambda record: sorted(record.items()))  # type: ignore[arg-type]
-        metrics = self.train_metrics_aggr_fn([RecordDict({REPLY_METRICS_KEY: m}) for m in metric_records],  # type: ignore[attr-defined]
-                                             self.weighted_by_key)
+        aggregate_metrics = self.train_metrics_aggr_fn  # type: ignore[attr-defined]
+        metrics = (weighted_metric_mean(metric_records, self.weighted_by_key)
+                   if aggregate_metrics is aggregate_metricrecords  # (Flower's default: its arithmetic, faster)
+                   else aggregate_metrics([RecordDict({REPLY_METRICS_KEY: m}) for m in metric_records],
+                                          self.weighted_by_key))
         state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
-        if isinstance(self, FedAvgM | FedOpt):
+        if optimizer:
             # The server optimizer's step on the mean: Flower's own code, given the mean as
             # the one reply it averages (a weight-1 average of one record is that record).
-            mean_reply = Message(RecordDict({REPLY_ARRAYS_KEY: arrays,
+            mean_reply = Message(RecordDict({REPLY_ARRAYS_KEY: delta_to_arrayrecord(aggregate),  # type: ignore[arg-type]
                                              REPLY_METRICS_KEY: MetricRecord({self.weighted_by_key: 1})}),
                                  dst_node_id=0, message_type=MessageType.TRAIN)
-            arrays, _ = super().aggregate_train(server_round, [mean_reply])  # type: ignore[misc]
-        return self._publish(server_round, traffic, arrays, metrics, state,
+            aggregate, _ = super().aggregate_train(server_round, [mean_reply])  # type: ignore[misc]
+        return self._publish(server_round, traffic, aggregate, metrics, state,
                              commit=lambda: self.control.commit(server_round, changes)  # type: ignore[union-attr]
                              if self.control is not None and changes is not None else None)
 
@@ -435,15 +446,16 @@ class DeltaValidation:
             return False
         return True
 
-    def _publish(self, server_round: int, traffic: RoundTraffic, arrays: ArrayRecord | None,
-                 metrics: MetricRecord | None, state: dict[str, object],
-                 commit: Callable[[], None]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregate in the spec's dtypes, unless it is refused (then the server
-        optimizer's `state` is restored and the global adapter kept); `commit` runs only
-        for an aggregate that is kept."""
+    def _publish(self, server_round: int, traffic: RoundTraffic,
+                 aggregate: ArrayRecord | Mapping[str, torch.Tensor] | None, metrics: MetricRecord | None,
+                 state: dict[str, object], commit: Callable[[], None]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregate (as Flower's record, or decoded) in the spec's dtypes, unless it is
+        refused (then the server optimizer's `state` is restored and the global adapter
+        kept); `commit` runs only for an aggregate that is kept."""
         traffic.seconds = time.perf_counter() - traffic.started
-        if arrays is not None:
-            arrays, problem = self._global_arrays(arrays)
+        arrays = None
+        if aggregate is not None:
+            arrays, problem = self._global_arrays(aggregate)
             if problem:
                 log.error("round %d: the aggregate is refused and the global adapter kept: %s", server_round, problem)
                 traffic.rejected.append(f"aggregate: {problem}")
@@ -513,21 +525,28 @@ class DeltaValidation:
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         return self._publish(server_round, traffic, arrays, metrics, state, commit=lambda: None)
 
-    def _global_arrays(self, arrays: ArrayRecord) -> tuple[ArrayRecord, str | None]:
+    def _global_arrays(self, aggregate: ArrayRecord | Mapping[str, torch.Tensor]) -> tuple[ArrayRecord | None, str | None]:
         """The aggregate in the spec's dtypes, or the problem that keeps it from replacing
         the global adapter (non-finite or out-of-bounds values: never published)."""
-        try:
-            merged = delta_from_arrayrecord(arrays)
-        except DeltaError as exc:
-            return arrays, str(exc)
+        if isinstance(aggregate, ArrayRecord):
+            try:
+                aggregate = delta_from_arrayrecord(aggregate)
+            except DeltaError as exc:
+                return None, str(exc)
+        elif isinstance(aggregate, FlatDelta) and aggregate.spec is self.spec and aggregate.flat.dtype == np.float32:
+            # One float32 vector in the spec's own layout (names, shapes and dtypes hold by
+            # construction): its values checked in one pass.
+            if peak_bits(aggregate.flat.view(np.int32)) >= NON_FINITE_BITS:
+                return None, "non-finite values"
+            return delta_to_arrayrecord(aggregate), None
         dtypes = {name: spec.dtype for name, spec in self.spec.tensors.items()}
-        out = {k: v.to(dtypes.get(k, v.dtype)) for k, v in merged.items()}
+        out = {k: v.to(dtypes.get(k, v.dtype)) for k, v in aggregate.items()}
         if not all(bool(torch.isfinite(t).all()) for t in out.values() if t.is_floating_point()):
-            return arrays, "non-finite values"
+            return None, "non-finite values"
         try:
             self.spec.validate(out, source="aggregate")
         except DeltaError as exc:
-            return arrays, str(exc)
+            return None, str(exc)
         return delta_to_arrayrecord(out), None
 
     def _reject(self, traffic: RoundTraffic, server_round: int, msg: Message, problem: str) -> None:

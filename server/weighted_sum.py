@@ -31,7 +31,7 @@ conversion to int64 truncates toward zero: q in one pass, summed in an int64 acc
 whose wrap-around is harmless while the true partial sum fits (tracked with each reply's
 bound, and moved exactly into the limbs before it could overflow). Same integers, same
 sums, so the same bits as the two-limb fold: one compiled pass a reply
-(`fedpeft.server.fold_kernels`) after numpy's min and max, instead of seven. Replies
+(`fedpeft.server.fold_kernels`) after one checking pass, instead of seven. Replies
 outside that range (or float64 ones, e.g. clipped updates) take the two-limb path; both
 land in the same exact total.
 """
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from fedpeft.common.protocol.deltas import DeltaSpec
-from fedpeft.server.fold_kernels import fold_q, update_square
+from fedpeft.server.fold_kernels import NON_FINITE_BITS, fold_q, peak_bits, peak_square
 
 FRACTION_BITS = 49
 """Resolution of the fractional limb (2**-49 of one unit of w * x)."""
@@ -71,13 +71,16 @@ _FLOAT32_EXACT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 class Checked(NamedTuple):
     """A reply `ExactWeightedSum.problem` accepted: its delta, weight, float32 values flat
-    (the fast path; None on the two-limb path, which stages w * x in its scratch) and the
-    bound of max |w * x| its fold is sized by (`staged_peak`)."""
+    (the fast path; None on the two-limb path, which stages w * x in its scratch), the
+    bound of max |w * x| its fold is sized by (`staged_peak`), and where the check had
+    the sent delta, `sum((x - sent)**2)` and that sent vector."""
 
     delta: Mapping[str, torch.Tensor]
     weight: float
     values: np.ndarray | None
     peak: float
+    square: float | None = None
+    sent: np.ndarray | None = None
 
 
 def _immutable(values: np.ndarray) -> bool:
@@ -132,12 +135,14 @@ class ExactWeightedSum:
         self.count = 0
         self.total_weight = 0
 
-    def problem(self, delta: Mapping[str, torch.Tensor], weight: int) -> str | None:
+    def problem(self, delta: Mapping[str, torch.Tensor], weight: int, sent: np.ndarray | None = None) -> str | None:
         """Why `delta` (validated against the spec's names, shapes and dtypes) cannot be folded
         with `weight`: non-finite values, or values too large for the exact range.
 
         Stages the delta in a scratch buffer, so a following `add` of the same delta costs
-        only the fold itself. The accumulators are untouched.
+        only the fold itself. The accumulators are untouched. With `sent` (the delta the
+        round sent, from `flatten_sent`) the same pass measures the update norm
+        (`staged_update_norm`).
         """
         if not (isinstance(weight, int) and 1 <= weight <= MAX_WEIGHT):
             return f"weight {weight!r} must be an integer in [1, {MAX_WEIGHT}]"
@@ -146,13 +151,17 @@ class ExactWeightedSum:
         self._staged = None
         flat = self._flat_values(delta)
         fast = self.fast and (flat is not None or all(delta[name].dtype in _FLOAT32_EXACT for name in self.layout))
+        square = None
         if fast:
             x = flat if flat is not None else self._flat32(delta)
-            # Two read-only passes: the exact peak, NaN or inf when a value is (min/max propagate NaN).
-            low, high = (float(x.min()), float(x.max())) if self.size else (0.0, 0.0)
-            peak = max(-low, high) * weight if math.isfinite(low) and math.isfinite(high) else math.nan
-            if math.isnan(peak):
+            # One read-only pass: the exact peak (as float32 bits, NaN and inf above all finite ones).
+            if sent is not None:
+                bits, square = peak_square(x.view(np.int32), x, sent)
+            else:
+                bits = peak_bits(x.view(np.int32))
+            if bits >= NON_FINITE_BITS:
                 return "non-finite values"
+            peak = float(np.int32(bits).view(np.float32)) * weight
         else:
             t = self._staging()
             for name, (start, stop, _shape) in self.layout.items():
@@ -162,8 +171,8 @@ class ExactWeightedSum:
                 else:  # bfloat16 has no numpy twin
                     torch.from_numpy(t[start:stop]).copy_(tensor.reshape(-1)).mul_(float(weight))
             # One BLAS pass: the squared norm is finite iff every value is, and bounds the peak.
-            square = float(np.dot(t, t)) if self.size else 0.0
-            peak = math.sqrt(square) if math.isfinite(square) else math.inf
+            square_wx = float(np.dot(t, t)) if self.size else 0.0
+            peak = math.sqrt(square_wx) if math.isfinite(square_wx) else math.inf
             if peak > self.reply_limit or (self.bound_peak is not None and peak > self.bound_peak):
                 low, high = float(t.min()), float(t.max())  # the exact peak
                 if not (math.isfinite(low) and math.isfinite(high)):
@@ -175,7 +184,7 @@ class ExactWeightedSum:
                     f"hold ({self.reply_limit:.3g} per reply)")
         if fast and peak * _Q_SCALE >= _INT_ROOM:  # q would not fit an int64: the two limbs take it
             return self.problem_two_limbs(delta, weight)
-        self._staged = Checked(delta, float(weight), x if fast else None, peak)
+        self._staged = Checked(delta, float(weight), x if fast else None, peak, square, sent if fast else None)
         return None
 
     def checked(self) -> Checked | None:
@@ -194,7 +203,7 @@ class ExactWeightedSum:
         """`problem`, staging on the two-limb path whatever the values."""
         fast, self.fast = self.fast, False
         try:
-            return self.problem(delta, weight)
+            return self.problem(delta, weight)  # (its update norm is measured by `staged_update_norm`)
         finally:
             self.fast = fast
 
@@ -228,23 +237,36 @@ class ExactWeightedSum:
         return self._t
 
     def flatten(self, delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`delta` as one float64 vector in this sum's layout (e.g. the delta a round sent)."""
+        """`delta` as one float64 vector in this sum's layout."""
         flat = torch.empty(self.size, dtype=torch.float64)
         for name, (start, stop, _shape) in self.layout.items():
             flat[start:stop].copy_(delta[name].detach().reshape(-1))
         return flat
 
-    def staged_update_norm(self, sent: torch.Tensor) -> float:
-        """L2 norm of the staged delta minus `sent` (flat, float64, e.g. from `flatten`), in
-        float64 (on the fast path one compiled pass, `fold_kernels.update_square`)."""
-        if self._staged is None:
+    def flatten_sent(self, sent: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """The delta a round sent as one vector in this sum's layout, for `problem` and
+        `staged_update_norm`: float32 where that holds it exactly (half the bytes each
+        reply's check reads), float64 otherwise."""
+        if all(sent[name].dtype in _FLOAT32_EXACT for name in self.layout):
+            flat = np.empty(self.size, dtype=np.float32)
+            for name, (start, stop, _shape) in self.layout.items():
+                torch.from_numpy(flat[start:stop]).copy_(sent[name].detach().reshape(-1))
+            return flat
+        return self.flatten(sent).numpy()
+
+    def staged_update_norm(self, sent: np.ndarray) -> float:
+        """L2 norm of the staged delta minus `sent` (from `flatten_sent`), in float64: measured
+        by `problem`'s pass where it had `sent`, else one more pass."""
+        staged = self._staged
+        if staged is None:
             raise ValueError("no delta is staged")
-        weight, x = self._staged.weight, self._staged.values
+        x = staged.values
         if x is not None:
-            return math.sqrt(update_square(x, sent.numpy()))
-        diff = np.multiply(sent.numpy(), -weight, out=self._f)
+            square = staged.square if staged.sent is sent else None
+            return math.sqrt(square if square is not None else peak_square(x.view(np.int32), x, sent)[1])
+        diff = np.multiply(sent, -staged.weight, out=self._f, dtype=np.float64)
         diff += self._t
-        return math.sqrt(float(np.dot(diff, diff))) / weight
+        return math.sqrt(float(np.dot(diff, diff))) / staged.weight
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: int) -> None:
         """Fold a delta that `problem` accepted (the last one staged, or it is staged again)."""
@@ -312,12 +334,26 @@ class ExactWeightedSum:
 
     def total(self) -> OrderedDict[str, torch.Tensor]:
         """sum_i w_i * x_i in float64 (one rounding, of exact integer sums: order-independent)."""
-        self._move_q()
-        flat = torch.from_numpy(self._hi + self._lo * 2.0**-FRACTION_BITS)
-        return OrderedDict((name, flat[start:stop].view(shape)) for name, (start, stop, shape) in self.layout.items())
+        return self._tensors(self._total_flat())
 
     def mean(self) -> OrderedDict[str, torch.Tensor]:
-        """The example-weighted mean in float64; empty sum: a ValueError."""
+        """The example-weighted mean in float64, one tensor per name; empty sum: a ValueError."""
+        return self._tensors(self.mean_flat())
+
+    def mean_flat(self) -> np.ndarray:
+        """The example-weighted mean in float64, flat in the spec's layout; empty sum: a ValueError."""
         if self.total_weight == 0:
             raise ValueError("no reply was folded")
-        return OrderedDict((name, t / self.total_weight) for name, t in self.total().items())
+        flat = self._total_flat()
+        flat /= self.total_weight
+        return flat
+
+    def _total_flat(self) -> np.ndarray:
+        self._move_q()
+        flat = np.multiply(self._lo, 2.0**-FRACTION_BITS)
+        flat += self._hi
+        return flat
+
+    def _tensors(self, flat: np.ndarray) -> OrderedDict[str, torch.Tensor]:
+        whole = torch.from_numpy(flat)
+        return OrderedDict((name, whole[start:stop].view(shape)) for name, (start, stop, shape) in self.layout.items())

@@ -124,3 +124,21 @@ def test_oversized_delta_is_rejected(adapted):
 def test_spec_of_model_rejects_unknown_names(adapted):
     with pytest.raises(DeltaError, match="no parameter"):
         DeltaSpec.of_model(adapted.model, ["not.a.param"])
+
+
+def test_arrays_carry_the_same_npy_bytes_as_flowers_own_encoding():
+    import numpy as np
+    from flwr.app import Array
+
+    from fedpeft.common.protocol.npy import npy_array
+
+    rng = np.random.default_rng(0)
+    cases = [np.float32(1.5).reshape(()), np.zeros((0,)), np.zeros((3, 0), np.float16),
+             rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((2, 3, 4)),
+             np.arange(10, dtype=np.int64), np.array([True, False]), np.arange(6, dtype=np.uint8),
+             rng.standard_normal((4, 6)).T,  # (not C-contiguous: written in C order, as Flower does)
+             np.arange(5, dtype=">i4"), np.zeros((1,) * 40, np.float32)]
+    for case in cases:
+        ours, flowers = npy_array(case), Array(np.ascontiguousarray(case))
+        assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
+                                                                  flowers.data), case.shape

@@ -168,15 +168,18 @@ def test_many_blocks_many_moves_same_bits_and_norms_as_the_two_limb_fold():
         replies.append((OrderedDict((k, torch.from_numpy((rng.standard_normal(tuple(v.shape)) * scale).astype(np.float32)))
                                     for k, v in like.items()), int(rng.integers(1, 3))))
     fast, reference = ExactWeightedSum(spec, capacity=24), ExactWeightedSum(spec, capacity=24, fast=False)
-    flat_sent = fast.flatten(sent)
+    flat_sent = fast.flatten_sent(sent)
+    assert flat_sent.dtype == np.float32  # (float32 sent tensors: half the bytes a check reads)
     moves, move = [], fast._move_q
     fast._move_q = lambda: (moves.append(fast._q_room), move())[1]  # type: ignore[method-assign]
     for order, acc in ((list(range(24)), reference), (list(rng.permutation(24)), fast)):
         for i in order:
             delta, weight = replies[i]
             assert acc.problem(delta, weight) is None
-            norm = acc.staged_update_norm(flat_sent)
-            exact = float(torch.linalg.vector_norm(fast.flatten(delta) - flat_sent))
+            norm = acc.staged_update_norm(flat_sent)  # (a pass of its own)
+            assert acc.problem(delta, weight, flat_sent) is None  # (measured by the check's pass)
+            assert acc.staged_update_norm(flat_sent) == norm
+            exact = float(torch.linalg.vector_norm(fast.flatten(delta) - torch.from_numpy(flat_sent).double()))
             assert norm == pytest.approx(exact, rel=1e-6)
             acc.add(delta, weight)
     assert fast._t.size == 0 and sum(r > 0 for r in moves) >= 4  # every reply took the fast path; it moved
@@ -188,7 +191,7 @@ def test_a_spec_without_parameters_folds_to_nothing():
     spec = DeltaSpec.of_delta(OrderedDict(a=torch.zeros(0)))
     acc = ExactWeightedSum(spec, capacity=2)
     delta = OrderedDict(a=torch.zeros(0))
-    assert acc.problem(delta, 3) is None and acc.staged_update_norm(acc.flatten(delta)) == 0.0
+    assert acc.problem(delta, 3) is None and acc.staged_update_norm(acc.flatten_sent(delta)) == 0.0
     acc.add(delta, 3)
     assert acc.mean()["a"].shape == (0,)
 
@@ -213,7 +216,8 @@ def test_kernels_compile_in_memory_where_no_cache_can_be_written(monkeypatch):
     spec.loader.exec_module(module)
     q = np.zeros(3, np.int64)
     module.fold_q(q, np.array([1.5, -1.5, 2.0], np.float32), 3.0)
-    assert q.tolist() == [4, -4, 6] and module.update_square(np.ones(2, np.float32), np.zeros(2)) == 2.0
+    assert q.tolist() == [4, -4, 6] and module.peak_square(np.ones(2, np.float32).view(np.int32), np.ones(2, np.float32),
+                                                              np.zeros(2))[1] == 2.0
 
 
 def test_only_values_read_in_place_from_immutable_bytes_skip_the_second_check():
@@ -230,3 +234,28 @@ def test_only_values_read_in_place_from_immutable_bytes_skip_the_second_check():
     readonly = writable.view()
     readonly.flags.writeable = False
     assert not _immutable(readonly) and not _immutable(writable)  # its memory can still change
+
+
+@pytest.mark.parametrize("sent_dtype", [np.float32, np.float64])
+def test_the_check_pass_finds_the_exact_peak_every_non_finite_value_and_the_update_square(sent_dtype):
+    from fedpeft.server.fold_kernels import NON_FINITE_BITS, peak_bits, peak_square
+
+    rng = np.random.default_rng(5)
+    sizes = [0, 1, 7, 64, 1000, 4099]
+    specials = [0.0, -0.0, 1e-45, -1e-45, 1e-38, -3.4e38, 3.4e38, 2.0 ** -149]
+    for size in sizes:
+        x = (rng.standard_normal(size) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+        if size:
+            x[rng.integers(0, size)] = specials[size % len(specials)]
+        sent = rng.standard_normal(size).astype(sent_dtype)
+        bits, square = peak_square(x.view(np.int32), x, sent)
+        assert bits == peak_bits(x.view(np.int32)) < NON_FINITE_BITS
+        assert np.int32(bits).view(np.float32) == (np.abs(x).max() if size else 0.0)
+        exact = float(np.sum((x.astype(np.float64) - sent.astype(np.float64)) ** 2))
+        assert square == pytest.approx(exact, rel=1e-12)
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
+            if size:
+                y = x.copy()
+                y[rng.integers(0, size)] = bad
+                assert peak_bits(y.view(np.int32)) >= NON_FINITE_BITS, (size, bad)
+                assert peak_square(y.view(np.int32), y, sent)[0] >= NON_FINITE_BITS

@@ -8,17 +8,19 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedpeft.common.errors import ConfigError, DeltaError
-from fedpeft.common.protocol.npy import exact_npy
+from fedpeft.common.protocol.npy import exact_npy, npy_array
 
 
 def delta_to_arrayrecord(delta: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Pack a delta as a Flower ArrayRecord (numpy .npy bytes per tensor, no pickle)."""
-    return ArrayRecord(OrderedDict((name, Array(np.ascontiguousarray(t.detach().cpu().numpy()))) for name, t in delta.items()))
+    record = ArrayRecord()
+    for name, tensor in delta.items():  # (not ArrayRecord(dict): it would build every Array twice)
+        record[name] = npy_array(tensor.detach().cpu().numpy())
+    return record
 
 
 def delta_from_arrayrecord(record: ArrayRecord, max_bytes: int | None = None,

@@ -84,3 +84,30 @@ def exact_npy(name: str, array: Array) -> np.ndarray:
         return flat.reshape(shape, order="F" if fortran else "C")
     except (ValueError, TypeError) as exc:  # defence in depth: numpy's own refusal, as the peer's fault
         raise DeltaError(f"{name}: cannot decode array ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _v1_prefix(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The magic and version-1.0 header numpy's `np.save` writes for a C-ordered array, by
+    numpy's own writer (a ValueError where the header needs version 2.0)."""
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+def npy_array(ndarray: np.ndarray) -> Array:
+    """A Flower Array of `ndarray`: the same `.npy` bytes as `Array(ndarray)`, which writes each
+    tensor through `np.save` (about 50 µs of header formatting a tensor, 6 ms for a LoRA
+    delta's 120 tensors on every aggregate). A delta repeats the same few headers, so each
+    distinct one is written once, by numpy's own header writer; the data is the array's
+    bytes in C order, as `np.save` writes them."""
+    dtype = ndarray.dtype
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        return Array(ndarray)  # (numpy's own errors and formats for what deltas never are)
+    ndarray = np.ascontiguousarray(ndarray)
+    shape = tuple(int(d) for d in ndarray.shape)
+    try:
+        prefix = _v1_prefix(np.lib.format.dtype_to_descr(dtype), shape)
+    except ValueError:  # a header beyond version 1.0's 64 KiB
+        return Array(ndarray)
+    return Array(dtype=str(dtype), shape=shape, stype="numpy.ndarray", data=b"".join((prefix, ndarray.data)))
