@@ -134,7 +134,7 @@ def refactor_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
         b = torch.cat([b, b.new_zeros(b.shape[0], rank - s.numel())], dim=1)
         a = torch.cat([a, a.new_zeros(rank - s.numel(), a.shape[1])], dim=0)
     used = torch.zeros(rank, dtype=torch.bool)
-    used[: min(rank, s.numel())] = s > (s.max() * 1e-12 if s.numel() else 0)
+    used[: min(rank, s.numel())] = _used(s)
     if not bool(used.all()):
         generator = torch.Generator().manual_seed(NULL_DIRECTION_SEED)
         bound = 1.0 / math.sqrt(a.shape[1])  # peft's kaiming_uniform(a=sqrt(5)) bound for lora_A
@@ -144,10 +144,21 @@ def refactor_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,
     return a, b
 
 
+def _used(s: torch.Tensor) -> torch.Tensor:
+    """Which singular values `refactor_svd` keeps (the others are numerically zero)."""
+    return s > (s.max() * 1e-12 if s.numel() else 0)
+
+
 def tail_error(s: torch.Tensor, rank: int) -> float:
-    """||best rank-`rank` approximation - M||_F / ||M||_F from M's singular values (Eckart–Young)."""
+    """||s·B·A - M||_F / ||M||_F for the rank-`rank` factors `refactor_svd` makes of M, from
+    M's singular values `s` (descending): the Eckart–Young tail, plus any numerically zero
+    component among the first `rank` (replaced by a null direction)."""
     total = float((s**2).sum())
-    return math.sqrt(float((s[rank:] ** 2).sum()) / total) if total > 0 else 0.0
+    if total <= 0:
+        return 0.0
+    head = s[:rank]
+    lost = float((s[rank:] ** 2).sum()) + float((head[~_used(s)[:rank]] ** 2).sum())
+    return math.sqrt(lost / total)
 
 
 def aggregate_lora_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
