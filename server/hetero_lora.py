@@ -41,9 +41,8 @@ from fedpeft.server.lora_aggregation import (
     LORA_A,
     LORA_B,
     lora_pairs,
-    mean_svd,
+    module_svd,
     refactor_svd,
-    stacked_factors,
     tail_error,
     weighted_mean,
 )
@@ -154,8 +153,8 @@ def aggregate_flexlora(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Se
     for a_name, b_name in pairs:
         client_scales = [scaling(d[a_name].shape[0]) for d in deltas]
         # The SVD of the exact mean from the stacked factors (no dense ΔW per client, and
-        # below the module's side none at all: `mean_svd`).
-        u, s, vh = mean_svd(*stacked_factors(deltas, weights, a_name, b_name, client_scales))
+        # below the module's side none at all: `module_svd`).
+        u, s, vh = module_svd(deltas, weights, a_name, b_name, client_scales)
         a, b = refactor_svd(u, s, vh, rank, scale)
         out[a_name], out[b_name] = a.to(deltas[0][a_name].dtype), b.to(deltas[0][b_name].dtype)
         spectra.append(s)

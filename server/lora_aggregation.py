@@ -61,29 +61,56 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     return out
 
 
+CLIENT_BLOCK = 256
+"""Clients whose stacked factors are multiplied at once on the dense route (bounds its memory)."""
+
+
 def stacked_factors(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str,
-                    b_name: str, scaling: float | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                    b_name: str, scaling: float | Sequence[float],
+                    total: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_s, A_s), float64, with B_s·A_s the exact example-weighted mean of the clients' s·B·A.
 
     The mean of s_i·w_i·B_i·A_i is the product of the clients' factors side by side:
     B_s = [c_1·B_1 … c_N·B_N] (out x Σr_i) and A_s = [A_1; …; A_N] (Σr_i x in), with
     c_i = s_i·w_i/Σw. No client's dense out x in product is ever formed. `scaling`: one
-    s for all, or one per client (FlexLoRA's per-rank scales).
+    s for all, or one per client (FlexLoRA's per-rank scales); `total`: Σw when `deltas`
+    are one block of a larger round.
     """
-    total = float(sum(weights))
-    scales = [float(scaling)] * len(deltas) if isinstance(scaling, numbers.Real) else [float(x) for x in scaling]
-    b = torch.cat([d[b_name].double() * (sc * w / total) for d, w, sc in zip(deltas, weights, scales, strict=True)],
-                  dim=1)
+    total = float(sum(weights)) if total is None else total
+    b = torch.cat([d[b_name].double() * (sc * w / total)
+                   for d, w, sc in zip(deltas, weights, _scales(scaling, len(deltas)), strict=True)], dim=1)
     a = torch.cat([d[a_name].double() for d in deltas], dim=0)
     return b, a
 
 
+def _scales(scaling: float | Sequence[float], clients: int) -> list[float]:
+    return [float(scaling)] * clients if isinstance(scaling, numbers.Real) else [float(x) for x in scaling]
+
+
 def mean_update(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str, b_name: str,
-                scaling: float | Sequence[float]) -> torch.Tensor:
+                scaling: float | Sequence[float], block: int = CLIENT_BLOCK) -> torch.Tensor:
     """The exact example-weighted mean of the clients' ΔW = s·B·A for one module (float64):
-    one matrix product of the stacked factors."""
-    b, a = stacked_factors(deltas, weights, a_name, b_name, scaling)
-    return b @ a
+    the stacked factors' product, `block` clients at a time (memory independent of N)."""
+    total = float(sum(weights))
+    scales = _scales(scaling, len(deltas))
+    mean: torch.Tensor | None = None
+    for start in range(0, len(deltas), block):
+        part = slice(start, start + block)
+        b, a = stacked_factors(deltas[part], weights[part], a_name, b_name, scales[part], total)
+        mean = b @ a if mean is None else mean.addmm_(b, a)
+    if mean is None:
+        raise DeltaError("aggregation needs at least one delta")
+    return mean
+
+
+def module_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], a_name: str, b_name: str,
+               scaling: float | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of one module's exact mean ΔW: from the stacked factors' QR when their
+    Σr_i is below the module's smaller side (`mean_svd`), else of the mean formed block by block."""
+    stacked = sum(int(d[a_name].shape[0]) for d in deltas)
+    if stacked < min(int(deltas[0][b_name].shape[0]), int(deltas[0][a_name].shape[1])):
+        return mean_svd(*stacked_factors(deltas, weights, a_name, b_name, scaling))
+    return torch.linalg.svd(mean_update(deltas, weights, a_name, b_name, scaling), full_matrices=False)
 
 
 def mean_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,7 +203,7 @@ def aggregate_lora_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Se
     worst = 0.0
     for a_name, b_name in pairs:
         rank = deltas[0][a_name].shape[0]
-        u, s, vh = mean_svd(*stacked_factors(deltas, weights, a_name, b_name, scaling))
+        u, s, vh = module_svd(deltas, weights, a_name, b_name, scaling)
         a, b = refactor_svd(u, s, vh, rank, scaling)
         worst = max(worst, tail_error(s, rank))
         out[a_name] = a.to(deltas[0][a_name].dtype)

@@ -165,3 +165,19 @@ def test_stacked_factors_give_the_dense_mean_and_its_factors_without_forming_it(
     # the factors themselves (signs fixed) match those of the dense SVD
     for got, want in zip(refactor_svd(u, s, vh, rank, 1.5), refactor(dense, rank, 1.5), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), block=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_the_dense_mean_formed_block_by_block_is_the_stacked_product(n, block, seed):
+    from fedpeft.server.lora_aggregation import module_svd
+
+    gen = torch.Generator().manual_seed(seed)
+    clients = [_client(gen, 3, 7, 6) for _ in range(n)]  # n·r >= 6 from n = 2: the dense route
+    weights = [float(w) for w in torch.randint(1, 500, (n,), generator=gen)]
+    b, a = stacked_factors(clients, weights, A, B, 1.5)
+    whole = b @ a
+    torch.testing.assert_close(mean_update(clients, weights, A, B, 1.5, block=block), whole, rtol=1e-12, atol=1e-12)
+    u, s, vh = module_svd(clients, weights, A, B, 1.5)
+    torch.testing.assert_close(s, torch.linalg.svdvals(whole)[: s.numel()], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(u * s @ vh, whole, rtol=1e-9, atol=1e-10)
