@@ -82,24 +82,21 @@ class Compression:
 class FlatDelta(Mapping[str, torch.Tensor]):
     """A plain reply that travelled as one fp32 buffer (`FLAT_UPLOAD_KEY`): `flat` views all
     its values in `spec`'s layout (read-only, no copy), which the coordinator's fold reads
-    in place; its tensors, views of `flat`, are made only when something asks for one."""
+    in place; a tensor, a view of `flat`, is made each time something asks for one (not
+    kept: a round holding a thousand replies would otherwise hold 120,000 tensor objects)."""
 
     def __init__(self, flat: np.ndarray, spec: DeltaSpec) -> None:
         self.flat = flat
         self.spec = spec
-        self._tensors: OrderedDict[str, torch.Tensor] | None = None
-
-    def _views(self) -> OrderedDict[str, torch.Tensor]:
-        if self._tensors is None:
-            with warnings.catch_warnings():  # torch warns that a view is read-only: readers only read
-                warnings.simplefilter("ignore", UserWarning)
-                whole = torch.from_numpy(self.flat)
-            self._tensors = OrderedDict((name, whole[start:stop].view(shape))
-                                        for name, (start, stop, shape) in self.spec.flat_layout.items())
-        return self._tensors
+        self._whole: torch.Tensor | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._views()[name]
+        start, stop, shape = self.spec.flat_layout[name]
+        if self._whole is None:
+            with warnings.catch_warnings():  # torch warns that a view is read-only: readers only read
+                warnings.simplefilter("ignore", UserWarning)
+                self._whole = torch.from_numpy(self.flat)
+        return self._whole[start:stop].view(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.spec.tensors)
