@@ -80,10 +80,11 @@ class Compression:
 
 
 class FlatDelta(Mapping[str, torch.Tensor]):
-    """A plain reply that travelled as one fp32 buffer (`FLAT_UPLOAD_KEY`): `flat` views all
-    its values in `spec`'s layout (read-only, no copy), which the coordinator's fold reads
-    in place; a tensor, a view of `flat`, is made each time something asks for one (not
-    kept: a round holding a thousand replies would otherwise hold 120,000 tensor objects)."""
+    """A delta as one float32 vector `flat` in `spec`'s layout: a plain reply that travelled as
+    one fp32 buffer (`FLAT_UPLOAD_KEY`; read-only, no copy: the coordinator's fold reads it
+    in place), or the folded mean on its way to being published. A tensor, a view of
+    `flat`, is made each time something asks for one (not kept: a round holding a thousand
+    replies would otherwise hold 120,000 tensor objects)."""
 
     def __init__(self, flat: np.ndarray, spec: DeltaSpec) -> None:
         self.flat = flat

@@ -114,13 +114,10 @@ def module_svd(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[f
 
 
 def mean_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin SVD (U, S, Vh) of B·A without forming it when the stacked rank k is below
-    both of its sides: B = Q_B·R_B and Aᵀ = Q_A·R_A, so B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the
-    SVD of the small k x k core gives it (k = N·r for N clients: cheap for a few clients,
-    where the dense SVD of out x in dominated). Otherwise the product's own SVD."""
-    k = b.shape[1]
-    if k >= min(b.shape[0], a.shape[1]):
-        return torch.linalg.svd(b @ a, full_matrices=False)
+    """The thin SVD (U, S, Vh) of B·A without forming it: B = Q_B·R_B and Aᵀ = Q_A·R_A, so
+    B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ and the SVD of the small k x k core gives it (k = N·r for N
+    clients: cheap while k is below both sides of B·A, where the dense SVD of out x in
+    dominated; `module_svd` takes the dense route above that)."""
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
@@ -128,11 +125,6 @@ def mean_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 NULL_DIRECTION_SEED = 0x5EED
-
-
-def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-`rank` (A, B) with s·B·A = best rank-`rank` approximation of `update`."""
-    return refactor_svd(*torch.linalg.svd(update, full_matrices=False), rank=rank, scaling=scaling)
 
 
 def refactor_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int,

@@ -144,11 +144,11 @@ class ExactWeightedSum:
         round sent, from `flatten_sent`) the same pass measures the update norm
         (`staged_update_norm`).
         """
+        self._staged = None
         if not (isinstance(weight, int) and 1 <= weight <= MAX_WEIGHT):
             return f"weight {weight!r} must be an integer in [1, {MAX_WEIGHT}]"
         if self.count >= self.capacity:
             return f"more replies than the {self.capacity} this round's sum was sized for"
-        self._staged = None
         flat = self._flat_values(delta)
         fast = self.fast and (flat is not None or all(delta[name].dtype in _FLOAT32_EXACT for name in self.layout))
         square = None

@@ -133,12 +133,13 @@ def test_arrays_carry_the_same_npy_bytes_as_flowers_own_encoding():
     from fedpeft.common.protocol.npy import npy_array
 
     rng = np.random.default_rng(0)
-    cases = [np.float32(1.5).reshape(()), np.zeros((0,)), np.zeros((3, 0), np.float16),
+    cases = [np.array(1.5, np.float32), np.zeros((0,)), np.zeros((3, 0), np.float16),
+             np.array(["2026-12-06"], "datetime64[D]"),
              rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((2, 3, 4)),
              np.arange(10, dtype=np.int64), np.array([True, False]), np.arange(6, dtype=np.uint8),
              rng.standard_normal((4, 6)).T,  # (not C-contiguous: written in C order, as Flower does)
              np.arange(5, dtype=">i4"), np.zeros((1,) * 40, np.float32)]
     for case in cases:
-        ours, flowers = npy_array(case), Array(np.ascontiguousarray(case))
+        ours, flowers = npy_array(case), Array(case if case.flags.c_contiguous else np.ascontiguousarray(case))
         assert (ours.dtype, ours.shape, ours.stype, ours.data) == (flowers.dtype, flowers.shape, flowers.stype,
                                                                   flowers.data), case.shape

@@ -23,13 +23,17 @@ from fedpeft.server.lora_aggregation import (
     lora_pairs,
     mean_svd,
     mean_update,
-    refactor,
     refactor_svd,
     stacked_factors,
     weighted_mean,
 )
 
 A, B = "m.q_proj.lora_A.default.weight", "m.q_proj.lora_B.default.weight"
+
+
+def refactor(update: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: rank-`rank` factors from the dense SVD of `update`."""
+    return refactor_svd(*torch.linalg.svd(update, full_matrices=False), rank=rank, scaling=scaling)
 
 
 def _client(gen: torch.Generator, rank: int, out_f: int, in_f: int, shared_a: torch.Tensor | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from fractions import Fraction
 
@@ -259,3 +260,15 @@ def test_the_check_pass_finds_the_exact_peak_every_non_finite_value_and_the_upda
                 y[rng.integers(0, size)] = bad
                 assert peak_bits(y.view(np.int32)) >= NON_FINITE_BITS, (size, bad)
                 assert peak_square(y.view(np.int32), y, sent)[0] >= NON_FINITE_BITS
+
+
+def test_a_cached_update_norm_is_used_only_for_the_reply_and_broadcast_it_was_measured_with():
+    spec = _spec()
+    acc = ExactWeightedSum(spec, capacity=4)
+    sent_a, sent_b = acc.flatten_sent(_delta([0.0] * 10)), acc.flatten_sent(_delta([1.0] * 10))
+    assert acc.problem(_delta([2.0] * 10), 1, sent_a) is None
+    assert acc.staged_update_norm(sent_a) == pytest.approx(math.sqrt(40.0))
+    assert acc.staged_update_norm(sent_b) == pytest.approx(math.sqrt(10.0))  # another broadcast: measured again
+    assert "weight" in str(acc.problem(_delta([3.0] * 10), 0, sent_a))
+    with pytest.raises(ValueError, match="no delta is staged"):  # (never the previous reply's norm)
+        acc.staged_update_norm(sent_a)

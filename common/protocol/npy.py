@@ -100,11 +100,12 @@ def npy_array(ndarray: np.ndarray) -> Array:
     tensor through `np.save` (about 50 µs of header formatting a tensor, 6 ms for a LoRA
     delta's 120 tensors on every aggregate). A delta repeats the same few headers, so each
     distinct one is written once, by numpy's own header writer; the data is the array's
-    bytes in C order, as `np.save` writes them."""
+    bytes in C order, as `np.save` writes them (tested byte for byte against Flower's)."""
     dtype = ndarray.dtype
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind in "mM":
         return Array(ndarray)  # (numpy's own errors and formats for what deltas never are)
-    ndarray = np.ascontiguousarray(ndarray)
+    if not ndarray.flags.c_contiguous:
+        ndarray = np.ascontiguousarray(ndarray)  # (a 0-d array is contiguous: it keeps its shape)
     shape = tuple(int(d) for d in ndarray.shape)
     try:
         prefix = _v1_prefix(np.lib.format.dtype_to_descr(dtype), shape)
