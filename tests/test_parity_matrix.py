@@ -53,6 +53,8 @@ CASES: dict[str, dict] = {
     # two rounds: round 2 sends the error-feedback residual kept from round 1; stochastic rounding seeded alike
     "compressed": {"compression": {"upload": "topk:0.25+int8", "download": "bf16"}},
     "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
+    # two rounds: FedAdam's moments carried from round 1 shape round 2's step
+    "server-adam": {"federation": {"recipe": "server-adam"}},
 }
 SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
 REFUSED = {  # case: (sections, a fragment of the problem both drivers name)
@@ -61,6 +63,8 @@ REFUSED = {  # case: (sections, a fragment of the problem both drivers name)
     "scaffold-fedmedian": ({"federation": {"scaffold": True, "strategy": "fedmedian"}},
                            "federation.scaffold cannot run with federation.strategy = 'fedmedian'"),
     "topk-broadcast": ({"compression": {"download": "topk:0.1"}}, "compression.download 'topk:0.1': the broadcast"),
+    "server-adam-fedprox": ({"federation": {"recipe": "server-adam", "strategy": "fedprox"}},
+                            "federation.strategy 'fedprox' conflicts"),
 }
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.common.data.partition import PartitionSpec, partition_records
 from fedpeft.common.data.records import Record
@@ -25,7 +25,7 @@ from fedpeft.common.model.adapted import AdaptedModel, check_method_applies
 from fedpeft.common.model.base_model import resolve_model_dir
 from fedpeft.common.model.quantization import resolve_quantize, validate_quantize
 from fedpeft.server.app import ServerSetup
-from fedpeft.server.federation.spec import Driver, RunSpec
+from fedpeft.server.federation.spec import SERVER_ADAM, Driver, RunSpec
 from fedpeft.server.federation.task_data import TaskData, load_task_data
 from fedpeft.server.federation.topologies import ModelContext, SplitEndpoint, Topology, topology_for
 
@@ -111,10 +111,14 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     method_config = make_config(f.method, method_options)
     check_method_applies(full_model_dir, f.method, method_config, num_labels=data.task.num_labels, quantize=quantize)
     run_dir = Path(run_dir).resolve()
-    # What the run dir records: the quantization, learning rate and local steps the clients actually run with.
-    resolved = spec.with_overrides({"federation.quantize": quantize,
-                                    "training.learning_rate": spec.train_config().learning_rate,
-                                    "training.local_steps": spec.train_config().local_steps})
+    # What the run dir records: the quantization, the clients' optimizer, learning rate and local
+    # steps, and the server's strategy and its options as they actually run (the recipe resolved).
+    train = spec.train_config()
+    recorded: dict[str, Any] = {"federation.quantize": quantize, "training.optimizer": train.optimizer,
+                                "training.learning_rate": train.learning_rate, "training.local_steps": train.local_steps}
+    if f.recipe == SERVER_ADAM:
+        recorded |= {"federation.strategy": f.server_strategy, "federation.strategy_options": spec.server_strategy_options()}
+    resolved = spec.with_overrides(recorded)
     check_run_dir(run_dir, resolved, resume)
     # Every input is checked: from here on the run dir is written.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,9 +135,9 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     server = ServerSetup(
         run_name=run_dir.name, base_model=str(model_dir) if model_dir != full_model_dir else f.model,
         model_dir=str(model_dir), full_model_dir=str(full_model_dir), quantize=quantize, method=f.method,
-        method_config=method_config, task=data.task, train=spec.train_config().plan_fields(), eval_rows=data.eval_rows,
+        method_config=method_config, task=data.task, train=train.plan_fields(), eval_rows=data.eval_rows,
         out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients, clients_per_round=f.num_per_round,
-        seed=f.seed, strategy=f.strategy, strategy_options=f.strategy_option_text,
+        seed=f.seed, strategy=f.server_strategy, strategy_options=spec.server_strategy_options(),
         min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, scaffold=f.scaffold, robust=spec.reply_bounds(),
         round_timeout=f.round_timeout, resume=resume,
         # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use

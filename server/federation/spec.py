@@ -55,6 +55,17 @@ SPLIT_WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+LOCAL, SERVER_ADAM = "local", "server-adam"
+RECIPES: tuple[str, ...] = (LOCAL, SERVER_ADAM)
+"""`federation.recipe` values."""
+ADAPTIVE_SERVER_STRATEGIES: tuple[str, ...] = ("fedadam", "fedyogi", "fedadagrad")
+"""The server optimizers the server-adam recipe can run (FedOpt, Reddi et al. 2021)."""
+SERVER_ADAM_TAU = 1e-8
+"""server-adam's default `tau` (Adam's epsilon). Flower's default 1e-3 is larger than a PEFT
+pseudo-gradient's typical coordinate (a clipped gradient of norm <= 1 over ~10^5 values is
+~10^-3), which would shrink every server step several-fold."""
+
+
 @dataclass
 class FederationSection:
     model: str = DEFAULT_MODEL
@@ -70,6 +81,13 @@ class FederationSection:
     """Fewest accepted updates a round may aggregate; fewer stops the run."""
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "local"
+    """How clients and server share the optimization (`RECIPES`). local: each client takes
+    `training.local_steps` steps of its own optimizer and the strategy averages the deltas
+    (FedAvg). server-adam: each client takes one plain SGD step (its clipped gradient at the
+    global adapter) and the server applies Adam at the method's rate (FedAdam over FedSGD):
+    Adam over every client's batch at once, so label-skewed clients cannot drift apart; it
+    needs about as many rounds as centralized Adam needs steps."""
     lora_aggregation: str = "naive"
     """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen) |
     hetlora (per-client ranks, zero-padded factors averaged) | flexlora (per-client ranks,
@@ -98,6 +116,12 @@ class FederationSection:
     def strategy_option_text(self) -> dict[str, str]:
         """`strategy_options` as `--strategy-opt` text, the form `parse_strategy_options` reads."""
         return {k: str(v) for k, v in self.strategy_options.items()}
+
+    @property
+    def server_strategy(self) -> str:
+        """The strategy the server runs: `strategy`, but FedAdam where the server-adam recipe
+        meets the default FedAvg (server-adam cannot average)."""
+        return "fedadam" if self.recipe == SERVER_ADAM and self.strategy == "fedavg" else self.strategy
 
     @property
     def num_per_round(self) -> int:
@@ -345,10 +369,42 @@ class RunSpec:
     def train_config(self) -> TrainConfig:
         """`[training]` as clients run it: an unset learning rate or step count is the method's
         federated default (for this model: encoders get a fresh classification head)."""
+        if self.federation.recipe == SERVER_ADAM:  # one plain SGD step: the client sends its clipped gradient
+            t = self.training
+            return dataclasses.replace(t, optimizer="sgd", learning_rate=1.0 if t.learning_rate is None else t.learning_rate,
+                                       local_steps=1 if t.local_steps is None else t.local_steps)
+        return self.training.for_method(self.federation.method, fresh_head=self._fresh_head())
+
+    def _fresh_head(self) -> bool:
         from fedpeft.common.model.base_model import source_kind
 
-        return self.training.for_method(self.federation.method,
-                                        fresh_head=source_kind(self.federation.model) == "seq-cls")
+        return source_kind(self.federation.model) == "seq-cls"
+
+    def method_learning_rate(self) -> float:
+        """The method's federated default rate for this model (a fresh classification head or not),
+        whatever `training.learning_rate` says: server-adam's server rate."""
+        rate = TrainConfig().for_method(self.federation.method, fresh_head=self._fresh_head()).learning_rate
+        assert rate is not None
+        return rate
+
+    def server_strategy_options(self) -> dict[str, str]:
+        """`federation.strategy_options` as the server runs them: under server-adam, Adam's
+        rate `eta` defaults to the method's federated learning rate (the rate its clients'
+        AdamW would take under the local recipe) and `tau` to `SERVER_ADAM_TAU`."""
+        f = self.federation
+        if f.recipe != SERVER_ADAM or f.server_strategy not in ADAPTIVE_SERVER_STRATEGIES:  # the latter is refused
+            return f.strategy_option_text
+        return {"eta": repr(self.method_learning_rate()), "tau": repr(SERVER_ADAM_TAU), **f.strategy_option_text}
+
+    def centralized_train_config(self) -> TrainConfig:
+        """What centralized training comparable to this federation runs (peft-bench's baseline):
+        the clients' settings, but under server-adam AdamW at the server's rate `eta` (what
+        the server's Adam does with every client's batch)."""
+        config = self.train_config()
+        if self.federation.recipe != SERVER_ADAM:
+            return config
+        eta = float(self.server_strategy_options()["eta"])
+        return dataclasses.replace(config, optimizer="adamw", learning_rate=eta)
 
     def get(self, key: str) -> Any:
         """The value of a dotted key, e.g. "training.learning_rate"."""
@@ -393,7 +449,7 @@ class RunSpec:
         for check in (lambda: make_config(f.method, self.method_options()),
                       lambda: self._ranks_valid() and self.hetero_ranks(),
                       lambda: PartitionSpec.parse(task.partition),
-                      lambda: parse_strategy_options(f.strategy, f.strategy_option_text)):
+                      lambda: parse_strategy_options(f.server_strategy, self.server_strategy_options())):
             try:
                 check()
             except FedPeftError as exc:
@@ -426,9 +482,10 @@ class RunSpec:
             from fedpeft.server.secagg import secagg_problems
 
             found += secagg_problems(s, f.num_per_round, f.min_clients)
-            if f.strategy != "fedavg" or f.lora_aggregation not in ("naive", "ffa"):
-                found.append("secagg: the server only sees the sum of deltas, so it needs strategy 'fedavg' with "
-                             "lora_aggregation 'naive' or 'ffa' (robust and ΔW-space aggregation need each client's delta)")
+            if f.server_strategy != "fedavg" or f.lora_aggregation not in ("naive", "ffa"):
+                found.append("secagg: the server only sees the sum of deltas, so it needs strategy 'fedavg' "
+                             "(recipe 'local') with lora_aggregation 'naive' or 'ffa' (robust and ΔW-space "
+                             "aggregation need each client's delta)")
             if f.clip_update_norm > 0:
                 found.append("secagg: federation.clip_update_norm needs each client's delta; bound updates with "
                              "secagg.clipping_range or [dp] instead")
@@ -451,8 +508,9 @@ class RunSpec:
                 found.append("dp.target_delta must be in (0, 1)")
             if dp.population and dp.population < f.num_per_round:
                 found.append(f"dp.population {dp.population} is smaller than the {f.num_per_round} clients per round")
-            if f.strategy != "fedavg" or f.lora_aggregation != "naive":
-                found.append("dp: Flower's accounted DP wrapper needs plain FedAvg (strategy 'fedavg', lora_aggregation 'naive')")
+            if f.server_strategy != "fedavg" or f.lora_aggregation != "naive":
+                found.append("dp: Flower's accounted DP wrapper needs plain FedAvg (strategy 'fedavg', recipe 'local', "
+                             "lora_aggregation 'naive')")
         if env.enabled:
             for key in ("server_identity", "trusted_clients"):
                 value = getattr(env, key)
@@ -547,6 +605,11 @@ class RunSpec:
     def _aggregation_problems(self) -> list[str]:
         f = self.federation
         found = self._scaffold_problems()
+        if f.recipe not in RECIPES:
+            found.append(f"federation.recipe {f.recipe!r}: choose one of {list(RECIPES)}")
+        elif f.recipe == SERVER_ADAM and f.server_strategy not in ADAPTIVE_SERVER_STRATEGIES:
+            found.append(f"federation.recipe 'server-adam' runs an adaptive server optimizer "
+                         f"({', '.join(ADAPTIVE_SERVER_STRATEGIES)}); federation.strategy {f.strategy!r} conflicts")
         if f.strategy in ("krum", "multikrum"):
             try:  # the options as the strategy will take them (`--strategy-opt` values are strings)
                 malicious = parse_strategy_options(f.strategy, f.strategy_option_text).get("num_malicious_nodes", 0)
@@ -559,9 +622,9 @@ class RunSpec:
             found.append(f"federation.lora_aggregation {f.lora_aggregation!r}: choose one of {list(LORA_AGGREGATIONS)}")
         elif f.lora_aggregation != "naive" and f.method != "lora":
             found.append(f"federation.lora_aggregation {f.lora_aggregation!r} needs method 'lora' (got {f.method!r})")
-        elif f.lora_aggregation in ("svd", *HETERO_MODES) and f.strategy != "fedavg":
+        elif f.lora_aggregation in ("svd", *HETERO_MODES) and f.server_strategy != "fedavg":
             found.append(f"federation.lora_aggregation {f.lora_aggregation!r} replaces FedAvg's averaging; "
-                         "it needs strategy 'fedavg'")
+                         "it needs strategy 'fedavg' and recipe 'local'")
         if f.client_ranks:
             if f.lora_aggregation not in HETERO_MODES:
                 found.append(f"federation.client_ranks needs lora_aggregation {' or '.join(HETERO_MODES)}")

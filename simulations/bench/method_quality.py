@@ -16,6 +16,9 @@ with `--methods`) runs in every setting once per seed (`--seeds`). Settings:
 
 Learning rates and local steps: each method's federated defaults (`TrainConfig.for_method`),
 in the centralized settings too, unless `--lr` / `--local-steps` set one for every method.
+`--recipe server-adam`: clients take one SGD step a round and the server runs Adam at each
+method's rate (`RunSpec.server_strategy_options`); the centralized settings then train with
+AdamW at that rate for rounds x clients (or rounds) steps, what the server's Adam amounts to.
 
 `results.csv` has one row per run: final-round and best-round held-out accuracy, and
 whether the final accuracy sits on the held-out majority-class rate (a model predicting
@@ -179,7 +182,7 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
     f, training = base.federation, base.training
     adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
                                 make_config(method), seed=seed, num_labels=data.task.num_labels)
-    resolved = dataclasses.replace(base, federation=dataclasses.replace(f, method=method)).train_config()
+    resolved = dataclasses.replace(base, federation=dataclasses.replace(f, method=method)).centralized_train_config()
     assert resolved.local_steps is not None
     steps = centralized_steps(setting, f.rounds, f.clients, resolved.local_steps)
     config = dataclasses.replace(resolved, local_steps=steps, local_epochs=0.0,
@@ -343,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
     from fedpeft.common.logs import setup_logging
     from fedpeft.server.federation.flags import spec_from_flags
+    from fedpeft.server.federation.spec import RECIPES
     from fedpeft.server.federation.task_data import load_task_data
 
     p = argparse.ArgumentParser(prog="peft-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default: each method's federated default)")
     p.add_argument("--optimizer", help="the clients' local optimizer for every method (default: adamw)")
     p.add_argument("--strategy", help="the federated settings' server strategy (default: fedavg)")
+    p.add_argument("--recipe", choices=RECIPES, help="local (default): clients take the methods' local steps, the "
+                   "server averages; server-adam: clients take one SGD step, the server runs Adam at each method's "
+                   "rate (the centralized settings then train with AdamW at that rate)")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option, repeatable (--strategy fedadam --strategy-opt eta=0.01)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -377,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out)
     title = (f"{args.model} on {Path(args.data).parent.name}: {args.train_limit or 'all'} train rows, "
              f"{args.clients} clients x {args.rounds} rounds x "
-             f"{args.local_steps or 'each method’s federated default'} local steps")
+             f"{args.local_steps or 'each method’s federated default'} local steps"
+             + (f", recipe {args.recipe}" if args.recipe else ""))
     rows: list[BenchRow] = []
     try:
         methods = select_methods(args.methods)
@@ -390,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["optimizer"] = args.optimizer
         if args.strategy is not None:
             overrides["strategy"] = args.strategy
+        if args.recipe is not None:
+            overrides["recipe"] = args.recipe
         if args.strategy_opt:
             overrides["strategy_options"] = dict(item.partition("=")[::2] for item in args.strategy_opt)
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,

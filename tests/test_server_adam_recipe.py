@@ -1,0 +1,111 @@
+"""The server-adam recipe (`federation.recipe`): clients take one plain SGD step, the server
+runs Adam at the method's rate (FedAdam over FedSGD), resolved in the run spec for both drivers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.common.errors import ConfigError
+from fedpeft.server.federation.flags import spec_from_flags
+from fedpeft.server.federation.spec import SERVER_ADAM_TAU, RunSpec
+
+ENCODER = "all-minilm-l6-v2"  # a built-in encoder: it gets a fresh classification head
+
+
+def test_server_adam_runs_fedadam_at_the_methods_rate_over_one_sgd_step():
+    spec = spec_from_flags(model=ENCODER, method="ia3", recipe="server-adam", clients=10)
+    spec.validate("simulation")
+    train = spec.train_config()
+    assert (train.optimizer, train.learning_rate, train.local_steps) == ("sgd", 1.0, 1)
+    assert spec.federation.server_strategy == "fedadam"
+    assert spec.server_strategy_options() == {"eta": repr(spec.method_learning_rate()), "tau": repr(SERVER_ADAM_TAU)}
+    assert spec.method_learning_rate() == 3e-2  # (IA)3's federated rate; LoRA's differs
+    lora = spec_from_flags(model=ENCODER, method="lora", recipe="server-adam")
+    assert float(lora.server_strategy_options()["eta"]) == lora.method_learning_rate() != 3e-2
+    # the centralized baseline of such a run: AdamW at the server's rate, the same steps a client counts
+    central = spec.centralized_train_config()
+    assert (central.optimizer, central.learning_rate, central.local_steps) == ("adamw", 3e-2, 1)
+
+
+def test_what_a_user_sets_wins_over_the_recipe():
+    spec = spec_from_flags(model=ENCODER, method="lora", recipe="server-adam", strategy="fedyogi",
+                           strategy_options={"eta": "0.01", "beta_2": "0.999"}, learning_rate=0.5, local_steps=2)
+    spec.validate("simulation")
+    assert spec.federation.server_strategy == "fedyogi"
+    assert spec.server_strategy_options() == {"eta": "0.01", "tau": repr(SERVER_ADAM_TAU), "beta_2": "0.999"}
+    train = spec.train_config()
+    assert (train.optimizer, train.learning_rate, train.local_steps) == ("sgd", 0.5, 2)
+    assert spec.centralized_train_config().learning_rate == 0.01
+
+
+def test_the_local_recipe_leaves_strategy_and_clients_alone():
+    spec = spec_from_flags(model=ENCODER, method="lora", strategy="fedprox", strategy_options={"proximal_mu": "0.1"})
+    spec.validate("simulation")
+    assert spec.federation.recipe == "local" and spec.federation.server_strategy == "fedprox"
+    assert spec.server_strategy_options() == {"proximal_mu": "0.1"}
+    assert spec.train_config().optimizer == "adamw"
+    assert spec.centralized_train_config() == spec.train_config()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"recipe": "server-adam", "strategy": "fedprox"}, "federation.strategy 'fedprox' conflicts"),
+    ({"recipe": "server-adam", "strategy": "krum"}, "runs an adaptive server optimizer"),
+    ({"recipe": "server-adam", "lora_aggregation": "svd"}, "it needs strategy 'fedavg' and recipe 'local'"),
+    ({"recipe": "server-adam", "dp_clipping_norm": 1.0}, "recipe 'local'"),
+    ({"recipe": "server-adam", "strategy_options": {"eta": "nan"}}, "option eta must be finite"),
+    ({"recipe": "adam"}, "federation.recipe 'adam': choose one of ['local', 'server-adam']"),
+])
+def test_a_recipe_that_cannot_run_is_refused_naming_its_key(flags, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        spec_from_flags(model=ENCODER, **flags).validate("simulation")
+
+
+def test_the_recipe_reads_from_a_toml_spec(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[federation]\nmodel = "all-minilm-l6-v2"\nmethod = "bitfit"\nrecipe = "server-adam"\n'
+                    '[federation.strategy_options]\neta = 0.002\n')
+    spec = RunSpec.from_toml(path, driver="deployment")
+    assert spec.federation.server_strategy == "fedadam" and spec.server_strategy_options()["eta"] == "0.002"
+
+
+@pytest.mark.slow
+def test_a_server_adam_federation_takes_adam_steps_of_the_methods_rate(tmp_path):
+    """End to end on Flower's Simulation Engine: the run dir records what ran (FedAdam at the
+    method's rate, clients on one SGD step), and round 1 moves every coordinate the clients'
+    mean gradient touched by Flower's first bias-corrected Adam step, eta * sqrt(1 - b2^2) /
+    (1 - b1^2): the sign of the mean gradient, whatever its size (FedAvg would move each by the
+    mean gradient itself). `tau` is made negligible here: Adam's epsilon shrinks a step whose
+    mean gradient coordinate is within a few tau of zero, and a tiny model's are ~1e-6."""
+    from tiny_models import build_tiny_bert
+
+    from fedpeft.common.data.builtin_task import generate_tickets
+    from fedpeft.common.protocol.deltas import load_delta_file
+    from fedpeft.simulations.runner import run_simulation
+
+    model_dir = build_tiny_bert(tmp_path / "bert")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_tickets(96, seed=4)))
+    spec = spec_from_flags(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=3, rounds=2,
+                           recipe="server-adam", strategy_options={"tau": "1e-20"}, batch_size=8, quantize="none",
+                           eval_limit=0, partition="dirichlet:0.1")
+    result = run_simulation(spec, str(tmp_path / "run"))
+
+    recorded = json.loads((result.out_dir / "run-spec.json").read_text())
+    eta = spec.method_learning_rate()
+    assert recorded["federation"]["strategy"] == "fedadam"
+    assert recorded["federation"]["strategy_options"] == {"eta": repr(eta), "tau": "1e-20"}
+    assert (recorded["training"]["optimizer"], recorded["training"]["learning_rate"],
+            recorded["training"]["local_steps"]) == ("sgd", 1.0, 1)
+    start = load_delta_file(result.out_dir / "checkpoints" / "global-round-0000.safetensors")
+    after = load_delta_file(result.out_dir / "checkpoints" / "global-round-0001.safetensors")
+    moves = torch.cat([(after[k] - start[k]).flatten() for k in start]).abs().double().numpy()
+    first_step = eta * np.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)  # Flower's FedAdam bias correction in round 1
+    moved = moves[moves > first_step / 100]
+    assert moved.size > 0
+    np.testing.assert_allclose(moved, first_step, rtol=1e-3)
+    assert np.all((moves <= first_step / 100) | (np.abs(moves - first_step) <= first_step * 1e-3))
+    assert result.rows[-1]["round"] == 2
