@@ -304,8 +304,8 @@ def _resume_point(setup: ServerSetup) -> int:
         raise ConfigError("runs with SCAFFOLD cannot be resumed: the clients' control variates live in Flower's "
                           "per-run node state, which a resumed run starts without")
     if setup.strategy in STATEFUL_STRATEGIES:
-        raise ConfigError(f"strategy {setup.strategy!r} keeps server-side optimizer state that is not checkpointed; "
-                          "runs with it cannot be resumed yet")
+        raise ConfigError(f"strategy {setup.strategy!r} (also what federation.recipe 'server-adam' runs) keeps "
+                          "server-side optimizer state that is not checkpointed; runs with it cannot be resumed yet")
     done = last_completed_round(Path(setup.out_dir))
     if done is None:
         raise FederationError(f"{setup.out_dir} has no completed round to resume from (no metrics.jsonl + checkpoint)")

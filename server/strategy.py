@@ -627,6 +627,9 @@ _SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 """The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
 # Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
 STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
+ADAPTIVE_SERVER_STRATEGIES: tuple[str, ...] = ("fedadam", "fedyogi", "fedadagrad")
+"""Flower's FedOpt family (Reddi et al. 2021): adaptive server optimizers, what
+`federation.recipe = "server-adam"` can run (checked against FedOpt in the tests)."""
 
 
 class LoraSvdFedAvg(FedAvg):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods import get_method
 from fedpeft.server.federation.flags import spec_from_flags
 from fedpeft.server.federation.spec import SERVER_ADAM_TAU, RunSpec
 
@@ -23,12 +24,13 @@ def test_server_adam_runs_fedadam_at_the_methods_rate_over_one_sgd_step():
     assert (train.optimizer, train.learning_rate, train.local_steps) == ("sgd", 1.0, 1)
     assert spec.federation.server_strategy == "fedadam"
     assert spec.server_strategy_options() == {"eta": repr(spec.method_learning_rate()), "tau": repr(SERVER_ADAM_TAU)}
-    assert spec.method_learning_rate() == 3e-2  # (IA)3's federated rate; LoRA's differs
+    ia3_rate = get_method("ia3").federated_learning_rate
+    assert spec.method_learning_rate() == ia3_rate
     lora = spec_from_flags(model=ENCODER, method="lora", recipe="server-adam")
-    assert float(lora.server_strategy_options()["eta"]) == lora.method_learning_rate() != 3e-2
+    assert float(lora.server_strategy_options()["eta"]) == lora.method_learning_rate() == 3e-3 != ia3_rate
     # the centralized baseline of such a run: AdamW at the server's rate, the same steps a client counts
     central = spec.centralized_train_config()
-    assert (central.optimizer, central.learning_rate, central.local_steps) == ("adamw", 3e-2, 1)
+    assert (central.optimizer, central.learning_rate, central.local_steps) == ("adamw", ia3_rate, 1)
 
 
 def test_what_a_user_sets_wins_over_the_recipe():
@@ -56,12 +58,34 @@ def test_the_local_recipe_leaves_strategy_and_clients_alone():
     ({"recipe": "server-adam", "strategy": "krum"}, "runs an adaptive server optimizer"),
     ({"recipe": "server-adam", "lora_aggregation": "svd"}, "it needs strategy 'fedavg' and recipe 'local'"),
     ({"recipe": "server-adam", "dp_clipping_norm": 1.0}, "recipe 'local'"),
+    ({"recipe": "server-adam", "topology": "split"}, "split: federation.recipe 'server-adam' is not supported"),
+    ({"recipe": "server-adam", "local_epochs": 1.0}, "training.local_epochs: federation.recipe 'server-adam'"),
+    ({"recipe": "server-adam", "local_steps": 4}, "training.local_steps > 1 under federation.recipe 'server-adam'"),
     ({"recipe": "server-adam", "strategy_options": {"eta": "nan"}}, "option eta must be finite"),
     ({"recipe": "adam"}, "federation.recipe 'adam': choose one of ['local', 'server-adam']"),
 ])
 def test_a_recipe_that_cannot_run_is_refused_naming_its_key(flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         spec_from_flags(model=ENCODER, **flags).validate("simulation")
+
+
+def test_server_adam_with_secagg_is_refused_for_the_deployment():
+    with pytest.raises(ConfigError, match=r"secagg: .* needs strategy 'fedavg' \(recipe 'local'\)"):
+        spec_from_flags(model=ENCODER, recipe="server-adam", clients=3).with_overrides(
+            {"secagg.enabled": True}, driver="deployment")
+
+
+def test_the_recipes_own_sgd_clients_need_no_learning_rate_but_several_steps_do():
+    spec_from_flags(model=ENCODER, recipe="server-adam", optimizer="sgd").validate("simulation")
+    spec_from_flags(model=ENCODER, recipe="server-adam", local_steps=4, learning_rate=0.1).validate("simulation")
+
+
+def test_the_adaptive_strategies_are_flowers_fedopt_family():
+    from flwr.serverapp.strategy.fedopt import FedOpt
+
+    from fedpeft.server.strategy import ADAPTIVE_SERVER_STRATEGIES, FLOWER_STRATEGIES
+
+    assert set(ADAPTIVE_SERVER_STRATEGIES) == {n for n, c in FLOWER_STRATEGIES.items() if issubclass(c, FedOpt)}
 
 
 def test_the_recipe_reads_from_a_toml_spec(tmp_path):

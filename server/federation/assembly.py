@@ -116,7 +116,7 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     train = spec.train_config()
     recorded: dict[str, Any] = {"federation.quantize": quantize, "training.optimizer": train.optimizer,
                                 "training.learning_rate": train.learning_rate, "training.local_steps": train.local_steps}
-    if f.recipe == SERVER_ADAM:
+    if f.recipe == SERVER_ADAM:  # (only then: a local run dir keeps its options as given, as runs before recipes did)
         recorded |= {"federation.strategy": f.server_strategy, "federation.strategy_options": spec.server_strategy_options()}
     resolved = spec.with_overrides(recorded)
     check_run_dir(run_dir, resolved, resume)

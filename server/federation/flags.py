@@ -99,9 +99,9 @@ FLAGS: tuple[Flag, ...] = (
          "fedadagrad, fedavgm, fedmedian, fedtrimmedavg, krum, multikrum)"),
     Flag("strategy_options", "federation.strategy_options", "strategy option, repeatable (e.g. --strategy fedprox "
          "--strategy-opt proximal_mu=0.01)", option="--strategy-opt", repeated=True),
-    Flag("recipe", "federation.recipe", "local: clients take local_steps steps of their optimizer, the strategy averages "
-         "(FedAvg); server-adam: clients take one SGD step, the server applies Adam at the method's rate (FedAdam over "
-         "FedSGD: robust to label skew, needs about as many rounds as centralized Adam needs steps)",
+    Flag("recipe", "federation.recipe", "local: clients take local_steps steps of their optimizer, the strategy "
+         "aggregates their deltas; server-adam: clients take one SGD step, the server applies Adam at the method's "
+         "rate (FedAdam over FedSGD: robust to label skew, needs about as many rounds as centralized Adam needs steps)",
          choices=RECIPES),
     Flag("lora_aggregation", "federation.lora_aggregation",
          "naive: average A and B (FedIT); svd: exact mean of B·A re-factored to rank r; ffa: A frozen, only B "

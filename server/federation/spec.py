@@ -47,7 +47,12 @@ from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, TOPOLOGIES, valid
 from fedpeft.common.schema import describe, matches
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
 from fedpeft.server.robust import RobustSettings
-from fedpeft.server.strategy import LORA_AGGREGATIONS, ROBUST_AGGREGATORS, parse_strategy_options
+from fedpeft.server.strategy import (
+    ADAPTIVE_SERVER_STRATEGIES,
+    LORA_AGGREGATIONS,
+    ROBUST_AGGREGATORS,
+    parse_strategy_options,
+)
 
 Driver = typing.Literal["simulation", "deployment"]
 DRIVERS: tuple[str, ...] = ("simulation", "deployment")
@@ -58,8 +63,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOCAL, SERVER_ADAM = "local", "server-adam"
 RECIPES: tuple[str, ...] = (LOCAL, SERVER_ADAM)
 """`federation.recipe` values."""
-ADAPTIVE_SERVER_STRATEGIES: tuple[str, ...] = ("fedadam", "fedyogi", "fedadagrad")
-"""The server optimizers the server-adam recipe can run (FedOpt, Reddi et al. 2021)."""
 SERVER_ADAM_TAU = 1e-8
 """server-adam's default `tau` (Adam's epsilon). Flower's default 1e-3 is larger than a PEFT
 pseudo-gradient's typical coordinate (a clipped gradient of norm <= 1 over ~10^5 values is
@@ -81,7 +84,7 @@ class FederationSection:
     """Fewest accepted updates a round may aggregate; fewer stops the run."""
     strategy: str = "fedavg"
     strategy_options: dict[str, Any] = field(default_factory=dict)
-    recipe: str = "local"
+    recipe: str = LOCAL
     """How clients and server share the optimization (`RECIPES`). local: each client takes
     `training.local_steps` steps of its own optimizer and the strategy averages the deltas
     (FedAvg). server-adam: each client takes one plain SGD step (its clipped gradient at the
@@ -460,7 +463,14 @@ class RunSpec:
         if not 0 < self.simulation.cpus_per_client < math.inf:
             found.append(f"simulation.cpus_per_client must be a finite number > 0 (got {self.simulation.cpus_per_client})")
         found += self._switched_off_problems(defaults)
-        if self.training.optimizer != "adamw" and self.training.learning_rate is None:
+        if f.recipe == SERVER_ADAM:
+            if self.training.local_epochs > 0:
+                found.append("training.local_epochs: federation.recipe 'server-adam' counts one local step a round "
+                             "(local_epochs would take whole epochs of SGD at the recipe's rate 1); set local_steps")
+            elif (self.training.local_steps or 1) > 1 and self.training.learning_rate is None:
+                found.append("training.local_steps > 1 under federation.recipe 'server-adam' needs training.learning_rate "
+                             "(the recipe's rate 1 is one gradient step, not a local trajectory)")
+        elif self.training.optimizer != "adamw" and self.training.learning_rate is None:
             found.append(f"training.optimizer {self.training.optimizer!r} needs training.learning_rate: the methods' "
                          "federated default rates are AdamW rates")
         if self.training.gradient_checkpointing:

@@ -205,7 +205,10 @@ class SplitTopology(Topology):
         if f.strategy == "fedprox":
             found.append("split: strategy 'fedprox' is not supported (the split client's loss has no proximal term); "
                          "use fedavg, or bound updates with federation.clip_update_norm")
-        if spec.training.optimizer != "adamw":
+        if f.recipe != "local":
+            found.append(f"split: federation.recipe {f.recipe!r} is not supported (the split server trains its part "
+                         "with AdamW at the clients' rate); use recipe 'local'")
+        elif spec.training.optimizer != "adamw":
             found.append(f"split: training.optimizer {spec.training.optimizer!r} is not supported (the split server "
                          "trains its part with AdamW, and checkpoints AdamW's state); use adamw")
         if spec.dp.enabled:

@@ -144,7 +144,7 @@ def run_benchmark(spec: RunSpec, out_dir: Path, max_new_tokens: int) -> list[Gen
     if data.task.kind != "instruction":
         raise ConfigError(f"peft-bench-gen scores instruction tasks; {spec.task.train_data} is a {data.task.kind} task")
     rows = data.eval_rows
-    training = spec.train_config()
+    training = spec.centralized_train_config()
     assert training.local_steps is not None
     steps = spec.federation.rounds * spec.federation.clients * training.local_steps
     results: list[GenRow] = []

@@ -17,8 +17,9 @@ with `--methods`) runs in every setting once per seed (`--seeds`). Settings:
 Learning rates and local steps: each method's federated defaults (`TrainConfig.for_method`),
 in the centralized settings too, unless `--lr` / `--local-steps` set one for every method.
 `--recipe server-adam`: clients take one SGD step a round and the server runs Adam at each
-method's rate (`RunSpec.server_strategy_options`); the centralized settings then train with
-AdamW at that rate for rounds x clients (or rounds) steps, what the server's Adam amounts to.
+method's rate (`RunSpec.server_strategy_options`; `--lr` is then the clients' SGD rate, and
+`--strategy-opt eta=R` the server's); the centralized settings train with AdamW at that rate
+on as many batches (rounds x clients, or rounds) as the federation's clients take.
 
 `results.csv` has one row per run: final-round and best-round held-out accuracy, and
 whether the final accuracy sits on the held-out majority-class rate (a model predicting
