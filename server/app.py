@@ -29,6 +29,7 @@ from fedpeft.common.training.objectives import objective_for
 from fedpeft.server.compression import Compression
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
+from fedpeft.server.optimizer_state import restore_optimizer_state, save_optimizer_state
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.robust import RobustSettings
@@ -157,6 +158,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         )
     offset = strategy.round_offset = done or 0
     initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
+    stateful = setup.dp is None and setup.strategy in STATEFUL_STRATEGIES
+    if done is not None and stateful:
+        restore_optimizer_state(strategy, recorder.checkpoint_path(done))
     if done is not None:
         log.info("server: resuming %s after round %d of %d", out_dir, done, setup.num_rounds)
 
@@ -172,7 +176,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             return MetricRecord({k.replace("_", "-"): float(last[k]) for k in ("eval_loss", "eval_accuracy") if k in last})
         delta = delta_from_arrayrecord(arrays)
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
-        recorder.save_checkpoint(server_round, delta)
+        checkpoint = recorder.save_checkpoint(server_round, delta)
+        if stateful:  # Adam's moments (or FedAvgM's momentum) after this round, for a resume
+            save_optimizer_state(strategy, checkpoint)
         topology.checkpoint(recorder.checkpoint_path(server_round).parent, server_round)
         t0 = time.perf_counter()
         result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
@@ -303,9 +309,6 @@ def _resume_point(setup: ServerSetup) -> int:
     if setup.scaffold:
         raise ConfigError("runs with SCAFFOLD cannot be resumed: the clients' control variates live in Flower's "
                           "per-run node state, which a resumed run starts without")
-    if setup.strategy in STATEFUL_STRATEGIES:
-        raise ConfigError(f"strategy {setup.strategy!r} (also what federation.recipe 'server-adam' runs) keeps "
-                          "server-side optimizer state that is not checkpointed; runs with it cannot be resumed yet")
     done = last_completed_round(Path(setup.out_dir))
     if done is None:
         raise FederationError(f"{setup.out_dir} has no completed round to resume from (no metrics.jsonl + checkpoint)")

@@ -625,7 +625,7 @@ def _delta_order(msg: Message, delta: Mapping[str, torch.Tensor]) -> str:
 
 _SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 """The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
-# Strategies whose server-side state (momentum, moment estimates) is not checkpointed yet.
+# Strategies whose server-side state (momentum, moment estimates) `fedpeft.server.optimizer_state` checkpoints.
 STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})
 ADAPTIVE_SERVER_STRATEGIES: tuple[str, ...] = ("fedadam", "fedyogi", "fedadagrad")
 """Flower's FedOpt family (Reddi et al. 2021): adaptive server optimizers, what
