@@ -124,6 +124,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         setup.publish.check(adapted.method.peft_backed)
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
+    train = TrainConfig(**setup.train)  # (the plan's fields: an optimizer left out is AdamW)
+    log.info("server: strategy %s%s; clients: %s at lr %g, %s a round", setup.strategy,
+             "".join(f" {k}={v}" for k, v in setup.strategy_options.items()), train.optimizer, train.learning_rate,
+             f"{train.local_epochs:g} epochs" if train.local_epochs > 0 else f"{train.local_steps} steps")
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
                           train=dict(setup.train), seed=setup.seed, frozen_fingerprint=adapted.frozen_fingerprint(),
