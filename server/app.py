@@ -29,7 +29,7 @@ from fedpeft.common.training.objectives import objective_for
 from fedpeft.server.compression import Compression
 from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
-from fedpeft.server.optimizer_state import restore_optimizer_state, save_optimizer_state
+from fedpeft.server.optimizer_state import restore_optimizer_state, save_optimizer_state, state_path
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.robust import RobustSettings
@@ -161,8 +161,9 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             min_available_nodes=setup.num_clients,
         )
     offset = strategy.round_offset = done or 0
-    initial = recorder.load_checkpoint(offset) if done is not None else adapted.get_delta()
-    stateful = setup.dp is None and setup.strategy in STATEFUL_STRATEGIES
+    # A checkpoint comes back in the delta's own order: FedAvgM pairs its arrays and momentum by position.
+    initial = recorder.load_checkpoint(offset, order=adapted.spec.tensors) if done is not None else adapted.get_delta()
+    stateful = setup.dp is None and setup.secagg is None and setup.strategy in STATEFUL_STRATEGIES
     if done is not None and stateful:
         restore_optimizer_state(strategy, recorder.checkpoint_path(done))
     if done is not None:
@@ -318,6 +319,10 @@ def _resume_point(setup: ServerSetup) -> int:
         raise FederationError(f"{setup.out_dir} has no completed round to resume from (no metrics.jsonl + checkpoint)")
     if done > setup.num_rounds:
         raise FederationError(f"{setup.out_dir} already has {done} rounds, more than the {setup.num_rounds} asked for")
+    state = state_path(RunRecorder.checkpoint_path_in(Path(setup.out_dir), done))
+    if setup.strategy in STATEFUL_STRATEGIES and not state.is_file():
+        raise FederationError(f"cannot resume strategy {setup.strategy!r} without its optimizer state: {state} is "
+                              "missing (a run dir from before fedpeft checkpointed it)")
     return done
 
 

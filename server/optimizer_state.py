@@ -38,7 +38,7 @@ def optimizer_state(strategy: object) -> dict[str, np.ndarray]:
             continue
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         for key, array in items:
-            out[f"{attr}/{key}"] = np.ascontiguousarray(array)
+            out[f"{attr}/{key}"] = np.ascontiguousarray(array).reshape(np.shape(array))  # (0-d stays 0-d)
     return out
 
 

@@ -10,12 +10,13 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedpeft.common.errors import FederationError
 from fedpeft.common.protocol.deltas import load_delta_file, save_delta_file
 
 log = logging.getLogger("fedpeft.server")
@@ -37,11 +38,23 @@ class RunRecorder:
             self.rows = [r for r in read_rows(self.metrics_path) if r["round"] <= resume_from]
         self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
 
-    def checkpoint_path(self, server_round: int) -> Path:
-        return self.out_dir / CHECKPOINT_DIR / f"global-round-{server_round:04d}.safetensors"
+    @staticmethod
+    def checkpoint_path_in(out_dir: Path, server_round: int) -> Path:
+        return out_dir / CHECKPOINT_DIR / f"global-round-{server_round:04d}.safetensors"
 
-    def load_checkpoint(self, server_round: int) -> OrderedDict[str, torch.Tensor]:
-        return load_delta_file(self.checkpoint_path(server_round))
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.checkpoint_path_in(self.out_dir, server_round)
+
+    def load_checkpoint(self, server_round: int, order: Iterable[str] | None = None) -> OrderedDict[str, torch.Tensor]:
+        """The global delta after `server_round`, in `order` when given (safetensors does not
+        keep a file's order; `order` must name exactly its tensors)."""
+        delta = load_delta_file(self.checkpoint_path(server_round))
+        if order is None:
+            return delta
+        names = list(order)
+        if sorted(names) != sorted(delta):
+            raise FederationError(f"{self.checkpoint_path(server_round)} holds other tensors than the adapter's")
+        return OrderedDict((name, delta[name]) for name in names)
 
     def save_checkpoint(self, server_round: int, delta: Mapping[str, torch.Tensor]) -> Path:
         path = self.checkpoint_path(server_round)

@@ -61,6 +61,11 @@ def test_resume_point_is_checked(tmp_path):
     assert _resume_point(_setup(tmp_path)) == 2
     with pytest.raises(FederationError, match="more than the 1"):
         _resume_point(_setup(tmp_path, rounds=1))
-    assert _resume_point(_setup(tmp_path, strategy="fedadam")) == 2  # its moments are checkpointed beside each round
+    with pytest.raises(FederationError, match="without its optimizer state"):  # a run dir from before it was saved
+        _resume_point(_setup(tmp_path, strategy="fedadam"))
+    from fedpeft.server.optimizer_state import state_path
+
+    state_path(recorder.checkpoint_path(2)).write_bytes(b"")  # (its content is read when the run restores it)
+    assert _resume_point(_setup(tmp_path, strategy="fedadam")) == 2
     with pytest.raises(ConfigError, match="SCAFFOLD cannot be resumed"):  # clients' c_i are not in the checkpoint
         _resume_point(dataclasses.replace(_setup(tmp_path), scaffold=True))

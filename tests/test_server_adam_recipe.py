@@ -96,45 +96,6 @@ def test_the_recipe_reads_from_a_toml_spec(tmp_path):
     assert spec.federation.server_strategy == "fedadam" and spec.server_strategy_options()["eta"] == "0.002"
 
 
-@pytest.mark.slow
-def test_a_server_adam_federation_takes_adam_steps_of_the_methods_rate(tmp_path):
-    """End to end on Flower's Simulation Engine: the run dir records what ran (FedAdam at the
-    method's rate, clients on one SGD step), and round 1 moves every coordinate the clients'
-    mean gradient touched by Flower's first bias-corrected Adam step, eta * sqrt(1 - b2^2) /
-    (1 - b1^2): the sign of the mean gradient, whatever its size (FedAvg would move each by the
-    mean gradient itself). `tau` is made negligible here: Adam's epsilon shrinks a step whose
-    mean gradient coordinate is within a few tau of zero, and a tiny model's are ~1e-6."""
-    from tiny_models import build_tiny_bert
-
-    from fedpeft.common.data.builtin_task import generate_tickets
-    from fedpeft.common.protocol.deltas import load_delta_file
-    from fedpeft.simulations.runner import run_simulation
-
-    model_dir = build_tiny_bert(tmp_path / "bert")
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in generate_tickets(96, seed=4)))
-    spec = spec_from_flags(model=str(model_dir), method="lora", data=str(data), template="{text}", clients=3, rounds=2,
-                           recipe="server-adam", strategy_options={"tau": "1e-20"}, batch_size=8, quantize="none",
-                           eval_limit=0, partition="dirichlet:0.1")
-    result = run_simulation(spec, str(tmp_path / "run"))
-
-    recorded = json.loads((result.out_dir / "run-spec.json").read_text())
-    eta = spec.method_learning_rate()
-    assert recorded["federation"]["strategy"] == "fedadam"
-    assert recorded["federation"]["strategy_options"] == {"eta": repr(eta), "tau": "1e-20"}
-    assert (recorded["training"]["optimizer"], recorded["training"]["learning_rate"],
-            recorded["training"]["local_steps"]) == ("sgd", 1.0, 1)
-    start = load_delta_file(result.out_dir / "checkpoints" / "global-round-0000.safetensors")
-    after = load_delta_file(result.out_dir / "checkpoints" / "global-round-0001.safetensors")
-    moves = torch.cat([(after[k] - start[k]).flatten() for k in start]).abs().double().numpy()
-    first_step = eta * np.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)  # Flower's FedAdam bias correction in round 1
-    moved = moves[moves > first_step / 100]
-    assert moved.size > 0
-    np.testing.assert_allclose(moved, first_step, rtol=1e-3)
-    assert np.all((moves <= first_step / 100) | (np.abs(moves - first_step) <= first_step * 1e-3))
-    assert result.rows[-1]["round"] == 2
-
-
 def test_a_server_optimizers_state_survives_the_checkpoint_round_trip(tmp_path):
     from flwr.serverapp.strategy import FedAdam, FedAvgM
 
@@ -168,27 +129,55 @@ def test_a_run_dir_without_the_optimizer_state_is_not_resumed_cold(tmp_path):
 
 @pytest.mark.slow
 def test_a_resumed_server_adam_run_gives_the_uninterrupted_result(tiny_model_dir, tmp_path):
-    """Adam's moments are checkpointed every round: a run stopped after round 2 of 3 and
+    """Adam's moments are checkpointed every round: a run stopped after round 1 of 2 and
     resumed ends on the same global adapter, bit for bit, as one never interrupted (restarting
-    Adam cold would take a full eta-sized sign step in round 3 instead)."""
+    Adam cold would take a full eta-sized sign step in round 2 instead)."""
     import shutil
 
     from fedpeft.common.protocol.deltas import load_delta_file
     from fedpeft.simulations.runner import run_simulation
 
     common = {"model": str(tiny_model_dir), "method": "lora", "method_options": {"r": "4"}, "clients": 2,
-              "recipe": "server-adam", "quantize": "none", "builtin_train_rows": 64, "eval_limit": 16}
-    reference = run_simulation(spec_from_flags(rounds=3, **common), str(tmp_path / "whole"))
+              "recipe": "server-adam", "quantize": "none", "builtin_train_rows": 32, "eval_limit": 8}
+    reference = run_simulation(spec_from_flags(rounds=2, **common), str(tmp_path / "whole"))
     stopped = tmp_path / "stopped"
-    run_simulation(spec_from_flags(rounds=2, **common), str(stopped))
+    run_simulation(spec_from_flags(rounds=1, **common), str(stopped))
     saved = json.loads((stopped / "run-spec.json").read_text())
-    saved["federation"]["rounds"] = 3
+    saved["federation"]["rounds"] = 2
     (stopped / "run-spec.json").write_text(json.dumps(saved))
     shutil.rmtree(stopped / "final")
 
     resumed = run_simulation(None, resume=str(stopped))
 
-    assert [r["round"] for r in resumed.rows] == [0, 1, 2, 3]
-    whole = load_delta_file(reference.out_dir / "checkpoints" / "global-round-0003.safetensors")
-    again = load_delta_file(stopped / "checkpoints" / "global-round-0003.safetensors")
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2]
+    whole = load_delta_file(reference.out_dir / "checkpoints" / "global-round-0002.safetensors")
+    again = load_delta_file(stopped / "checkpoints" / "global-round-0002.safetensors")
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_a_checkpoint_comes_back_in_the_adapters_order_for_fedavgm(tmp_path):
+    """FedAvgM pairs its arrays and momentum by position: a resumed run's first global delta
+    must keep the adapter's tensor order, which safetensors does not keep on its own."""
+    from collections import OrderedDict
+
+    from fedpeft.server.recorder import RunRecorder
+
+    names = [f"layers.{i}.weight" for i in range(12)]
+    delta = OrderedDict((n, torch.full((2, 3), float(i))) for i, n in enumerate(names))
+    recorder = RunRecorder(tmp_path)
+    recorder.save_checkpoint(4, delta)
+    assert list(recorder.load_checkpoint(4, order=names)) == names
+    with pytest.raises(Exception, match="other tensors"):
+        recorder.load_checkpoint(4, order=names[:-1])
+
+
+def test_a_scalar_state_array_keeps_its_shape(tmp_path):
+    from flwr.serverapp.strategy import FedAdam
+
+    from fedpeft.server.optimizer_state import optimizer_state, restore_optimizer_state, save_optimizer_state
+
+    adam, fresh = FedAdam(), FedAdam()
+    adam.m_t, adam.v_t = {"scale": np.array(0.5)}, {"scale": np.array(0.25)}
+    save_optimizer_state(adam, tmp_path / "global-round-0001.safetensors")
+    restore_optimizer_state(fresh, tmp_path / "global-round-0001.safetensors")
+    assert optimizer_state(fresh)["m_t/scale"].shape == ()
