@@ -53,8 +53,9 @@ CASES: dict[str, dict] = {
     # two rounds: round 2 sends the error-feedback residual kept from round 1; stochastic rounding seeded alike
     "compressed": {"compression": {"upload": "topk:0.25+int8", "download": "bf16"}},
     "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
-    # two rounds: FedAdam's moments carried from round 1 shape round 2's step; the recipe's one SGD step of rate 1
-    "server-adam": {"federation": {"recipe": "server-adam"}, "training": {"local_steps": 1, "learning_rate": 1.0}},
+    # the recipe's one SGD step of rate 1 (its moments carried between rounds: tests/test_server_adam_recipe.py)
+    "server-adam": {"federation": {"recipe": "server-adam", **ONE_ROUND},
+                    "training": {"local_steps": 1, "learning_rate": 1.0}},
 }
 SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
 REFUSED = {  # case: (sections, a fragment of the problem both drivers name)

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -314,3 +315,45 @@ def test_scale_benchmark_example_runs_as_written(processes, tmp_path):
         proc = processes.start(["bash", "-euo", "pipefail", "-c", command], log)
         assert processes.wait(proc, timeout=600, log=log) == 0, f"$ {command}\n{tail(log)}"
         assert "| 3 |" in (tmp_path / f"out{i}" / "results.md").read_text()
+
+
+def test_server_adam_benchmark_example_runs_as_written(processes, tmp_path):
+    """README "Label skew: the server-adam recipe": the `peft-bench` command on a tiny BERT and a
+    tiny sentiment set, 2 clients x 2 rounds and one seed. The centralized baseline trains AdamW
+    at the server's Adam rate; the federation records FedAdam over one-SGD-step clients, and its
+    round 1 moves each coordinate by Flower's first bias-corrected Adam step, eta * sqrt(1 - b2^2)
+    / (1 - b1^2), times |g| / (|g| + tau / 0.1) for the mean gradient g: at most that step, and
+    that step where g is large (FedAvg would move each coordinate by g itself)."""
+    from test_attack_bench import _write_sentiment
+    from tiny_models import build_tiny_bert
+
+    (command,) = commands(readme_bash_block("#### Label skew: the `server-adam` recipe"))
+    assert command.startswith(".venv/bin/peft-bench ") and "--recipe server-adam" in command
+    model = build_tiny_bert(tmp_path / "bert")
+    _write_sentiment(tmp_path / "train.tsv", 64, seed=1)
+    _write_sentiment(tmp_path / "dev.tsv", 24, seed=2)
+    command = substitute(command, r"--data \S+ --eval-data \S+", "--data train.tsv --eval-data dev.tsv", count=1)
+    command = substitute(command, r"--clients 10 --rounds 100\b", "--clients 2 --rounds 2", count=1)
+    command = substitute(command, r"--seeds 0,1,2\b", "--seeds 0", count=1)
+    command = substitute(command, r"--eval-limit 300\b", "--eval-limit 0", count=1)
+    command += f" --model {model} --batch-size 4 --train-limit 0"
+    log = tmp_path / "bench.log"
+    proc = processes.start(["bash", "-euo", "pipefail", "-c", command], log)
+    assert processes.wait(proc, timeout=600, log=log) == 0, f"$ {command}\n{tail(log)}"
+    out = tmp_path / "runs" / "bench-server-adam"
+    table = (out / "results.md").read_text()
+    assert "dirichlet:0.1 / central" in table and "recipe server-adam" in table
+    central = json.loads((out / "lora-centralized-seed0.json").read_text())
+    (run_spec,) = out.glob("lora-dirichlet-0.1-seed0/run-spec.json")
+    recorded = json.loads(run_spec.read_text())
+    eta = float(recorded["federation"]["strategy_options"]["eta"])
+    assert recorded["federation"]["strategy"] == "fedadam" and recorded["training"]["optimizer"] == "sgd"
+    assert central["learning_rate"] == eta and central["steps"] == 2 * 2 * 1  # rounds x clients x one step
+    from safetensors.numpy import load_file
+
+    checkpoints = run_spec.parent / "checkpoints"
+    start, after = (load_file(str(checkpoints / f"global-round-000{r}.safetensors")) for r in (0, 1))
+    moves = np.concatenate([np.abs(after[k].astype(np.float64) - start[k]).ravel() for k in start])
+    first_step = eta * np.sqrt(1 - 0.99 ** 2) / (1 - 0.9 ** 2)  # FedAdam's default betas, bias-corrected in round 1
+    assert moves.max() <= first_step * (1 + 1e-5) and moves.max() >= first_step * (1 - 1e-3)
+    assert np.count_nonzero(moves > first_step / 2) > 100
