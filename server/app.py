@@ -184,7 +184,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         checkpoint = recorder.save_checkpoint(server_round, delta)
         if stateful:  # Adam's moments (or FedAvgM's momentum) after this round, for a resume
             save_optimizer_state(strategy, checkpoint)
-        topology.checkpoint(recorder.checkpoint_path(server_round).parent, server_round)
+        topology.checkpoint(checkpoint.parent, server_round)
         t0 = time.perf_counter()
         result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
         traffic = strategy.traffic.get(server_round)

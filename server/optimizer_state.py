@@ -19,9 +19,10 @@ import numpy as np
 
 from fedpeft.common.errors import FederationError
 from fedpeft.common.files import atomic_write_bytes
+from fedpeft.server.strategy import SERVER_OPTIMIZER_STATE
 
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
-"""The attributes of Flower's stateful strategies that carry optimizer state between rounds."""
+STATE_ATTRIBUTES = tuple(a for a in SERVER_OPTIMIZER_STATE if a != "current_arrays")
+"""What is saved of the strategies' state: `current_arrays` is the global adapter itself."""
 
 
 def state_path(checkpoint: Path) -> Path:

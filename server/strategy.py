@@ -384,7 +384,7 @@ class DeltaValidation:
                    if aggregate_metrics is aggregate_metricrecords  # (Flower's default: its arithmetic, faster)
                    else aggregate_metrics([RecordDict({REPLY_METRICS_KEY: m}) for m in metric_records],
                                           self.weighted_by_key))
-        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+        state = {attr: getattr(self, attr) for attr in SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
         if optimizer:
             # The server optimizer's step on the mean: Flower's own code, given the mean as
             # the one reply it averages (a weight-1 average of one record is that record).
@@ -512,7 +512,7 @@ class DeltaValidation:
         if aggregate_deltas is not None:
             # A content order (as below for Flower's path), from the decoded deltas: no re-encoding.
             own.sort(key=lambda pair: _delta_order(*pair))
-            state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+            state = {attr: getattr(self, attr) for attr in SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
             arrays, metrics = aggregate_deltas(server_round, [d for _, d in own], [m for m, _ in own])
             return self._publish(server_round, traffic, arrays, metrics, state, commit=lambda: None)
         # Replies arrive in any order; sorting them by content makes the float sums (and
@@ -521,7 +521,7 @@ class DeltaValidation:
         # Flower's server optimizers (FedAvgM, FedAdam, ...) update their state inside
         # aggregate_train (Flower reassigns these, never mutates them): kept to restore it
         # if the aggregate is refused, so a refused round leaves no trace.
-        state = {attr: getattr(self, attr) for attr in _SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
+        state = {attr: getattr(self, attr) for attr in SERVER_OPTIMIZER_STATE if hasattr(self, attr)}
         arrays, metrics = super().aggregate_train(server_round, usable)  # type: ignore[misc]
         return self._publish(server_round, traffic, arrays, metrics, state, commit=lambda: None)
 
@@ -623,7 +623,7 @@ def _delta_order(msg: Message, delta: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-_SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
 """The attributes Flower's stateful strategies (FedAvgM, FedOpt family) carry between rounds."""
 # Strategies whose server-side state (momentum, moment estimates) `fedpeft.server.optimizer_state` checkpoints.
 STATEFUL_STRATEGIES = frozenset({"fedadam", "fedyogi", "fedadagrad", "fedavgm"})

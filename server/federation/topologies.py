@@ -192,7 +192,7 @@ class SplitTopology(Topology):
         self._traffic = [0, 0]  # the split server's (bytes in, bytes out) when the last round was recorded
 
     def refusals(self, spec: RunSpec, driver: Driver) -> list[str]:
-        from fedpeft.server.federation.spec import LOOPBACK_HOSTS, SPLIT_WIRE_DTYPES
+        from fedpeft.server.federation.spec import LOCAL, LOOPBACK_HOSTS, SPLIT_WIRE_DTYPES
 
         sp, f = spec.split, spec.federation
         found = []
@@ -205,7 +205,7 @@ class SplitTopology(Topology):
         if f.strategy == "fedprox":
             found.append("split: strategy 'fedprox' is not supported (the split client's loss has no proximal term); "
                          "use fedavg, or bound updates with federation.clip_update_norm")
-        if f.recipe != "local":
+        if f.recipe != LOCAL:
             found.append(f"split: federation.recipe {f.recipe!r} is not supported (the split server trains its part "
                          "with AdamW at the clients' rate); use recipe 'local'")
         elif spec.training.optimizer != "adamw":
