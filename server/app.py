@@ -81,6 +81,8 @@ class ServerSetup:
     hetero: HeteroRanks | None = None
     """Per-client LoRA ranks (hetlora / flexlora); `method_config.r` is their maximum."""
     eval_batch_size: int = 16
+    eval_every: int = 1
+    """Score `eval_rows` every this many rounds (rounds 0 and `num_rounds` always)."""
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
     resume: bool = False
@@ -173,7 +175,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     eval_model = topology.eval_model(adapted)
     started = time.perf_counter()
 
-    def evaluate_global(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         server_round = local_round + offset
         if done is not None and local_round == 0:  # already evaluated and recorded before the restart
             adapted.set_delta(delta_from_arrayrecord(arrays), source=f"checkpoint of round {server_round}")
@@ -186,13 +188,16 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             save_optimizer_state(strategy, checkpoint)
         topology.checkpoint(checkpoint.parent, server_round)
         t0 = time.perf_counter()
-        result = objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
+        result = (objective.evaluate(eval_model, setup.eval_rows, setup.eval_batch_size)
+                  if eval_due(server_round, setup.num_rounds, setup.eval_every) else None)
         traffic = strategy.traffic.get(server_round)
-        row: dict[str, Any] = {
-            "round": server_round,
-            "eval_loss": result.loss,
-            "eval_examples": result.num_examples,
-            "eval_seconds": time.perf_counter() - t0,
+        row: dict[str, Any] = {"round": server_round}
+        if result is not None:  # a row without eval_loss is a round the schedule skipped
+            row.update(eval_loss=result.loss, eval_examples=result.num_examples,
+                       eval_seconds=time.perf_counter() - t0)
+            if result.accuracy is not None:
+                row["eval_accuracy"] = result.accuracy
+        row.update({
             "bytes_up": traffic.bytes_up if traffic else 0,
             "bytes_down": traffic.bytes_down if traffic else 0,
             "bytes_up_raw": traffic.bytes_up_raw if traffic else 0,
@@ -204,9 +209,7 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             "clients_rejected": len(traffic.rejected) if traffic else 0,
             "clients_clipped": traffic.clipped if traffic else 0,
             "clients_failed": traffic.failed if traffic else 0,
-        }
-        if result.accuracy is not None:
-            row["eval_accuracy"] = result.accuracy
+        })
         if setup.compression is not None and traffic:  # how many times fewer bytes than plain fp32 arrays
             row["compression_up"] = traffic.bytes_up_raw / traffic.bytes_up if traffic.bytes_up else 1.0
             row["compression_down"] = traffic.bytes_down_raw / traffic.bytes_down if traffic.bytes_down else 1.0
@@ -238,11 +241,16 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                 publish_round(adapted, setup.publish, server_round, row)
             except (FedPeftError, OSError) as exc:  # serving misses one version; training goes on
                 log.error("round %d: publishing to %s failed: %s", server_round, setup.publish.registry_dir, exc)
-        acc = f" acc {result.accuracy:.3f}" if result.accuracy is not None else ""
+        if result is None:
+            score = f"train loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "not scored"
+        else:
+            score = f"eval loss {result.loss:.4f}" + (f" acc {result.accuracy:.3f}" if result.accuracy is not None else "")
         ratios = (f" (x{row['compression_up']:.1f} / x{row['compression_down']:.1f} smaller than fp32)"
                   if "compression_up" in row else "")
-        log.info("round %d/%d: eval loss %.4f%s | up %.2f MB down %.2f MB%s | %.1f s", server_round, setup.num_rounds,
-                 result.loss, acc, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, ratios, row["seconds"])
+        log.info("round %d/%d: %s | up %.2f MB down %.2f MB%s | %.1f s", server_round, setup.num_rounds,
+                 score, row["bytes_up"] / 1e6, row["bytes_down"] / 1e6, ratios, row["seconds"])
+        if result is None:
+            return None
         metrics: dict[str, float] = {"eval-loss": result.loss}
         if result.accuracy is not None:
             metrics["eval-accuracy"] = result.accuracy
@@ -289,6 +297,12 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.on_complete is not None:
         setup.on_complete(adapted)
     return final_dir
+
+
+def eval_due(server_round: int, num_rounds: int, every: int) -> bool:
+    """Whether round `server_round` scores the held-out rows: the untrained adapter (0), the
+    final one and every `every`-th round between."""
+    return server_round in (0, num_rounds) or server_round % every == 0
 
 
 def persistent_run_id(out_dir: Path) -> str:

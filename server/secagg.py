@@ -177,7 +177,7 @@ class SecAggFedAvg(LegacyFedAvg):
         record = delta_to_arrayrecord(self._to_delta(parameters, f"global delta of round {true_round}"))
         self.final = record
         metrics = self.evaluate_global(server_round, record)
-        return float(metrics.get("eval-loss", 0.0)), {}
+        return None if metrics is None else (float(metrics.get("eval-loss", 0.0)), {})  # None: not scored this round
 
 
 def _array(ndarray: np.ndarray) -> Any:

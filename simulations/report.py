@@ -54,10 +54,14 @@ def rounds_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         train = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
-        acc = f" {r['eval_accuracy']:.3f} |" if has_acc else ""
-        lines.append(f"| {r['round']} | {r['eval_loss']:.4f} |{acc} {train} | {r['bytes_up'] / 1e6:.2f} | "
+        acc = f" {_cell(r.get('eval_accuracy'), '.3f')} |" if has_acc else ""
+        lines.append(f"| {r['round']} | {_cell(r.get('eval_loss'), '.4f')} |{acc} {train} | {r['bytes_up'] / 1e6:.2f} | "
                      f"{r['bytes_down'] / 1e6:.2f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -68,11 +72,12 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in rows]
+    scored = [r for r in rows if "eval_loss" in r]  # `task.eval_every` > 1 skips rounds
+    rounds = [r["round"] for r in scored]
     has_acc = "eval_accuracy" in rows[0]
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5, 3.6), squeeze=False)
     ax = axes[0][0]
-    ax.plot(rounds, [r["eval_loss"] for r in rows], marker="o", label="held-out")
+    ax.plot(rounds, [r["eval_loss"] for r in scored], marker="o", label="held-out")
     train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     if train:
         ax.plot(*zip(*train, strict=True), marker="x", linestyle="--", label="client train (mean)")
@@ -82,7 +87,7 @@ def plot_metrics(rows: Sequence[dict[str, Any]], path: Path, title: str = "") ->
     ax.grid(alpha=0.3)
     if has_acc:
         ax = axes[0][1]
-        ax.plot(rounds, [r["eval_accuracy"] for r in rows], marker="o", color="tab:green")
+        ax.plot(rounds, [r["eval_accuracy"] for r in scored], marker="o", color="tab:green")
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 
 import pytest
@@ -138,7 +139,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert main(["--model", str(model), "--data", str(tmp_path / "train.tsv"), "--eval-data", str(tmp_path / "dev.tsv"),
                  "--methods", "lora,ia3", "--settings", "centralized,centralized-seq,dirichlet:1.0,dirichlet:1.0+scaffold",
                  "--seeds", "3", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "4",
-                 "--train-limit", "0", "--out", str(out)]) == 0
+                 "--train-limit", "0", "--eval-every", "2", "--out", str(out)]) == 0
     rows = read_results(out / "results.csv")
     assert {(r.method, r.setting, r.seed) for r in rows} == {
         (m, s, 3) for m in ("lora", "ia3")
@@ -148,7 +149,10 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     plain = {r.method: r for r in rows if r.setting == "dirichlet:1.0"}
     assert scaffold and all(r.upload_mb_per_client_round == plain[r.method].upload_mb_per_client_round for r in scaffold)
     federated = [r for r in rows if r.setting == "dirichlet:1.0"]
-    assert all(r.best_round in (1, 2) and r.best_accuracy >= r.accuracy for r in federated)
+    # --eval-every 2: round 1 trains unscored, so the best scored round is the last
+    assert all(r.best_round == 2 and r.best_accuracy == r.accuracy for r in federated)
+    metrics = [json.loads(line) for line in (out / "lora-dirichlet-1.0-seed3" / "metrics.jsonl").read_text().splitlines()]
+    assert [("eval_accuracy" in m) for m in metrics] == [True, False, True]
     assert all(0 < r.majority_rate < 1 for r in rows)
     table = (out / "results.md").read_text()
     assert "dirichlet:1.0 / central" in table and "| ia3 |" in table

@@ -271,6 +271,8 @@ def test_9_the_documented_minimum_temperature_survives_protobufs_float32():
     ({"federation.round_timeout": float("nan")}, "federation.round_timeout"),
     ({"federation.round_timeout": -1.0}, "federation.round_timeout"),
     ({"task.eval_limit": -1}, "task.eval_limit"),
+    ({"task.eval_every": 0}, "task.eval_every"),
+    ({"task.eval_every": 2**40}, "task.eval_every"),
     ({"training.weight_decay": float("inf")}, "training.weight_decay"),
     ({"robust.norm_bound_ratio": float("inf")}, "robust.norm_bound_ratio"),
     ({"robust.max_abs_value": -1.0}, "robust.max_abs_value"),

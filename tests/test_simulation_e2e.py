@@ -199,6 +199,25 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_model_dir, tmp
     assert (crashed / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_eval_every_scores_round_zero_every_nth_round_and_the_last(tiny_model_dir, tmp_path):
+    """`--eval-every 2` over 3 rounds scores rounds 0, 2 and 3; round 1 still trains, is
+    checkpointed and recorded (traffic, train loss), and the report and plot skip it."""
+    from fedpeft.simulations.report import rounds_table
+
+    config = spec_from_flags(model=str(tiny_model_dir), method="lora", method_options={"r": "4"}, clients=2, rounds=3,
+                              local_steps=2, learning_rate=5e-3, quantize="none", builtin_train_rows=32, eval_limit=8,
+                              eval_every=2)
+    result = run_simulation(config, str(tmp_path / "run"))
+
+    assert [r["round"] for r in result.rows] == [0, 1, 2, 3]
+    assert [("eval_loss" in r) for r in result.rows] == [True, False, True, True]
+    assert "eval_accuracy" not in result.rows[1] and result.rows[1]["bytes_up"] > 0
+    assert result.rows[1]["train_loss"] is not None
+    assert (result.out_dir / "checkpoints" / "global-round-0001.safetensors").is_file()
+    assert "| 1 | - |" in rounds_table(result.rows)
+    assert (result.out_dir / "metrics.png").stat().st_size > 0
+
+
 def test_resume_refuses_what_it_cannot_resume(tmp_path):
     from fedpeft.common.errors import ConfigError
 

@@ -90,6 +90,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("partition", "task.partition", "iid | dirichlet:ALPHA | natural:COLUMN"),
     Flag("train_limit", "task.train_limit", "subsample training rows (0 = all)"),
     Flag("eval_limit", "task.eval_limit", "held-out rows scored per round (0 = all)"),
+    Flag("eval_every", "task.eval_every", "score the held-out rows every N rounds (and always the last)"),
     Flag("builtin_train_rows", "task.builtin_train_rows", "training rows generated for the built-in task"),
     Flag("quantize", "federation.quantize", "4bit | none | auto: 4bit where bitsandbytes works"),
     Flag("seed", "federation.seed", "seed of everything random in the run"),

@@ -142,6 +142,9 @@ class TaskSection:
     label_column: str = "label"
     eval_limit: int = 200
     """Held-out rows scored each round (0 = all)."""
+    eval_every: int = 1
+    """Score the held-out rows every this many rounds; rounds 0 and the last are always
+    scored. Above 1 a long run (server-adam's hundreds of rounds) spends its time training."""
     train_data: str | None = None
     """Simulation: the training file the driver partitions over the virtual clients
     (none = the built-in task). Deployed clients hold their own data (`peft-client --data`)."""
@@ -268,6 +271,7 @@ SIMULATION_ONLY: tuple[str, ...] = ("task.train_data", "task.partition", "task.t
                                     "simulation.cpus_per_client", "simulation.gpus_per_client")
 DEPLOYMENT_ONLY: tuple[str, ...] = ("secagg.enabled", "envelopes.enabled")
 DEFAULT_SPLIT_PORT = 9095
+MAX_EVAL_EVERY = 1_000_000
 MAX_ROWS = {"train_limit": 100_000_000, "eval_limit": 1_000_000, "builtin_train_rows": 1_000_000}
 """Largest row counts a spec may name: bigger numbers are typos that would hang a loader (the
 built-in task generates max(eval_limit, 200) held-out rows; every round scores eval_limit rows)."""
@@ -656,6 +660,8 @@ class RunSpec:
         for key in ("eval_limit", "train_limit"):
             if not 0 <= getattr(task, key) <= MAX_ROWS[key]:
                 found.append(f"task.{key} must be between 0 (all) and {MAX_ROWS[key]:,} rows (got {getattr(task, key)})")
+        if not 1 <= task.eval_every <= MAX_EVAL_EVERY:
+            found.append(f"task.eval_every must be in 1..{MAX_EVAL_EVERY:,} rounds (got {task.eval_every})")
         if not 1 <= task.builtin_train_rows <= MAX_ROWS["builtin_train_rows"]:
             found.append(f"task.builtin_train_rows must be in 1..{MAX_ROWS['builtin_train_rows']:,} "
                          f"(got {task.builtin_train_rows})")

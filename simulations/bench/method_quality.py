@@ -378,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=2000)
     p.add_argument("--eval-limit", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="federated settings score the held-out rows every N rounds and the last; best-round "
+                        "accuracy is then the best scored round")
     p.add_argument("--quantize", default="none")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
@@ -406,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
                                template=args.template, clients=args.clients, rounds=args.rounds,
                                batch_size=args.batch_size, max_length=args.max_length,
-                               train_limit=args.train_limit, eval_limit=args.eval_limit, quantize=args.quantize, **overrides)
+                               train_limit=args.train_limit, eval_limit=args.eval_limit,
+                               eval_every=args.eval_every, quantize=args.quantize, **overrides)
         base.validate("simulation")  # the centralized settings train without assemble()'s check
         out_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a first full table early, then its spread
