@@ -3,6 +3,7 @@ deltas, evaluates the global adapter centrally, and exports the result."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedpeft.client.training import TrainConfig
 from fedpeft.common.data.records import Record, TaskSpec
@@ -31,12 +33,13 @@ from fedpeft.server.export import export_adapter
 from fedpeft.server.hetero_strategy import HeteroRanks
 from fedpeft.server.optimizer_state import restore_optimizer_state, save_optimizer_state, state_path
 from fedpeft.server.privacy import build_dp_strategy, privacy_spent
+from fedpeft.server.rate_schedule import CONSTANT, server_rate
 from fedpeft.server.recorder import RunRecorder, last_completed_round
 from fedpeft.server.robust import RobustSettings
 from fedpeft.server.sealed_replies import EnvelopeOpener
 from fedpeft.server.secagg import SecAggFedAvg, run_secagg_rounds
 from fedpeft.server.serving.publishing import RegistryTarget, publish_round
-from fedpeft.server.strategy import STATEFUL_STRATEGIES, build_strategy
+from fedpeft.server.strategy import ADAPTIVE_SERVER_STRATEGIES, STATEFUL_STRATEGIES, build_strategy
 from fedpeft.server.streaming_grid import StreamingGrid
 
 if TYPE_CHECKING:
@@ -83,6 +86,8 @@ class ServerSetup:
     eval_batch_size: int = 16
     eval_every: int = 1
     """Score `eval_rows` every this many rounds (rounds 0 and `num_rounds` always)."""
+    server_lr_schedule: str = CONSTANT
+    """The FedOpt strategy's `eta` over rounds (`fedpeft.server.rate_schedule`)."""
     max_delta_bytes: int = 256 * 1024 * 1024
     round_timeout: float = 3600.0
     resume: bool = False
@@ -127,8 +132,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     log.info("server: %s on %s (%s), %d trainable parameters (%.2f MB per delta)", setup.method, setup.base_model,
              setup.quantize, adapted.spec.num_parameters, adapted.spec.num_bytes / 1e6)
     train = TrainConfig(**setup.train)  # (the plan's fields: an optimizer left out is AdamW)
-    log.info("server: strategy %s%s; clients: %s at lr %g, %s a round", setup.strategy,
-             "".join(f" {k}={v}" for k, v in setup.strategy_options.items()), train.optimizer, train.learning_rate,
+    log.info("server: strategy %s%s%s; clients: %s at lr %g, %s a round", setup.strategy,
+             "".join(f" {k}={v}" for k, v in setup.strategy_options.items()),
+             f" ({setup.server_lr_schedule} eta schedule)" if setup.server_lr_schedule != CONSTANT else "",
+             train.optimizer, train.learning_rate,
              f"{train.local_epochs:g} epochs" if train.local_epochs > 0 else f"{train.local_steps} steps")
     plan = FederationPlan(run_name=setup.run_name, model_fingerprint=model_fingerprint(Path(setup.model_dir)),
                           method=setup.method, method_options=setup.method_config.to_dict(), task=setup.task.to_dict(),
@@ -162,6 +169,12 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
             min_train_nodes=setup.clients_per_round,
             min_available_nodes=setup.num_clients,
         )
+    if setup.server_lr_schedule != CONSTANT:
+        if not isinstance(strategy, FedOpt):  # (the run spec refuses it; a hand-built setup must not drop it)
+            raise ConfigError(f"server_lr_schedule {setup.server_lr_schedule!r} needs a FedOpt strategy "
+                              f"({', '.join(ADAPTIVE_SERVER_STRATEGIES)}), not {setup.strategy!r}")
+        strategy.eta_schedule = functools.partial(server_rate, setup.server_lr_schedule, strategy.eta,
+                                                  num_rounds=setup.num_rounds)
     offset = strategy.round_offset = done or 0
     # A checkpoint comes back in the delta's own order: FedAvgM pairs its arrays and momentum by position.
     initial = recorder.load_checkpoint(offset, order=adapted.spec.tensors) if done is not None else adapted.get_delta()
@@ -192,6 +205,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                   if eval_due(server_round, setup.num_rounds, setup.eval_every) else None)
         traffic = strategy.traffic.get(server_round)
         row: dict[str, Any] = {"round": server_round}
+        if traffic is not None and traffic.server_rate is not None:
+            row["server_rate"] = traffic.server_rate
         if result is not None:  # a row without eval_loss is a round the schedule skipped
             row.update(eval_loss=result.loss, eval_examples=result.num_examples,
                        eval_seconds=time.perf_counter() - t0)

@@ -90,6 +90,8 @@ class RoundTraffic:
     clipped: int = 0
     failed: int = 0
     seconds: float = 0.0
+    server_rate: float | None = None
+    """The server optimizer's rate this round, where a schedule sets it."""
     train_metrics: dict[str, float] = field(default_factory=dict)
     client_metrics: list[dict[str, float]] = field(default_factory=list)
 
@@ -275,10 +277,16 @@ class DeltaValidation:
     sum as it is accepted (`fedpeft.server.weighted_sum`) and dropped, instead of being
     handed to Flower's aggregation with all the others."""
 
+    #: The FedOpt family's `eta` per round (`fedpeft.server.rate_schedule`); None keeps Flower's constant eta.
+    eta_schedule: Callable[[int], float] | None = None
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        if self.eta_schedule is not None:
+            self.eta = self.eta_schedule(server_round)
+            traffic.server_rate = self.eta
         if self.folds_replies and all(t.dtype.is_floating_point for t in self.spec.tensors.values()):
             return self._aggregate_by_folding(server_round, replies, traffic)
         return self._aggregate_with_flower(server_round, replies, traffic)

@@ -53,8 +53,9 @@ CASES: dict[str, dict] = {
     # two rounds: round 2 sends the error-feedback residual kept from round 1; stochastic rounding seeded alike
     "compressed": {"compression": {"upload": "topk:0.25+int8", "download": "bf16"}},
     "split": {"federation": {"topology": "split", "clients": 1}, "split": {"cut": 1}},
-    # the recipe's one SGD step of rate 1 (its moments carried between rounds: tests/test_server_adam_recipe.py)
-    "server-adam": {"federation": {"recipe": "server-adam", **ONE_ROUND},
+    # the recipe's one SGD step of rate 1; two rounds: round 2 steps with Adam's moments from round 1 at the
+    # cosine schedule's eta / 2 (the server's setting travels through the one assembly to both drivers)
+    "server-adam": {"federation": {"recipe": "server-adam", "server_lr_schedule": "cosine"},
                     "training": {"local_steps": 1, "learning_rate": 1.0}},
 }
 SOLO = {"split"}  # cases run by the one-client cluster (see the module docstring)
@@ -170,6 +171,9 @@ def test_simulation_and_deployment_give_bit_identical_adapters(request, name):
             spec = RunSpec.from_toml(_spec_file(dep, "naive-fedavg", CASES["naive-fedavg"], split_port))
             run_simulation(spec, naive)
         assert any(not torch.equal(sim_final[k], v) for k, v in _final(naive).items())
+    if name == "server-adam":  # the deployed coordinator ran the cosine schedule (the simulation did: same adapter)
+        eta = float(RunSpec.from_toml(spec_path).server_strategy_options()["eta"])
+        assert [r.get("server_rate") for r in rows] == [None, eta, pytest.approx(eta / 2)]
     _check_mode(name, simulated, rows, server_logits["probe"], dep.model)
     if name in ("hetlora", "flexlora"):  # client k (builtin:k/2) trains at client_ranks[k], whatever its node id
         for k, rank in enumerate(CASES[name]["federation"]["client_ranks"]):

@@ -63,6 +63,9 @@ def test_the_local_recipe_leaves_strategy_and_clients_alone():
     ({"recipe": "server-adam", "local_steps": 4}, "training.local_steps > 1 under federation.recipe 'server-adam'"),
     ({"recipe": "server-adam", "strategy_options": {"eta": "nan"}}, "option eta must be finite"),
     ({"recipe": "adam"}, "federation.recipe 'adam': choose one of ['local', 'server-adam']"),
+    ({"server_lr_schedule": "cosine"}, "federation.server_lr_schedule 'cosine' schedules an adaptive server"),
+    ({"server_lr_schedule": "cosine", "strategy": "fedavgm"}, "federation.strategy 'fedavgm' has none"),
+    ({"recipe": "server-adam", "server_lr_schedule": "step"}, "federation.server_lr_schedule 'step': choose one of"),
 ])
 def test_a_recipe_that_cannot_run_is_refused_naming_its_key(flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
@@ -73,6 +76,25 @@ def test_server_adam_with_secagg_is_refused_for_the_deployment():
     with pytest.raises(ConfigError, match=r"secagg: .* needs strategy 'fedavg' \(recipe 'local'\)"):
         spec_from_flags(model=ENCODER, recipe="server-adam", clients=3).with_overrides(
             {"secagg.enabled": True}, driver="deployment")
+
+
+def test_cosine_decay_starts_at_eta_and_ends_near_zero_without_stopping():
+    from fedpeft.server.rate_schedule import server_rate
+
+    rates = [server_rate("cosine", 0.01, r, 100) for r in range(1, 101)]
+    assert rates[0] == 0.01 and all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[50] == pytest.approx(0.005) and 0 < rates[-1] < 0.01 * 3e-4
+    assert server_rate("cosine", 0.01, 2, 2) == pytest.approx(0.005)
+    assert server_rate("constant", 0.01, 77, 100) == 0.01
+    with pytest.raises(ValueError, match="outside the run"):
+        server_rate("cosine", 0.01, 101, 100)
+
+
+def test_the_schedule_runs_with_any_adaptive_server_optimizer():
+    for flags in ({"recipe": "server-adam"}, {"strategy": "fedyogi"}, {"strategy": "fedadagrad"}):
+        spec = spec_from_flags(model=ENCODER, server_lr_schedule="cosine", **flags)
+        spec.validate("simulation")
+        assert spec.federation.server_lr_schedule == "cosine"
 
 
 def test_the_recipes_own_sgd_clients_need_no_learning_rate_but_several_steps_do():
@@ -138,8 +160,11 @@ def test_a_resumed_server_adam_run_gives_the_uninterrupted_result(tiny_model_dir
     from fedpeft.simulations.runner import run_simulation
 
     common = {"model": str(tiny_model_dir), "method": "lora", "method_options": {"r": "4"}, "clients": 2,
-              "recipe": "server-adam", "quantize": "none", "builtin_train_rows": 32, "eval_limit": 8}
+              "recipe": "server-adam", "quantize": "none", "builtin_train_rows": 32, "eval_limit": 8,
+              "server_lr_schedule": "cosine"}
     reference = run_simulation(spec_from_flags(rounds=2, **common), str(tmp_path / "whole"))
+    eta = float(spec_from_flags(**common).server_strategy_options()["eta"])
+    assert [r.get("server_rate") for r in reference.rows] == [None, eta, pytest.approx(eta / 2)]
     stopped = tmp_path / "stopped"
     run_simulation(spec_from_flags(rounds=1, **common), str(stopped))
     saved = json.loads((stopped / "run-spec.json").read_text())
@@ -153,6 +178,18 @@ def test_a_resumed_server_adam_run_gives_the_uninterrupted_result(tiny_model_dir
     whole = load_delta_file(reference.out_dir / "checkpoints" / "global-round-0002.safetensors")
     again = load_delta_file(stopped / "checkpoints" / "global-round-0002.safetensors")
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    assert resumed.rows[2]["server_rate"] == pytest.approx(eta / 2)  # the schedule goes on where it stopped
+
+    # the rate is what Adam stepped with: round 2's step is half the constant schedule's, from the same round 1
+    constant = run_simulation(spec_from_flags(rounds=2, **{**common, "server_lr_schedule": "constant"}),
+                              str(tmp_path / "constant"))
+    first = load_delta_file(constant.out_dir / "checkpoints" / "global-round-0001.safetensors")
+    assert all(torch.equal(first[k], load_delta_file(reference.out_dir / "checkpoints" /
+                                                     "global-round-0001.safetensors")[k]) for k in first)
+    full = load_delta_file(constant.out_dir / "checkpoints" / "global-round-0002.safetensors")
+    moved = [k for k in first if not torch.equal(full[k], first[k])]
+    assert moved and all(torch.allclose(whole[k] - first[k], (full[k] - first[k]) / 2, rtol=1e-3, atol=1e-7)
+                         for k in moved)
 
 
 def test_a_checkpoint_comes_back_in_the_adapters_order_for_fedavgm(tmp_path):

@@ -139,6 +139,7 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
         eval_every=spec.task.eval_every, out_dir=str(run_dir), num_rounds=f.rounds, num_clients=f.clients,
         clients_per_round=f.num_per_round,
         seed=f.seed, strategy=f.server_strategy, strategy_options=spec.server_strategy_options(),
+        server_lr_schedule=f.server_lr_schedule,
         min_accepted=f.min_clients, clip_update_norm=f.clip_update_norm, scaffold=f.scaffold, robust=spec.reply_bounds(),
         round_timeout=f.round_timeout, resume=resume,
         # peft's own LoRA scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is the ΔW scale the svd mode must use

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedpeft.client.training import OPTIMIZERS
 from fedpeft.server.federation.spec import RECIPES, SECTIONS, RunSpec
+from fedpeft.server.rate_schedule import SERVER_LR_SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ FLAGS: tuple[Flag, ...] = (
          "aggregates their deltas; server-adam: clients take one SGD step, the server applies Adam at the method's "
          "rate (FedAdam over FedSGD: robust to label skew, needs about as many rounds as centralized Adam needs steps)",
          choices=RECIPES),
+    Flag("server_lr_schedule", "federation.server_lr_schedule", "the server optimizer's eta over rounds: constant "
+         "| cosine (decays to ~0 at the last round; FedAdam/FedYogi/FedAdagrad or recipe server-adam)",
+         choices=SERVER_LR_SCHEDULES),
     Flag("lora_aggregation", "federation.lora_aggregation",
          "naive: average A and B (FedIT); svd: exact mean of B·A re-factored to rank r; ffa: A frozen, only B "
          "trained (exact); hetlora: per-client ranks, zero-padded A and B averaged; flexlora: per-client ranks, exact "

@@ -46,6 +46,7 @@ from fedpeft.common.protocol.plan import SEED_RANGE
 from fedpeft.common.protocol.topology import DEFAULT_TOPOLOGY, TOPOLOGIES, validate_topology
 from fedpeft.common.schema import describe, matches
 from fedpeft.server.hetero_strategy import HETERO_MODES, HeteroRanks
+from fedpeft.server.rate_schedule import CONSTANT, SERVER_LR_SCHEDULES
 from fedpeft.server.robust import RobustSettings
 from fedpeft.server.strategy import (
     ADAPTIVE_SERVER_STRATEGIES,
@@ -91,6 +92,11 @@ class FederationSection:
     global adapter) and the server applies Adam at the method's rate (FedAdam over FedSGD):
     Adam over every client's batch at once, so label-skewed clients cannot drift apart; it
     needs about as many rounds as centralized Adam needs steps."""
+    server_lr_schedule: str = CONSTANT
+    """The server optimizer's rate over rounds (`SERVER_LR_SCHEDULES`): constant (Flower's
+    FedOpt) or cosine (from `eta` in round 1 toward 0 at the last round, so the final adapter
+    is not a noisy step off the plateau). Needs an adaptive server strategy (FedAdam, FedYogi,
+    FedAdagrad; the server-adam recipe runs FedAdam)."""
     lora_aggregation: str = "naive"
     """naive (average A and B: FedIT) | svd (exact ΔW mean, re-factored) | ffa (A frozen) |
     hetlora (per-client ranks, zero-padded factors averaged) | flexlora (per-client ranks,
@@ -624,6 +630,13 @@ class RunSpec:
         elif f.recipe == SERVER_ADAM and f.server_strategy not in ADAPTIVE_SERVER_STRATEGIES:
             found.append(f"federation.recipe 'server-adam' runs an adaptive server optimizer "
                          f"({', '.join(ADAPTIVE_SERVER_STRATEGIES)}); federation.strategy {f.strategy!r} conflicts")
+        if f.server_lr_schedule not in SERVER_LR_SCHEDULES:
+            found.append(f"federation.server_lr_schedule {f.server_lr_schedule!r}: choose one of "
+                         f"{list(SERVER_LR_SCHEDULES)}")
+        elif f.server_lr_schedule != CONSTANT and f.server_strategy not in ADAPTIVE_SERVER_STRATEGIES:
+            found.append(f"federation.server_lr_schedule {f.server_lr_schedule!r} schedules an adaptive server "
+                         f"optimizer's eta ({', '.join(ADAPTIVE_SERVER_STRATEGIES)}, or recipe 'server-adam'); "
+                         f"federation.strategy {f.server_strategy!r} has none")
         if f.strategy in ("krum", "multikrum"):
             try:  # the options as the strategy will take them (`--strategy-opt` values are strings)
                 malicious = parse_strategy_options(f.strategy, f.strategy_option_text).get("num_malicious_nodes", 0)

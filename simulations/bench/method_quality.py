@@ -349,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.server.federation.spec import RECIPES
     from fedpeft.server.federation.task_data import load_task_data
+    from fedpeft.server.rate_schedule import SERVER_LR_SCHEDULES
 
     p = argparse.ArgumentParser(prog="peft-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-minilm-l6-v2")
@@ -372,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--recipe", choices=RECIPES, help="local (default): clients take the methods' local steps, the "
                    "server averages; server-adam: clients take one SGD step, the server runs Adam at each method's "
                    "rate (the centralized settings then train with AdamW at that rate)")
+    p.add_argument("--server-lr-schedule", choices=SERVER_LR_SCHEDULES,
+                   help="the federated settings' server eta over rounds (cosine: decays toward 0 at the last round; "
+                        "needs --recipe server-adam or an adaptive --strategy); the centralized settings keep a "
+                        "constant rate")
     p.add_argument("--strategy-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option, repeatable (--strategy fedadam --strategy-opt eta=0.01)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -389,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = (f"{args.model} on {Path(args.data).parent.name}: {args.train_limit or 'all'} train rows, "
              f"{args.clients} clients x {args.rounds} rounds x "
              f"{args.local_steps or 'each method’s federated default'} local steps"
-             + (f", recipe {args.recipe}" if args.recipe else ""))
+             + (f", recipe {args.recipe}" if args.recipe else "")
+             + (f", {args.server_lr_schedule} server rate" if args.server_lr_schedule else ""))
     rows: list[BenchRow] = []
     try:
         methods = select_methods(args.methods)
@@ -404,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["strategy"] = args.strategy
         if args.recipe is not None:
             overrides["recipe"] = args.recipe
+        if args.server_lr_schedule is not None:
+            overrides["server_lr_schedule"] = args.server_lr_schedule
         if args.strategy_opt:
             overrides["strategy_options"] = dict(item.partition("=")[::2] for item in args.strategy_opt)
         base = spec_from_flags(model=args.model, data=args.data, eval_data=args.eval_data, labels=args.labels,
