@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -175,7 +176,10 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                               f"({', '.join(ADAPTIVE_SERVER_STRATEGIES)}), not {setup.strategy!r}")
         strategy.eta_schedule = functools.partial(server_rate, setup.server_lr_schedule, strategy.eta,
                                                   num_rounds=setup.num_rounds)
+        strategy.eta_schedule(1)  # an unknown schedule fails here, before round 0 is scored
     offset = strategy.round_offset = done or 0
+    if done is not None:
+        _check_past_rates(recorder.rows, getattr(strategy, "eta_schedule", None), setup)
     # A checkpoint comes back in the delta's own order: FedAvgM pairs its arrays and momentum by position.
     initial = recorder.load_checkpoint(offset, order=adapted.spec.tensors) if done is not None else adapted.get_delta()
     stateful = setup.dp is None and setup.secagg is None and setup.strategy in STATEFUL_STRATEGIES
@@ -193,7 +197,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         if done is not None and local_round == 0:  # already evaluated and recorded before the restart
             adapted.set_delta(delta_from_arrayrecord(arrays), source=f"checkpoint of round {server_round}")
             last = recorder.rows[-1]
-            return MetricRecord({k.replace("_", "-"): float(last[k]) for k in ("eval_loss", "eval_accuracy") if k in last})
+            scored = {k.replace("_", "-"): float(last[k]) for k in ("eval_loss", "eval_accuracy") if k in last}
+            return MetricRecord(scored) if scored else None
         delta = delta_from_arrayrecord(arrays)
         adapted.set_delta(delta, source=f"global delta of round {server_round}")
         checkpoint = recorder.save_checkpoint(server_round, delta)
@@ -283,6 +288,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
     if setup.secagg is not None:
         if setup.compression is not None:  # (the run spec refuses it; a hand-built setup must not drop it silently)
             raise ConfigError("SecAgg+ cannot run with compressed deltas: it quantizes and masks the delta itself")
+        if setup.server_lr_schedule != CONSTANT:  # (likewise: SecAgg+ runs plain FedAvg, there is no eta)
+            raise ConfigError("SecAgg+ runs FedAvg: server_lr_schedule needs a FedOpt strategy")
         secagg_strategy = SecAggFedAvg(
             spec=adapted.spec, initial=dict(initial), plan_json=plan.to_json(), settings=setup.secagg,
             min_accepted=setup.min_accepted, round_offset=offset, evaluate_global=evaluate_global,
@@ -333,6 +340,22 @@ def _require(context: Context | None) -> Context:
     if context is None:
         raise ConfigError("SecAgg+ runs on Flower's legacy workflow, which needs the ServerApp's Context")
     return context
+
+
+def _check_past_rates(rows: Sequence[dict[str, Any]], schedule: Callable[[int], float] | None,
+                      setup: ServerSetup) -> None:
+    """Refuse a resume whose server rate schedule would have stepped the finished rounds at
+    other rates than they were (a changed `federation.rounds` moves a cosine's horizon): it
+    would continue neither the interrupted run nor the run it now asks for."""
+    for row in rows:
+        if row["round"] == 0 or "server_rate" not in row and schedule is None:
+            continue
+        recorded, expected = row.get("server_rate"), schedule(row["round"]) if schedule is not None else None
+        if recorded is None or expected is None or not math.isclose(recorded, expected, rel_tol=1e-9):
+            raise FederationError(
+                f"cannot resume {setup.out_dir}: round {row['round']} stepped at server rate {recorded} where "
+                f"federation.server_lr_schedule {setup.server_lr_schedule!r} over federation.rounds = "
+                f"{setup.num_rounds} gives {expected} (a schedule's rounds cannot change on resume)")
 
 
 def _resume_point(setup: ServerSetup) -> int:

@@ -94,7 +94,7 @@ class SecAggFedAvg(LegacyFedAvg):
     """Legacy FedAvg that runs fedpeft's plan, validation and recording under SecAgg+."""
 
     def __init__(self, *, spec: DeltaSpec, initial: dict[str, Any], plan_json: str, settings: SecAggSection,
-                 min_accepted: int, round_offset: int, evaluate_global: Callable[[int, ArrayRecord], MetricRecord],
+                 min_accepted: int, round_offset: int, evaluate_global: Callable[[int, ArrayRecord], MetricRecord | None],
                  **kwargs: Any) -> None:
         super().__init__(initial_parameters=ndarrays_to_parameters([t.numpy() for t in initial.values()]), **kwargs)
         self.spec = spec

@@ -91,7 +91,8 @@ class RoundTraffic:
     failed: int = 0
     seconds: float = 0.0
     server_rate: float | None = None
-    """The server optimizer's rate this round, where a schedule sets it."""
+    """The rate a server rate schedule set for this round (recorded even when the round's
+    aggregate is refused and no step is taken: a resume checks the schedule against it)."""
     train_metrics: dict[str, float] = field(default_factory=dict)
     client_metrics: list[dict[str, float]] = field(default_factory=list)
 

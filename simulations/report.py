@@ -12,9 +12,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def last_scored(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The last row that scored the held-out rows (round 0 always does)."""
+    return next(r for r in reversed(rows) if "eval_loss" in r)
+
+
 def before_after_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: held-out metrics before training (round 0) and after the last round."""
-    first, last = rows[0], rows[-1]
+    """Markdown table: held-out metrics before training (round 0) and after the last scored
+    round (the last one, unless a resume stopped a run on a round `task.eval_every` skipped)."""
+    first, last = rows[0], last_scored(rows)
     lines = [f"| metric | before (round 0) | after (round {last['round']}) | change |", "|---|---|---|---|"]
     change = last["eval_loss"] - first["eval_loss"]
     lines.append(f"| eval loss | {first['eval_loss']:.4f} | {last['eval_loss']:.4f} | {change:+.4f} |")
@@ -38,7 +44,7 @@ def offsite_table(rows: Sequence[dict[str, Any]], offsite: dict[str, Any]) -> st
     def cell(loss: float, acc: float | None) -> str:
         return f"| {loss:.4f} | {acc:.3f} |" if acc is not None else f"| {loss:.4f} | - |"
 
-    first, last = rows[0], rows[-1]
+    first, last = rows[0], last_scored(rows)
     lines = ["| model | eval loss | eval acc |", "|---|---|---|",
              "| full model, zero-shot " + cell(offsite["full_zero_shot_loss"], offsite.get("full_zero_shot_accuracy")),
              "| emulator, zero-shot " + cell(first["eval_loss"], first.get("eval_accuracy")),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.common.errors import ConfigError
+from fedpeft.common.errors import ConfigError, FederationError
 from fedpeft.common.methods import get_method
 from fedpeft.server.federation.flags import spec_from_flags
 from fedpeft.server.federation.spec import SERVER_ADAM_TAU, RunSpec
@@ -66,6 +66,8 @@ def test_the_local_recipe_leaves_strategy_and_clients_alone():
     ({"server_lr_schedule": "cosine"}, "federation.server_lr_schedule 'cosine' schedules an adaptive server"),
     ({"server_lr_schedule": "cosine", "strategy": "fedavgm"}, "federation.strategy 'fedavgm' has none"),
     ({"recipe": "server-adam", "server_lr_schedule": "step"}, "federation.server_lr_schedule 'step': choose one of"),
+    ({"strategy": "fedadam", "server_lr_schedule": "cosine", "topology": "split"},
+     "split: federation.server_lr_schedule 'cosine' is not supported"),
 ])
 def test_a_recipe_that_cannot_run_is_refused_naming_its_key(flags, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
@@ -90,11 +92,54 @@ def test_cosine_decay_starts_at_eta_and_ends_near_zero_without_stopping():
         server_rate("cosine", 0.01, 101, 100)
 
 
-def test_the_schedule_runs_with_any_adaptive_server_optimizer():
-    for flags in ({"recipe": "server-adam"}, {"strategy": "fedyogi"}, {"strategy": "fedadagrad"}):
-        spec = spec_from_flags(model=ENCODER, server_lr_schedule="cosine", **flags)
-        spec.validate("simulation")
-        assert spec.federation.server_lr_schedule == "cosine"
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_every_adaptive_server_optimizer_steps_at_the_scheduled_rate(flower_task_identity, name):
+    """The same replies from the same state: round 2 of a 2-round cosine (eta / 2) moves the
+    global adapter half as far as a constant eta does, for each FedOpt strategy."""
+    import functools
+    from collections import OrderedDict
+
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedpeft.common.protocol.deltas import DeltaSpec
+    from fedpeft.common.protocol.flower_io import delta_from_arrayrecord, delta_to_arrayrecord
+    from fedpeft.common.protocol.plan import TRAIN_METRIC_KEYS
+    from fedpeft.server.rate_schedule import server_rate
+    from fedpeft.server.strategy import build_strategy
+
+    spec_from_flags(model=ENCODER, strategy=name, server_lr_schedule="cosine").validate("simulation")
+    zero = OrderedDict(w=torch.zeros(4))
+    nodes = (1, 2)
+
+    class Grid:
+        def get_node_ids(self):
+            return list(nodes)
+
+    def reply(node: int, server_round: int) -> Message:
+        delta = OrderedDict(w=torch.tensor([0.1, -0.2, 0.3, 0.05]) * node * server_round)
+        metrics = {k: 1 if k in ("num-examples", "unit-weight") else 0.5 for k in TRAIN_METRIC_KEYS}
+        request = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node,
+                          message_type="train")
+        return Message(RecordDict({"arrays": delta_to_arrayrecord(delta), "metrics": MetricRecord(metrics)}),
+                       reply_to=request)
+
+    steps = {}
+    for schedule in ("constant", "cosine"):
+        strategy = build_strategy(name, spec=DeltaSpec.of_delta(zero), max_delta_bytes=10_000,
+                                  options={"eta": "0.01", "tau": "1e-8"}, min_train_nodes=2, min_available_nodes=2,
+                                  fraction_evaluate=0.0)
+        if schedule == "cosine":
+            strategy.eta_schedule = functools.partial(server_rate, schedule, strategy.eta, num_rounds=2)
+        arrays = delta_to_arrayrecord(zero)
+        for server_round in (1, 2):
+            list(strategy.configure_train(server_round, arrays, ConfigRecord(), Grid()))
+            before = delta_from_arrayrecord(arrays)["w"]
+            arrays, _ = strategy.aggregate_train(server_round, [reply(n, server_round) for n in nodes])
+            assert arrays is not None
+        steps[schedule] = delta_from_arrayrecord(arrays)["w"] - before
+        assert strategy.traffic[2].server_rate == (None if schedule == "constant" else pytest.approx(0.005))
+    assert steps["constant"].abs().sum() > 0
+    assert torch.allclose(steps["cosine"], steps["constant"] / 2, rtol=1e-4, atol=1e-9)
 
 
 def test_the_recipes_own_sgd_clients_need_no_learning_rate_but_several_steps_do():
@@ -179,6 +224,13 @@ def test_a_resumed_server_adam_run_gives_the_uninterrupted_result(tiny_model_dir
     again = load_delta_file(stopped / "checkpoints" / "global-round-0002.safetensors")
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
     assert resumed.rows[2]["server_rate"] == pytest.approx(eta / 2)  # the schedule goes on where it stopped
+    # (rounds 1 -> 2 could change: a cosine's round 1 is eta whatever its horizon.) Rounds 2 -> 4 cannot: round 2
+    # stepped at eta / 2, where a 4-round cosine steps at 0.85 eta; the run would continue neither schedule.
+    longer = json.loads((reference.out_dir / "run-spec.json").read_text())
+    longer["federation"]["rounds"] = 4
+    (reference.out_dir / "run-spec.json").write_text(json.dumps(longer))
+    with pytest.raises(FederationError, match="round 2 stepped at server rate .* cannot change on resume"):
+        run_simulation(None, resume=str(reference.out_dir))
 
     # the rate is what Adam stepped with: round 2's step is half the constant schedule's, from the same round 1
     constant = run_simulation(spec_from_flags(rounds=2, **{**common, "server_lr_schedule": "constant"}),

@@ -67,8 +67,9 @@ class Federation:
                            split_ca=endpoint[1] if endpoint else None)
 
 
-RESUMABLE_CHANGES = frozenset({"federation.rounds"})
-"""What a resumed run may change: only how many rounds it runs in all."""
+RESUMABLE_CHANGES = frozenset({"federation.rounds", "task.eval_every"})
+"""What a resumed run may change: how many rounds it runs in all (a non-constant server
+rate schedule then checks its past rates, `fedpeft.server.app`), and how often it scores."""
 
 
 def check_run_dir(run_dir: Path, spec: RunSpec, resume: bool) -> None:

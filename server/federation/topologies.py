@@ -193,6 +193,7 @@ class SplitTopology(Topology):
 
     def refusals(self, spec: RunSpec, driver: Driver) -> list[str]:
         from fedpeft.server.federation.spec import LOCAL, LOOPBACK_HOSTS, SPLIT_WIRE_DTYPES
+        from fedpeft.server.rate_schedule import CONSTANT
 
         sp, f = spec.split, spec.federation
         found = []
@@ -208,6 +209,9 @@ class SplitTopology(Topology):
         if f.recipe != LOCAL:
             found.append(f"split: federation.recipe {f.recipe!r} is not supported (the split server trains its part "
                          "with AdamW at the clients' rate); use recipe 'local'")
+        if f.server_lr_schedule != CONSTANT:
+            found.append(f"split: federation.server_lr_schedule {f.server_lr_schedule!r} is not supported (the split "
+                         "server trains its part with AdamW at a constant rate); use 'constant'")
         elif spec.training.optimizer != "adamw":
             found.append(f"split: training.optimizer {spec.training.optimizer!r} is not supported (the split server "
                          "trains its part with AdamW, and checkpoints AdamW's state); use adamw")
