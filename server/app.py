@@ -217,6 +217,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
                        eval_seconds=time.perf_counter() - t0)
             if result.accuracy is not None:
                 row["eval_accuracy"] = result.accuracy
+            if result.auc is not None:
+                row["eval_auc"] = result.auc
         row.update({
             "bytes_up": traffic.bytes_up if traffic else 0,
             "bytes_down": traffic.bytes_down if traffic else 0,
@@ -264,7 +266,8 @@ def run_federation(grid: Grid, setup: ServerSetup, context: Context | None = Non
         if result is None:
             score = f"train loss {row['train_loss']:.4f}" if row.get("train_loss") is not None else "not scored"
         else:
-            score = f"eval loss {result.loss:.4f}" + (f" acc {result.accuracy:.3f}" if result.accuracy is not None else "")
+            score = (f"eval loss {result.loss:.4f}" + (f" acc {result.accuracy:.3f}" if result.accuracy is not None else "")
+                     + (f" auc {result.auc:.3f}" if result.auc is not None else ""))
         ratios = (f" (x{row['compression_up']:.1f} / x{row['compression_down']:.1f} smaller than fp32)"
                   if "compression_up" in row else "")
         log.info("round %d/%d: %s | up %.2f MB down %.2f MB%s | %.1f s", server_round, setup.num_rounds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 
@@ -39,6 +40,7 @@ BEST = {0: (None, None, 0.79, 0.75, 0.66), 1: (None, None, 0.77, 0.74, 0.62)}
 ROWS = [_run("lora", s, seed, FINAL[seed][i], BEST[seed][i], best_at=2 + seed)
         for seed in (0, 1) for i, s in enumerate(SETTINGS)]
 ROWS.append(_run("bitfit", "iid", 0, 0.70))
+ROWS.append(dataclasses.replace(_run("ia3", "dirichlet:0.1", 0, 0.509), auc=0.8125))  # collapsed, yet it ranks
 
 
 def test_table_has_every_setting_in_run_order_with_mean_std_and_every_ratio():
@@ -54,6 +56,7 @@ def test_table_has_every_setting_in_run_order_with_mean_std_and_every_ratio():
     assert any(line.startswith("†n: n seeds ended within 0.005") and "0.509" in line for line in lines)
     best = lines[lines.index("| method | iid | natural:branch | dirichlet:0.1 |") + 2]
     assert best == "| lora | 0.780 ± 0.014 (r2/3) | 0.745 ± 0.007 (r2/3) | 0.640 ± 0.028 (r2/3) |"
+    assert lines[-1] == "| ia3 | - | - | - | - | 0.812 |" and "| lora | - | - | - | - | - |" in lines  # AUC table
 
 
 def test_without_centralized_there_are_no_ratio_columns_and_one_seed_has_no_spread():
@@ -154,6 +157,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (out / "lora-dirichlet-1.0-seed3" / "metrics.jsonl").read_text().splitlines()]
     assert [("eval_accuracy" in m) for m in metrics] == [True, False, True]
     assert all(0 < r.majority_rate < 1 for r in rows)
+    assert all(r.auc is not None and 0 <= r.auc <= 1 for r in rows)  # two labels: every run scores its ranking
     table = (out / "results.md").read_text()
     assert "dirichlet:1.0 / central" in table and "| ia3 |" in table
     assert (out / "results.png").stat().st_size > 0

@@ -33,6 +33,27 @@ class EvalResult:
     loss: float
     accuracy: float | None
     num_examples: int
+    auc: float | None = None
+    """Two labels: the ROC AUC of the score margin (label 1 over label 0), i.e. how well the
+    model ranks the rows whatever its threshold; None otherwise or when one label is absent.
+    It tells a model that ranks well but sits on one side of its threshold (accuracy at the
+    majority rate, AUC high) from one that learned nothing (AUC ~0.5)."""
+
+
+def binary_auc(margin: torch.Tensor, gold: torch.Tensor) -> float | None:
+    """ROC AUC of `margin` for `gold` in {0, 1} (Mann-Whitney U over average ranks, so tied
+    scores count one half); None when either label is missing. A dozen lines here rather
+    than a scikit-learn dependency for one function."""
+    margin, gold = margin.double().flatten(), gold.flatten()
+    positives = int((gold == 1).sum())
+    negatives = int(gold.numel()) - positives
+    if positives == 0 or negatives == 0 or not bool(torch.isfinite(margin).all()):
+        return None
+    values, inverse, counts = torch.unique(margin, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average_rank = ends - (counts.double() - 1) / 2  # 1-based rank of each distinct value, ties averaged
+    rank_sum = float(average_rank[inverse][gold == 1].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -125,5 +146,6 @@ def _evaluate_classification(model, tokenizer, task, rows, max_length, batch_siz
     predicted = scores.argmax(dim=1)
     gold_nll = -(scores.gather(1, gold[:, None]) / lengths.gather(1, gold[:, None]).clamp(min=1)).squeeze(1)
     loss = float(gold_nll.mean())
+    auc = binary_auc(scores[:, 1] - scores[:, 0], gold) if num_labels == 2 else None
     return EvalResult(loss=loss if math.isfinite(loss) else float("inf"),
-                      accuracy=float((predicted == gold).float().mean()), num_examples=len(rows))
+                      accuracy=float((predicted == gold).float().mean()), num_examples=len(rows), auc=auc)

@@ -21,7 +21,7 @@ from torch import nn
 from fedpeft.common.data.records import IGNORE_INDEX, Record, TaskSpec, collate, encode_for_training, template_fields
 from fedpeft.common.errors import ConfigError, DataError
 from fedpeft.common.model.architectures import ARCHITECTURES, is_sequence_classifier
-from fedpeft.common.training.evaluation import EvalResult, evaluate, model_device
+from fedpeft.common.training.evaluation import EvalResult, binary_auc, evaluate, model_device
 
 
 class Objective(Protocol):
@@ -182,6 +182,7 @@ class SequenceClassificationObjective:
         model.eval()
         try:
             total_loss, correct = 0.0, 0
+            margins, golds = [], []
             encoded = [self.encode(r) for r in rows]
             for start in range(0, len(encoded), batch_size):
                 batch = _to(self.collate(encoded[start:start + batch_size]), model_device(model))
@@ -189,10 +190,14 @@ class SequenceClassificationObjective:
                 logits = out.logits.float()
                 total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
                 correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+                if logits.shape[-1] == 2:
+                    margins.append((logits[:, 1] - logits[:, 0]).cpu())
+                    golds.append(batch["labels"].cpu())
         finally:
             model.train(was_training)
+        auc = binary_auc(torch.cat(margins), torch.cat(golds)) if margins else None
         return EvalResult(loss=total_loss / max(len(rows), 1), accuracy=correct / max(len(rows), 1),
-                          num_examples=len(rows))
+                          num_examples=len(rows), auc=auc)
 
 
 def objective_for(model: nn.Module, tokenizer: Any, task: TaskSpec, max_length: int) -> Objective:

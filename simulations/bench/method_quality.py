@@ -68,7 +68,7 @@ EXCLUDED_METHODS = ("adapter_fusion",)
 COLLAPSE_MARGIN = 0.005
 """A final accuracy this close to the held-out majority-class rate counts as collapse."""
 CSV_COLUMNS = ("method", "setting", "seed", "accuracy", "best_accuracy", "best_round", "eval_loss", "majority_rate",
-               "collapsed", "trainable_parameters", "upload_mb_per_client_round", "seconds")
+               "collapsed", "trainable_parameters", "upload_mb_per_client_round", "seconds", "auc")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class BenchRow:
     trainable_parameters: int
     upload_mb_per_client_round: float
     seconds: float
+    auc: float | None = None
+    """Two labels: the final model's ROC AUC of its label margin on the held-out rows (does it
+    rank them at all, whatever its threshold); None otherwise."""
 
     @property
     def collapsed(self) -> bool:
@@ -192,11 +195,11 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
     result = objective_for(adapted.model, adapted.tokenizer, data.task, training.max_length).evaluate(
         adapted.model, data.eval_rows, 32)
     (out_dir / f"{method}-{setting}-seed{seed}.json").write_text(
-        json.dumps({"accuracy": result.accuracy, "loss": result.loss, "steps": steps,
+        json.dumps({"accuracy": result.accuracy, "loss": result.loss, "auc": result.auc, "steps": steps,
                     "learning_rate": config.learning_rate}))
     accuracy = result.accuracy or 0.0
     return BenchRow(method, setting, seed, accuracy, accuracy, None, result.loss, majority,
-                    adapted.spec.num_parameters, 0.0, time.perf_counter() - start)
+                    adapted.spec.num_parameters, 0.0, time.perf_counter() - start, result.auc)
 
 
 def run_federated(base: RunSpec, method: str, setting: str, seed: int, majority: float, out_dir: Path) -> BenchRow:
@@ -213,7 +216,7 @@ def run_federated(base: RunSpec, method: str, setting: str, seed: int, majority:
     manifest = json.loads((result.final_dir / "fedpeft.json").read_text())
     per_client_round = last["bytes_up"] / max(last["clients_accepted"], 1) / 1e6
     return BenchRow(method, setting, seed, last.get("eval_accuracy", 0.0), best, round_, last["eval_loss"], majority,
-                    manifest["trainable_parameters"], per_client_round, time.perf_counter() - start)
+                    manifest["trainable_parameters"], per_client_round, time.perf_counter() - start, last.get("eval_auc"))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -284,6 +287,13 @@ def results_markdown(rows: Sequence[BenchRow], title: str) -> str:
                 cells.append("-" if not runs else _format([r.best_accuracy for r in runs])
                              + f" (r{'/'.join(str(r.best_round) for r in runs)})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if any(r.auc is not None for r in rows):
+        lines += ["", "Final held-out AUC of the label margin, mean ± std (0.5: the model does not rank the rows; a "
+                      "run at the majority class with a high AUC only sits on one side of its threshold):", "",
+                  "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+        for m in methods:
+            aucs = [[r.auc for r in groups.get((m, s), []) if r.auc is not None] for s in settings]
+            lines.append(f"| {m} | " + " | ".join(_format(a) if a else "-" for a in aucs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +306,8 @@ def write_results(rows: Sequence[BenchRow], out_dir: Path, title: str) -> str:
             writer.writerow([r.method, r.setting, r.seed, f"{r.accuracy:.4f}", f"{r.best_accuracy:.4f}",
                              "" if r.best_round is None else r.best_round, f"{r.eval_loss:.4f}",
                              f"{r.majority_rate:.4f}", int(r.collapsed), r.trainable_parameters,
-                             f"{r.upload_mb_per_client_round:.3f}", f"{r.seconds:.1f}"])
+                             f"{r.upload_mb_per_client_round:.3f}", f"{r.seconds:.1f}",
+                             "" if r.auc is None else f"{r.auc:.4f}"])
     table = results_markdown(rows, title)
     (out_dir / "results.md").write_text(table)
     _plot(rows, out_dir / "results.png", title)
@@ -339,7 +350,8 @@ def read_results(path: Path) -> list[BenchRow]:
                          float(r.get("best_accuracy") or r["accuracy"]),
                          int(r["best_round"]) if r.get("best_round") else None, float(r["eval_loss"]),
                          float(r.get("majority_rate") or math.nan), int(r["trainable_parameters"]),
-                         float(r["upload_mb_per_client_round"]), float(r["seconds"]))
+                         float(r["upload_mb_per_client_round"]), float(r["seconds"]),
+                         float(r["auc"]) if r.get("auc") else None)
                 for r in csv.DictReader(fh)]
 
 
