@@ -78,7 +78,8 @@ def test_methods_without_4bit_support_fail_before_anything_starts(capsys, tmp_pa
 
 
 @pytest.mark.parametrize(("method", "options", "fragment"), [
-    ("adalora", [], "AdaLoraMethodConfig.total_step"),
+    ("adalora", ["-o", "target_r=20"], "AdaLoraMethodConfig.target_r"),
+    ("adalora", ["--local-epochs", "1"], "AdaLoraMethodConfig.total_step"),  # no step count to derive it from
     ("adapter_fusion", ["-o", "adapter_dirs=only-one"], "AdapterFusionMethodConfig.adapter_dirs"),
     ("mam", ["-o", "r=4"], "unknown option(s) ['r']"),
     ("unipelt", ["-o", "lora_r=0"], "UniPeltMethodConfig.lora_r"),

@@ -36,6 +36,9 @@ def test_model_kind_is_read_from_the_checkpoint(tiny_bert_dir, tiny_model_dir):
                                                  ("unipelt", {"num_virtual_tokens": "4", "lora_r": "4"}),
                                                  ("adalora", {"total_step": "15", "init_r": "4", "target_r": "2",
                                                               "target_modules": "query,value"}),
+                                                 # default targets: the architecture's own module names
+                                                 ("adalora", {"total_step": "15", "init_r": "4", "target_r": "2"}),
+                                                 ("loha", {"r": "4"}), ("lokr", {"r": "4"}), ("hra", {"r": "4"}),
                                                  ("bitfit", {}), ("prefix", {"num_virtual_tokens": "4"}),
                                                  ("prompt", {"num_virtual_tokens": "4"}), ("ia3", {})])
 def test_every_method_trains_the_head_and_learns(tiny_bert_dir, tmp_path, method, options):
@@ -46,6 +49,7 @@ def test_every_method_trains_the_head_and_learns(tiny_bert_dir, tmp_path, method
     assert isinstance(objective, SequenceClassificationObjective)
     head = [n for n in adapted.delta_names if "classifier" in n]
     assert head  # the new head travels with the delta
+    assert any("classifier" not in n for n in adapted.delta_names)  # and the method adapts the encoder itself
     head_before = {n: adapted.model.get_parameter(n).detach().clone() for n in head}
     before = objective.evaluate(adapted.model, TRAIN, batch_size=16)
     # Execute: a few steps on the training rows

@@ -116,3 +116,16 @@ def test_methods_without_4bit_support_are_refused_on_a_4bit_base(tiny_model_dir,
 def test_catalogue_options_are_validated(method, options, fragment):
     with pytest.raises(ConfigError, match=fragment):
         make_config(method, options)
+
+
+def test_adaloras_schedule_spans_the_run_unless_set():
+    from fedpeft.server.federation.flags import spec_from_flags
+
+    spec = spec_from_flags(method="adalora", rounds=3, local_steps=5)
+    spec.validate("simulation")
+    assert spec.method_options()["total_step"] == "15"
+    assert make_config("adalora", spec.method_options()).total_step == 15
+    explicit = spec_from_flags(method="adalora", rounds=3, local_steps=5, method_options={"total_step": "40"})
+    assert explicit.method_options()["total_step"] == "40"
+    with pytest.raises(ConfigError, match="total_step"):  # epochs: the step count is the data's, so say it
+        spec_from_flags(method="adalora", rounds=3, local_epochs=1.0).validate("simulation")

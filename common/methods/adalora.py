@@ -31,6 +31,7 @@ from torch import nn
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.peft_backed import PeftLibraryMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import default_target_modules
 
 SUPPORT_ATTR = "fedpeft_adalora_support"
 
@@ -41,7 +42,8 @@ class AdaLoraMethodConfig(MethodConfig):
     (rounds × local steps) so the budget schedule spans the whole federation."""
 
     total_step: int = 0
-    """Total training steps of the schedule (required)."""
+    """Total training steps of the schedule (required; a run spec fills it in as rounds x
+    local steps when it is not set)."""
     init_r: int = 12
     """Starting rank of every adapted matrix."""
     target_r: int = 8
@@ -62,8 +64,9 @@ class AdaLoraMethodConfig(MethodConfig):
     """Scaling numerator: the update is (alpha / init_r)·P·Λ·Q."""
     dropout: float = 0.0
     """Dropout on the adapter input during training."""
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Module-name suffixes to adapt."""
+    target_modules: tuple[str, ...] = ()
+    """Module-name suffixes to adapt; empty: every attention projection of the model's
+    architecture (`ArchitectureSpec.attention_projections`: q/k/v/o_proj on Llama)."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -81,7 +84,6 @@ class AdaLoraMethodConfig(MethodConfig):
         require(self.orth_reg_weight >= 0, owner, "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight}")
         require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha}")
         require(0.0 <= self.dropout < 1.0, owner, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(len(self.target_modules) > 0, owner, "target_modules", "name at least one module")
 
 
 def _singular_values(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -106,6 +108,9 @@ class AdaLoraMethod(PeftLibraryMethod):
                              target_modules=list(config.target_modules), task_type=self.task_type)
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
+        assert isinstance(config, AdaLoraMethodConfig)
+        if not config.target_modules:  # the architecture's own names, not Llama's on every model
+            config = dataclasses.replace(config, target_modules=default_target_modules(model, attention=True))
         model = super().build(model, config)
         # peft 0.21.2 leaves ranknum trainable on bitsandbytes 4-bit layers (not on fp
         # layers); it is the constant init_r, so freeze it everywhere.

@@ -16,6 +16,7 @@ from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods.base import MethodConfig, require
 from fedpeft.common.methods.peft_backed import PeftLibraryMethod
 from fedpeft.common.methods.registry import register
+from fedpeft.common.model.architectures import default_target_modules
 from fedpeft.common.model.quantization import four_bit_layers
 
 
@@ -26,13 +27,14 @@ class LowRankMethodConfig(MethodConfig):
     r: int = 8
     alpha: int = 16
     """Scaling numerator (LoHa, LoKr); unused by HRA."""
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ()
+    """Module-name suffixes to adapt; empty: the model's attention query and value projections
+    (`ArchitectureSpec.query_value`: q_proj/v_proj on Llama, query/value on BERT)."""
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         require(self.r >= 1, owner, "r", f"rank must be >= 1, got {self.r}")
         require(self.alpha > 0, owner, "alpha", f"must be > 0, got {self.alpha}")
-        require(len(self.target_modules) > 0, owner, "target_modules", "name at least one module")
 
 
 def refuse_4bit_message(display: str) -> str:
@@ -53,6 +55,9 @@ class FullPrecisionOnlyMethod(PeftLibraryMethod):
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         if four_bit_layers(model):
             raise ConfigError(refuse_4bit_message(self.display))
+        assert isinstance(config, LowRankMethodConfig)
+        if not config.target_modules:  # the architecture's own names, not Llama's on every model
+            config = dataclasses.replace(config, target_modules=default_target_modules(model))
         return super().build(model, config)
 
     def peft_config(self, config: MethodConfig):

@@ -55,6 +55,8 @@ class ArchitectureSpec:
     """The rotary position-embedding module whose (cos, sin) every block is called with."""
     lm_head: str | None = None
     """The language-model head (split: server, or client when U-shaped)."""
+    attention_projections: tuple[str, ...] = ()
+    """Every projection of the attention sublayer (query, key, value, output)."""
 
     @property
     def splittable(self) -> bool:
@@ -65,12 +67,16 @@ class ArchitectureSpec:
 _LLAMA_LIKE = ArchitectureSpec(blocks="model.layers", attention_output="self_attn.o_proj", ffn_output="mlp.down_proj",
                              ffn_parallel=ParallelSite("mlp"), query_value=("self_attn.q_proj", "self_attn.v_proj"),
                              backbone="model", embeddings="model.embed_tokens", final_norm="model.norm",
-                             rotary="model.rotary_emb", lm_head="lm_head")
+                             rotary="model.rotary_emb", lm_head="lm_head",
+                             attention_projections=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                    "self_attn.o_proj"))
 _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="attention.output.dense",
                               ffn_output="output.dense",
                               ffn_parallel=ParallelSite("output", input_arg=1, into_residual=True),
                               query_value=("attention.self.query", "attention.self.value"), backbone="bert",
-                              classifier="classifier")
+                              classifier="classifier",
+                              attention_projections=("attention.self.query", "attention.self.key",
+                                                     "attention.self.value", "attention.output.dense"))
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -81,7 +87,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "phi3": _LLAMA_LIKE,
     "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj",
                              ffn_parallel=ParallelSite("mlp"), query_value=("attn.c_attn",), backbone="transformer",
-                             num_layers_key="n_layer"),
+                             num_layers_key="n_layer", attention_projections=("attn.c_attn", "attn.c_proj")),
     "bert": _BERT_LIKE,
 }
 
@@ -98,6 +104,21 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
         return ARCHITECTURES[model_type]  # type: ignore[index]
     except KeyError:
         raise ConfigError(f"model type {model_type!r} has no architecture entry; supported: {sorted(ARCHITECTURES)}") from None
+
+
+LLAMA_QUERY_VALUE = ("q_proj", "v_proj")
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def default_target_modules(model: nn.Module, attention: bool = False) -> tuple[str, ...]:
+    """A peft method's default targets on `model`: its architecture's attention query and value
+    projections (or, with `attention`, every attention projection); Llama's names for a model
+    type without an architecture entry (most decoder LMs use them)."""
+    try:
+        spec = architecture_of(model)
+    except ConfigError:
+        return LLAMA_ATTENTION if attention else LLAMA_QUERY_VALUE
+    return spec.attention_projections if attention else spec.query_value
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
