@@ -211,3 +211,16 @@ def test_a_run_dir_keeps_its_spec_new_runs_refuse_it_and_resumes_may_only_add_ro
     with pytest.raises(ConfigError, match=r"training.learning_rate differ from"):
         assemble(spec.with_overrides({"training.learning_rate": 0.5}), driver, run_dir, resume=True)
     assemble(spec.with_overrides({"federation.rounds": 9}), driver, run_dir, resume=True)
+
+
+def test_adaloras_derived_schedule_is_recorded_and_a_resume_may_not_move_it(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    spec = _spec(tiny_model_dir, federation={"method": "adalora", "method_options": {"init_r": 4, "target_r": 2}})
+    assemble(spec, "deployment", run_dir)
+    saved = RunSpec.from_dict(json.loads((run_dir / "run-spec.json").read_text()))
+    steps = spec.train_config().local_steps
+    assert saved.federation.method_options == {"init_r": 4, "target_r": 2, "total_step": spec.federation.rounds * steps}
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    assemble(spec, "deployment", run_dir, resume=True)  # the same run resumes
+    with pytest.raises(ConfigError, match=r"federation.method_options differ from"):  # 9 rounds: another schedule
+        assemble(spec.with_overrides({"federation.rounds": 9}), "deployment", run_dir, resume=True)

@@ -30,3 +30,6 @@ def test_ranking_not_threshold_is_what_it_measures():
     assert binary_auc(torch.zeros(4), gold) == 0.5  # a constant margin ranks nothing
     assert binary_auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])) is None  # one label: undefined
     assert binary_auc(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 1])) is None
+    inf = float("inf")
+    assert binary_auc(torch.tensor([-inf, inf, 0.0]), torch.tensor([0, 1, 1])) == 1.0  # infinite margins still rank
+    assert binary_auc(torch.tensor([inf, inf]), torch.tensor([0, 1])) == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -24,3 +25,22 @@ def test_the_file_and_then_its_directory_are_fsynced(tmp_path, monkeypatch):
     assert synced == ["file", "dir"]
     assert (tmp_path / "sub" / "state.bin").read_bytes() == b"moments"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["state.bin"]  # no temp file left
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECTORY"), reason="directories are fsynced on POSIX only")
+@pytest.mark.parametrize(("code", "tolerated"), [(errno.EINVAL, True), (errno.EIO, False)])
+def test_a_file_system_that_cannot_fsync_a_directory_keeps_the_write(tmp_path, monkeypatch, code, tolerated):
+    real_fsync = os.fsync
+
+    def directory_fsync_fails(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", directory_fsync_fails)
+    if tolerated:  # (some FUSE/network mounts: the rename itself stands)
+        files.atomic_write_bytes(tmp_path / "state.bin", b"moments")
+    else:  # a real I/O error is not swallowed
+        with pytest.raises(OSError):
+            files.atomic_write_bytes(tmp_path / "state.bin", b"moments")
+    assert (tmp_path / "state.bin").read_bytes() == b"moments"

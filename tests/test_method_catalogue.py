@@ -129,3 +129,31 @@ def test_adaloras_schedule_spans_the_run_unless_set():
     assert explicit.method_options()["total_step"] == "40"
     with pytest.raises(ConfigError, match="total_step"):  # epochs: the step count is the data's, so say it
         spec_from_flags(method="adalora", rounds=3, local_epochs=1.0).validate("simulation")
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ("loha", {"qkv_proj"}),  # Phi-3 fuses query/key/value: not Llama's q_proj/v_proj
+    ("adalora", {"qkv_proj", "o_proj"}),
+])
+def test_default_targets_follow_phi3s_fused_attention(method, expected):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0))
+    options = {"total_step": "10"} if method == "adalora" else {}
+    wrapped = get_method(method).build(model, make_config(method, options))
+    adapted = {name for name, _ in wrapped.named_modules() if name.endswith(tuple(expected))}
+    assert adapted and all(any(p.requires_grad for p in wrapped.get_submodule(n).parameters()) for n in adapted)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert not any(".q_proj." in n or ".mlp." in n for n in trainable)
+
+
+def test_a_model_type_without_an_entry_gets_peft_defaults():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4))
+    wrapped = get_method("loha").build(model, make_config("loha"))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all("query_key_value" in n for n in trainable)  # peft's own GPT-NeoX default

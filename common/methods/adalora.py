@@ -105,7 +105,7 @@ class AdaLoraMethod(PeftLibraryMethod):
                              deltaT=config.delta_t, beta1=config.beta1, beta2=config.beta2,
                              orth_reg_weight=config.orth_reg_weight, total_step=config.total_step,
                              lora_alpha=config.alpha, lora_dropout=config.dropout,
-                             target_modules=list(config.target_modules), task_type=self.task_type)
+                             target_modules=list(config.target_modules) or None, task_type=self.task_type)
 
     def build(self, model: nn.Module, config: MethodConfig) -> nn.Module:
         assert isinstance(config, AdaLoraMethodConfig)

@@ -65,7 +65,7 @@ class FullPrecisionOnlyMethod(PeftLibraryMethod):
 
         assert isinstance(config, LowRankMethodConfig)
         extra = {"alpha": config.alpha} if self.uses_alpha else {}
-        return getattr(peft, self.peft_config_name)(r=config.r, target_modules=list(config.target_modules),
+        return getattr(peft, self.peft_config_name)(r=config.r, target_modules=list(config.target_modules) or None,
                                                     task_type=self.task_type, **extra)
 
 

@@ -7,7 +7,7 @@ branching on model classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -78,13 +78,17 @@ _BERT_LIKE = ArchitectureSpec(blocks="bert.encoder.layer", attention_output="att
                               attention_projections=("attention.self.query", "attention.self.key",
                                                      "attention.self.value", "attention.output.dense"))
 
+# Phi-3 is Llama-shaped but fuses query, key and value into one projection.
+_PHI3 = replace(_LLAMA_LIKE, query_value=("self_attn.qkv_proj",),
+                attention_projections=("self_attn.qkv_proj", "self_attn.o_proj"))
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
+    "phi3": _PHI3,
     "gpt2": ArchitectureSpec(blocks="transformer.h", attention_output="attn.c_proj", ffn_output="mlp.c_proj",
                              ffn_parallel=ParallelSite("mlp"), query_value=("attn.c_attn",), backbone="transformer",
                              num_layers_key="n_layer", attention_projections=("attn.c_attn", "attn.c_proj")),
@@ -106,18 +110,14 @@ def architecture_of(model: nn.Module) -> ArchitectureSpec:
         raise ConfigError(f"model type {model_type!r} has no architecture entry; supported: {sorted(ARCHITECTURES)}") from None
 
 
-LLAMA_QUERY_VALUE = ("q_proj", "v_proj")
-LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 def default_target_modules(model: nn.Module, attention: bool = False) -> tuple[str, ...]:
     """A peft method's default targets on `model`: its architecture's attention query and value
-    projections (or, with `attention`, every attention projection); Llama's names for a model
-    type without an architecture entry (most decoder LMs use them)."""
+    projections (or, with `attention`, every attention projection); none for a model type
+    without an architecture entry, where peft's own per-model-type defaults then apply."""
     try:
         spec = architecture_of(model)
     except ConfigError:
-        return LLAMA_ATTENTION if attention else LLAMA_QUERY_VALUE
+        return ()
     return spec.attention_projections if attention else spec.query_value
 
 

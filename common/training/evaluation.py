@@ -42,12 +42,13 @@ class EvalResult:
 
 def binary_auc(margin: torch.Tensor, gold: torch.Tensor) -> float | None:
     """ROC AUC of `margin` for `gold` in {0, 1} (Mann-Whitney U over average ranks, so tied
-    scores count one half); None when either label is missing. A dozen lines here rather
+    scores count one half); None when either label is missing or a margin is NaN (infinite
+    margins still rank). A dozen lines here rather
     than a scikit-learn dependency for one function."""
     margin, gold = margin.double().flatten(), gold.flatten()
     positives = int((gold == 1).sum())
     negatives = int(gold.numel()) - positives
-    if positives == 0 or negatives == 0 or not bool(torch.isfinite(margin).all()):
+    if positives == 0 or negatives == 0 or bool(torch.isnan(margin).any()):
         return None
     values, inverse, counts = torch.unique(margin, sorted=True, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()

@@ -117,6 +117,10 @@ def assemble(spec: RunSpec, driver: Driver, run_dir: Path, *, resume: bool = Fal
     train = spec.train_config()
     recorded: dict[str, Any] = {"federation.quantize": quantize, "training.optimizer": train.optimizer,
                                 "training.learning_rate": train.learning_rate, "training.local_steps": train.local_steps}
+    if "total_step" in method_options and "total_step" not in f.method_options:
+        # AdaLoRA's schedule derived from rounds x local steps: recorded, so a resume that changes
+        # the rounds is refused rather than silently moving the schedule under finished rounds
+        recorded["federation.method_options"] = {**f.method_options, "total_step": int(method_options["total_step"])}
     if f.recipe == SERVER_ADAM:  # (only then: a local run dir keeps its options as given, as runs before recipes did)
         recorded |= {"federation.strategy": f.server_strategy, "federation.strategy_options": spec.server_strategy_options()}
     resolved = spec.with_overrides(recorded)

@@ -123,15 +123,20 @@ def score(model: nn.Module, tokenizer: Any, task: TaskSpec, rows: Sequence[Recor
     return loss, rouge_l(answers, [str(r["output"]) for r in rows]), answers
 
 
-def _load(spec: RunSpec, num_labels: int | None = None):  # -> AdaptedModel
+def _load(spec: RunSpec, num_labels: int | None = None, steps: int | None = None):  # -> AdaptedModel
+    """`spec`'s adapted model; `steps`: it trains that many steps in one go (AdaLoRA's budget
+    schedule then spans them unless the spec sets `total_step`)."""
     from fedpeft.common.methods import make_config
     from fedpeft.common.model.adapted import AdaptedModel
     from fedpeft.common.model.base_model import resolve_model_dir
     from fedpeft.common.model.quantization import resolve_quantize
 
     f = spec.federation
+    options = spec.method_options()
+    if steps is not None and f.method == "adalora" and "total_step" not in f.method_options:
+        options["total_step"] = str(steps)
     return AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), f.method,  # type: ignore[arg-type]
-                             make_config(f.method, spec.method_options()), seed=f.seed, num_labels=num_labels)
+                             make_config(f.method, options), seed=f.seed, num_labels=num_labels)
 
 
 def run_benchmark(spec: RunSpec, out_dir: Path, max_new_tokens: int) -> list[GenRow]:
@@ -158,7 +163,7 @@ def run_benchmark(spec: RunSpec, out_dir: Path, max_new_tokens: int) -> list[Gen
         write_results(results, generations, rows, out_dir)
 
     started = time.perf_counter()
-    adapted = _load(spec)
+    adapted = _load(spec, steps=steps)  # (zero-shot scores it untrained, then it trains centrally)
     record("zero-shot", adapted.model, adapted.tokenizer, started, 0)
     started = time.perf_counter()
     config = dataclasses.replace(training, local_steps=steps, local_epochs=0.0, log_every=max(1, steps // 10))
