@@ -85,3 +85,16 @@ def test_adalora_passes_the_weightless_pre_flight_check(tiny_model_dir):
     from fedpeft.common.model.adapted import check_method_applies
 
     assert check_method_applies(tiny_model_dir, "adalora", make_config("adalora", OPTIONS)) > 0
+
+
+def test_a_round_whose_first_step_is_the_final_allocation_prunes_to_budget(tiny_model_dir):
+    """One local step a round (the server-adam recipe): the final allocation falls on a round's
+    first step, after the importance EMAs were reset; it must still prune to budget."""
+    options = {**OPTIONS, "total_step": "4", "tfinal": "0", "tinit": "0"}
+    adapted = AdaptedModel.load(tiny_model_dir, "none", "adalora", make_config("adalora", options), seed=0)
+    one_step = TrainConfig(local_steps=1, learning_rate=1e-2, batch_size=4, max_length=48)
+    for round_offset in range(4):  # steps 1..4, one a round; step 4 = total_step - tfinal
+        train_local(adapted, builtin_task(), ROWS, one_step, seed=round_offset, step_offset=round_offset)
+    kept = sum(int((e != 0).sum()) for e in _singular_values(adapted).values())
+    matrices = len(_singular_values(adapted))
+    assert 0 < kept <= 2 * matrices < 4 * matrices

@@ -132,6 +132,12 @@ class AdaLoraMethod(PeftLibraryMethod):
         peft_config = adalora.peft_config[adalora.trainable_adapter_name]
         final_start = peft_config.total_step - peft_config.tfinal
         if global_step <= final_start:
+            allocator = adalora.rankallocator
+            if global_step == final_start and not allocator.exp_avg_ipt:
+                # The final allocation is this round's first step (one local step a round, as under
+                # server-adam): peft scores it with the importance EMAs of earlier steps, which
+                # begin_local_training reset, so score this step's gradients instead of failing.
+                allocator.update_ipt(adalora.model)
             adalora.update_and_allocate(global_step)
             if global_step == final_start:
                 setattr(model, SUPPORT_ATTR, {n: p.detach() != 0 for n, p in _singular_values(model).items()})
