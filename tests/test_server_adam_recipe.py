@@ -231,17 +231,7 @@ def test_a_resumed_server_adam_run_gives_the_uninterrupted_result(tiny_model_dir
     (reference.out_dir / "run-spec.json").write_text(json.dumps(longer))
     with pytest.raises(FederationError, match="round 2 stepped at server rate .* cannot change on resume"):
         run_simulation(None, resume=str(reference.out_dir))
-
-    # the rate is what Adam stepped with: round 2's step is half the constant schedule's, from the same round 1
-    constant = run_simulation(spec_from_flags(rounds=2, **{**common, "server_lr_schedule": "constant"}),
-                              str(tmp_path / "constant"))
-    first = load_delta_file(constant.out_dir / "checkpoints" / "global-round-0001.safetensors")
-    assert all(torch.equal(first[k], load_delta_file(reference.out_dir / "checkpoints" /
-                                                     "global-round-0001.safetensors")[k]) for k in first)
-    full = load_delta_file(constant.out_dir / "checkpoints" / "global-round-0002.safetensors")
-    moved = [k for k in first if not torch.equal(full[k], first[k])]
-    assert moved and all(torch.allclose(whole[k] - first[k], (full[k] - first[k]) / 2, rtol=1e-3, atol=1e-7)
-                         for k in moved)
+    # (that the recorded rate is the rate Adam stepped with is the unit test above, for every FedOpt strategy)
 
 
 def test_a_checkpoint_comes_back_in_the_adapters_order_for_fedavgm(tmp_path):
