@@ -161,3 +161,20 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     table = (out / "results.md").read_text()
     assert "dirichlet:1.0 / central" in table and "| ia3 |" in table
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_every_run_is_checked_before_the_first_one_trains(tmp_path, capsys):
+    """A method the recipe refuses stops the benchmark before LoRA's run, not hours into it."""
+    from test_attack_bench import _write_sentiment
+    from tiny_models import build_tiny_bert
+
+    from fedpeft.simulations.bench.method_quality import main
+
+    model = build_tiny_bert(tmp_path / "bert")
+    _write_sentiment(tmp_path / "train.tsv", 16, seed=1)
+    out = tmp_path / "bench"
+    assert main(["--model", str(model), "--data", str(tmp_path / "train.tsv"), "--eval-data", str(tmp_path / "train.tsv"),
+                 "--methods", "lora,adalora", "--recipe", "server-adam", "--settings", "centralized,dirichlet:1.0",
+                 "--clients", "2", "--rounds", "1", "--out", str(out)]) == 2
+    assert "federation.method 'adalora' does not learn under" in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written

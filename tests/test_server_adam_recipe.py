@@ -63,6 +63,7 @@ def test_the_local_recipe_leaves_strategy_and_clients_alone():
     ({"recipe": "server-adam", "local_steps": 4}, "training.local_steps > 1 under federation.recipe 'server-adam'"),
     ({"recipe": "server-adam", "strategy_options": {"eta": "nan"}}, "option eta must be finite"),
     ({"recipe": "adam"}, "federation.recipe 'adam': choose one of ['local', 'server-adam']"),
+    ({"recipe": "server-adam", "method": "adalora"}, "federation.method 'adalora' does not learn under"),
     ({"server_lr_schedule": "cosine"}, "federation.server_lr_schedule 'cosine' schedules an adaptive server"),
     ({"server_lr_schedule": "cosine", "strategy": "fedavgm"}, "federation.strategy 'fedavgm' has none"),
     ({"recipe": "server-adam", "server_lr_schedule": "step"}, "federation.server_lr_schedule 'step': choose one of"),

@@ -203,14 +203,20 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
                     adapted.spec.num_parameters, 0.0, time.perf_counter() - start, result.auc)
 
 
+def federated_spec(base: RunSpec, method: str, setting: str, seed: int) -> RunSpec:
+    """The run spec of one federated setting (`dirichlet:0.1+scaffold`: its partition and flags)."""
+    from fedpeft.server.federation.flags import spec_from_flags
+
+    partition, flags = split_setting(setting)
+    return spec_from_flags(base, method=method, partition=partition, seed=seed, **flags)
+
+
 def run_federated(base: RunSpec, method: str, setting: str, seed: int, majority: float, out_dir: Path) -> BenchRow:
     """One simulated federation; an unset learning rate or step count is the method's federated default."""
-    from fedpeft.server.federation.flags import spec_from_flags
     from fedpeft.simulations.runner import run_simulation
 
     start = time.perf_counter()
-    partition, flags = split_setting(setting)
-    spec = spec_from_flags(base, method=method, partition=partition, seed=seed, **flags)
+    spec = federated_spec(base, method, setting, seed)
     result = run_simulation(spec, out_dir / f"{method}-{setting.replace(':', '-').replace('+', '-')}-seed{seed}")
     last = result.rows[-1]
     round_, best = best_round(result.rows)
@@ -433,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                train_limit=args.train_limit, eval_limit=args.eval_limit,
                                eval_every=args.eval_every, quantize=args.quantize, **overrides)
         base.validate("simulation")  # the centralized settings train without assemble()'s check
+        for method in methods:  # every run's spec, before the first trains (a refusal hours in loses the table)
+            for setting in settings:
+                (spec_from_flags(base, method=method) if setting in (CENTRALIZED, CENTRALIZED_SEQ) else
+                 federated_spec(base, method, setting, args.seeds[0])).validate("simulation")
         out_dir.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # seeds outermost: a first full table early, then its spread
             data = load_task_data(base.task, seed)
