@@ -127,6 +127,8 @@ def test_adaloras_schedule_spans_the_run_unless_set():
     assert make_config("adalora", spec.method_options()).total_step == 15
     explicit = spec_from_flags(method="adalora", rounds=3, local_steps=5, method_options={"total_step": "40"})
     assert explicit.method_options()["total_step"] == "40"
+    assert spec.method_options(60)["total_step"] == "60"  # a centralized baseline: the steps it trains in one go
+    assert explicit.method_options(60)["total_step"] == "40"  # what the user sets wins
     with pytest.raises(ConfigError, match="total_step"):  # epochs: the step count is the data's, so say it
         spec_from_flags(method="adalora", rounds=3, local_epochs=1.0).validate("simulation")
 

@@ -733,16 +733,20 @@ class RunSpec:
             return dataclasses.replace(self.robust, norm_bound_ratio=0.0)
         return self.robust
 
-    def method_options(self) -> dict[str, str]:
+    def method_options(self, trained_steps: int | None = None) -> dict[str, str]:
         """Method options with what the aggregation implies (ffa freezes A; per-client ranks set
         the global rank to their maximum) and what the run's length implies (AdaLoRA's budget
-        schedule spans rounds x local steps unless `total_step` is set)."""
+        schedule spans the steps trained, unless `total_step` is set: rounds x local steps, or
+        `trained_steps` for a baseline that trains in one go)."""
         f = self.federation
         options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in f.method_options.items()}
-        if f.method == "adalora" and "total_step" not in options and not self.training.local_epochs:
-            steps = self.train_config().local_steps
-            if isinstance(steps, int) and steps >= 1 and isinstance(f.rounds, int) and f.rounds >= 1:
-                options["total_step"] = str(f.rounds * steps)
+        if f.method == "adalora" and "total_step" not in options:
+            if trained_steps is None and not self.training.local_epochs:
+                steps = self.train_config().local_steps
+                if isinstance(steps, int) and steps >= 1 and isinstance(f.rounds, int) and f.rounds >= 1:
+                    trained_steps = f.rounds * steps
+            if trained_steps is not None:
+                options["total_step"] = str(trained_steps)
         if f.lora_aggregation == "ffa":
             options["freeze_a"] = "true"
         if f.client_ranks and all(isinstance(r, int) and not isinstance(r, bool) for r in f.client_ranks):

@@ -132,11 +132,8 @@ def _load(spec: RunSpec, num_labels: int | None = None, steps: int | None = None
     from fedpeft.common.model.quantization import resolve_quantize
 
     f = spec.federation
-    options = spec.method_options()
-    if steps is not None and f.method == "adalora" and "total_step" not in f.method_options:
-        options["total_step"] = str(steps)
     return AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), f.method,  # type: ignore[arg-type]
-                             make_config(f.method, options), seed=f.seed, num_labels=num_labels)
+                             make_config(f.method, spec.method_options(steps)), seed=f.seed, num_labels=num_labels)
 
 
 def run_benchmark(spec: RunSpec, out_dir: Path, max_new_tokens: int) -> list[GenRow]:

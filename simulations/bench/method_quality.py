@@ -184,12 +184,13 @@ def run_centralized(base: RunSpec, method: str, setting: str, seed: int, data: T
 
     start = time.perf_counter()
     f, training = base.federation, base.training
-    resolved = dataclasses.replace(base, federation=dataclasses.replace(f, method=method)).centralized_train_config()
+    spec = dataclasses.replace(base, federation=dataclasses.replace(f, method=method))
+    resolved = spec.centralized_train_config()
     assert resolved.local_steps is not None
     steps = centralized_steps(setting, f.rounds, f.clients, resolved.local_steps)
-    options = {"total_step": str(steps)} if method == "adalora" else {}  # its budget schedule spans this run
     adapted = AdaptedModel.load(resolve_model_dir(f.model), resolve_quantize(f.quantize), method,  # type: ignore[arg-type]
-                                make_config(method, options), seed=seed, num_labels=data.task.num_labels)
+                                make_config(method, spec.method_options(steps)), seed=seed,
+                                num_labels=data.task.num_labels)
     config = dataclasses.replace(resolved, local_steps=steps, local_epochs=0.0,
                                  log_every=max(1, steps // 5))
     train_local(adapted, data.task, data.train_rows, config, seed=seed, label=f"{setting} {method}")
